@@ -915,9 +915,59 @@ def stage_base(args, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
+# Stage report: gather every stage's report/<stage>.json into one report.md
+
+def system_info():
+    import platform
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) + f" x{torch.cuda.device_count()}" if torch.cuda.is_available() else "none"
+    return dict(cpu=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", gpu=gpu,
+                python=platform.python_version(), torch=torch.__version__, commit=commit, bpe_backend=bpe.BACKEND)
+
+
+def stage_report(args, ddp):
+    if not ddp.is_master:
+        return
+    reports = {}
+    for stage in STAGES:
+        path = base_dir() / "report" / f"{stage}.json"
+        if path.exists():
+            reports[stage] = json.loads(path.read_text())
+    lines = ["# nanochat-one report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "", "## System", ""]
+    lines += [f"- {k}: {v}" for k, v in system_info().items()]
+    if "tok" in reports:
+        r = reports["tok"]
+        lines += ["", "## Tokenizer", "", f"- vocabulary: {r['vocab_size']} tokens ({r['backend']} backend), trained on "
+                  f"{r['train_chars']:,} characters in {r['train_seconds']} s",
+                  f"- compression: {r['val_bytes_per_token']} bytes/token on validation text"]
+    if "base" in reports:
+        r = reports["base"]
+        mfu = f"{r['mfu']}%" if r["mfu"] is not None else "n/a (no GPU peak known)"
+        lines += ["", "## Base model", "", "| metric | value |", "|---|---|",
+                  f"| parameters | {r['params']:,} |", f"| FLOPs per token | {r['flops_per_token']:.3g} |",
+                  f"| steps x tokens | {r['steps']} steps, {r['tokens']:,} tokens |",
+                  f"| validation bits per byte | {r['val_bpb']} |", f"| throughput | {r['tok_per_s']:,} tok/s ({r['device']}) |",
+                  f"| MFU | {mfu} |", f"| training time | {format_seconds(r['train_seconds'])} |", "", "Samples (greedy):", ""]
+        lines += [f"- `{sample!r}`" for sample in r["samples"]]
+    lines += ["", "## Wall clock", ""]
+    lines += [f"- {stage}: {format_seconds(r[key])}" for stage, r in reports.items()
+              for key in ("train_seconds",) if key in r]
+    if args.wall_seconds is not None:
+        lines.append(f"- whole run (setup included): {format_seconds(args.wall_seconds)}")
+    Path(args.report_path).write_text("\n".join(lines) + "\n")
+    print0("\n".join(lines))
+    print0(f"wrote {args.report_path}")
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 
-STAGES = {"tok": stage_tok, "base": stage_base}
+STAGES = {"tok": stage_tok, "base": stage_base, "report": stage_report}
 
 
 def build_parser():
@@ -961,6 +1011,9 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="prompts to sample from at the end of base training")
+    # report
+    p.add_argument("--report-path", default="report.md", help="report: where to write the markdown report")
+    p.add_argument("--wall-seconds", type=int, default=None, help="report: the whole run's wall time, as measured by speedrun.sh")
     return p
 
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv with the development extras and run the test suite (CPU only; GPU tests skip).
+# Usage: bash tests/run.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/pip install -q -e ".[dev]"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,119 @@
+"""The packing loader's invariants, bits-per-byte against a hand computation, and the real-data path."""
+import math
+import random
+import types
+
+import pytest
+import torch
+
+import bpe
+import nanochat_one as nc
+
+BOS = 999
+
+
+def fake_docs(seed=0):
+    rng = random.Random(seed)
+    i = 0
+    while True:
+        yield i, [BOS] + [i] * rng.randint(1, 40)  # document i is BOS then its own index repeated
+        i += 1
+
+
+def test_pack_rows_invariants():
+    B, T = 4, 32
+    batches = nc.pack_rows(fake_docs(), B, T, buffer_size=16)
+    seen = []
+    for _ in range(20):
+        rows, position = next(batches)
+        assert len(rows) == B
+        for row in rows:
+            assert len(row) == T + 1  # no padding: every row is full
+            assert row[0] == BOS  # every row starts at a document start
+            # the row is whole documents, possibly the last one cropped: split at BOS
+            docs = []
+            for tok in row:
+                if tok == BOS:
+                    docs.append([])
+                else:
+                    docs[-1].append(tok)
+            for d in docs:
+                assert len(set(d)) <= 1  # tokens of one document only, in one piece
+            seen += [d[0] for d in docs if d]
+    assert len(seen) == len(set(seen))  # no document is used twice
+    assert position >= max(seen)
+
+
+def test_pack_rows_crops_little():
+    body_length = {i: len(doc) - 1 for (i, doc), _ in zip(fake_docs(1), range(10_000))}  # minus BOS
+    kept = {}  # document id -> how many of its tokens made it into rows
+    for (rows, _), _ in zip(nc.pack_rows(fake_docs(1), 8, 64), range(30)):
+        for row in rows:
+            for tok in row:
+                if tok != BOS:
+                    kept[tok] = kept.get(tok, 0) + 1
+    cropped = sum(body_length[i] - n for i, n in kept.items())
+    assert all(n <= body_length[i] for i, n in kept.items())
+    assert cropped / (30 * 8 * 65) < 0.1  # best fit: the only waste is the crop that fills a row
+
+
+def test_evaluate_bpb_by_hand():
+    # a "model" that gives every target the same loss; bytes per token differ
+    token_bytes = torch.tensor([1, 2, 3, 0])  # token 3 is special: 0 bytes, ignored
+
+    class Constant:
+        def __call__(self, x, y, loss_reduction="none"):
+            return torch.full(y.shape, 0.5).reshape(-1)
+
+    y = torch.tensor([[0, 1, 2, 3], [1, 1, -1, 3]])
+    batches = iter([(None, y, 0)])
+    bpb = nc.evaluate_bpb(Constant(), batches, 1, token_bytes)
+    nats = 0.5 * 5  # five targets with bytes: 0, 1, 2, 1, 1
+    nbytes = 1 + 2 + 3 + 2 + 2
+    assert bpb == pytest.approx(nats / (math.log(2) * nbytes))
+
+
+def test_base_batches_shift_and_shard(base_dir):
+    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None)
+    full = nc.base_batches(args, tok, "train", 2, 16, nc.Dist(), "cpu")
+    x, y, _ = next(full)
+    assert x.shape == y.shape == (2, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    assert (x[:, 0] == tok.special_tokens["<|bos|>"]).all()
+    # two ranks see disjoint documents
+    positions = []
+    for rank in (0, 1):
+        docs = []
+        gen = nc.document_stream(args, "train")
+        for position, _ in gen:
+            if position % 2 == rank:
+                docs.append(position)
+            if len(docs) == 5:
+                break
+        positions.append(set(docs))
+    assert not positions[0] & positions[1]
+
+
+def write_parquet(path, texts):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), path, row_group_size=3)
+
+
+def test_parquet_documents_split_and_resume(tmp_path):
+    write_parquet(tmp_path / "shard_00000.parquet", [f"train doc {i}" for i in range(10)])
+    write_parquet(tmp_path / "shard_00001.parquet", [f"val doc {i}" for i in range(4)])
+    train = nc.parquet_documents(tmp_path, "train")
+    first = [next(train) for _ in range(12)]
+    assert first[0] == (0, "train doc 0") and first[9] == (9, "train doc 9")
+    assert first[10] == (10, "train doc 0")  # second epoch
+    resumed = nc.parquet_documents(tmp_path, "train", start=7)
+    assert next(resumed) == (7, "train doc 7")
+    assert [t for _, t in nc.parquet_documents(tmp_path, "val")] == [f"val doc {i}" for i in range(4)]
+
+
+def test_parquet_needs_two_shards(tmp_path):
+    write_parquet(tmp_path / "only.parquet", ["x"])
+    with pytest.raises(nc.UserError, match="need at least 2"):
+        next(nc.parquet_documents(tmp_path, "train"))

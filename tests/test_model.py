@@ -1,0 +1,164 @@
+"""The GPT against naive oracles: a hand-written attention, full forwards for the KV cache."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanochat_one as nc
+
+
+def tiny_model(n_kv_head=4, seed=0, vocab=97, T=32):
+    torch.manual_seed(seed)
+    config = nc.GPTConfig(sequence_len=T, vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64)
+    model = nc.GPT(config)
+    model.init_weights()
+    # the zero-initialised projections would hide bugs: give every weight some signal
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_state_dict_names_and_shapes():
+    config = nc.GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    sd = nc.GPT(config).state_dict()
+    expected = {"transformer.wte.weight": (50, 64), "lm_head.weight": (50, 64)}
+    for i in range(2):
+        expected |= {f"transformer.h.{i}.attn.c_q.weight": (64, 64), f"transformer.h.{i}.attn.c_k.weight": (32, 64),
+                     f"transformer.h.{i}.attn.c_v.weight": (32, 64), f"transformer.h.{i}.attn.c_proj.weight": (64, 64),
+                     f"transformer.h.{i}.mlp.c_fc.weight": (256, 64), f"transformer.h.{i}.mlp.c_proj.weight": (64, 256)}
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+
+
+def test_depth_dial():
+    c = nc.config_from_depth(20, 65536, 2048)  # nanochat d20: 1280 wide, 10 heads of 128
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == (20, 1280, 10, 10)
+    c = nc.config_from_depth(3, 100, 64, aspect_ratio=64, head_dim=128)  # 192 rounds up to 256
+    assert (c.n_embd, c.n_head) == (256, 2)
+    with pytest.raises(nc.UserError):
+        nc.config_from_depth(0, 100, 64)
+    with pytest.raises(nc.UserError):
+        nc.config_from_depth(4, 100, 64, head_dim=32, aspect_ratio=32, n_kv_head=3)
+
+
+def test_init_gives_uniform_predictions():
+    config = nc.GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = nc.GPT(config)
+    model.init_weights()
+    idx = torch.randint(0, 50, (2, 16))
+    loss = model(idx, idx)
+    assert loss.item() == pytest.approx(math.log(50), rel=1e-5)  # zero lm_head: uniform over the vocab
+    w = model.transformer.h[0].attn.c_q.weight
+    assert w.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+
+
+def test_logits_shape_and_softcap():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 10))
+    logits = model(idx)
+    assert logits.shape == (3, 10, 97) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15
+    targets = idx.clone()
+    targets[:, :5] = -1  # ignored positions
+    expected = F.cross_entropy(logits[:, 5:].reshape(-1, 97), idx[:, 5:].reshape(-1))
+    assert model(idx, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def naive_forward(model, idx):
+    """Oracle: the same architecture written out with explicit loops over heads and a masked
+    softmax, complex-number rotary embeddings and repeat-interleaved GQA."""
+    c = model.config
+    hd = c.n_embd // c.n_head
+    B, T = idx.shape
+    rms = lambda x: x / torch.sqrt((x * x).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+    pos = torch.arange(T, dtype=torch.float32)
+    freqs = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    rot = torch.polar(torch.ones(T, hd // 2), torch.outer(pos, freqs))  # e^{i theta}
+
+    def rope(x):  # x: (T, hd); pairs are (x[j], x[j + hd/2]); rotate by -theta in this convention
+        z = torch.complex(x[:, : hd // 2], x[:, hd // 2:]) * rot.conj()
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    x = rms(model.transformer.wte.weight[idx])
+    for block in model.transformer.h:
+        a = block.attn
+        h = rms(x)
+        q = (h @ a.c_q.weight.T).view(B, T, c.n_head, hd)
+        k = (h @ a.c_k.weight.T).view(B, T, c.n_kv_head, hd)
+        v = (h @ a.c_v.weight.T).view(B, T, c.n_kv_head, hd)
+        out = torch.zeros(B, T, c.n_head, hd)
+        for b in range(B):
+            for head in range(c.n_head):
+                kv = head // (c.n_head // c.n_kv_head)
+                qh, kh = rms(rope(q[b, :, head])), rms(rope(k[b, :, kv]))
+                scores = qh @ kh.T / math.sqrt(hd)
+                scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+                out[b, :, head] = torch.softmax(scores, -1) @ v[b, :, kv]
+        x = x + out.reshape(B, T, c.n_embd) @ a.c_proj.weight.T
+        x = x + torch.relu(rms(x) @ block.mlp.c_fc.weight.T).square() @ block.mlp.c_proj.weight.T
+    logits = rms(x) @ model.lm_head.weight.T
+    return 15 * torch.tanh(logits / 15)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_matches_naive_attention(n_kv_head):
+    model = tiny_model(n_kv_head)
+    idx = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(model(idx), naive_forward(model, idx), atol=2e-4, rtol=1e-4)
+
+
+def test_causality():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_kv_cache_decoding_equals_full_forward(n_kv_head):
+    model = tiny_model(n_kv_head)
+    B, T = 2, 20
+    idx = torch.randint(0, 97, (B, T))
+    full = model(idx)
+    c = model.config
+    cache = nc.KVCache(B, c.n_kv_head, c.n_embd // c.n_head, T, c.n_layer, "cpu", torch.float32)
+    pieces = [model(idx[:, :7], kv_cache=cache)]  # a prefill of 7 tokens
+    pieces.append(model(idx[:, 7:10], kv_cache=cache))  # a chunk of 3 after a cached prefix
+    for t in range(10, T):  # then one token at a time
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.pos == T
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_estimate_flops_by_hand():
+    config = nc.GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = nc.GPT(config)
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 64 * 256  # q, k+v (GQA), proj, mlp
+    matmul_params = 2 * per_layer + 100 * 64  # + lm_head; the embedding is a lookup
+    assert model.estimate_flops() == 6 * matmul_params + 12 * 2 * 4 * 16 * 32
+
+
+def test_bf16_autocast_path_runs_on_cpu(monkeypatch):
+    monkeypatch.setattr(nc, "COMPUTE_DTYPE", torch.bfloat16)
+    monkeypatch.setattr(nc, "DEVICE_TYPE", "cpu")
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 8))
+    logits = model(idx)
+    assert logits.dtype == torch.float32  # softcap and loss in fp32
+    assert model.lm_head.weight.dtype == torch.float32  # master weights stay fp32
+    torch.testing.assert_close(logits, naive_forward(model, idx), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kv_cache_on_gpu():
+    model = tiny_model().cuda()
+    idx = torch.randint(0, 97, (1, 16), device="cuda")
+    c = model.config
+    cache = nc.KVCache(1, c.n_kv_head, c.n_embd // c.n_head, 16, c.n_layer, "cuda", nc.COMPUTE_DTYPE)
+    steps = [model(idx[:, :8], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(8, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(idx), atol=5e-2, rtol=5e-2)

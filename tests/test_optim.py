@@ -1,0 +1,91 @@
+"""Muon against an SVD, the AdamW groups against torch.optim.AdamW, and the schedules."""
+import types
+
+import pytest
+import torch
+
+import nanochat_one as nc
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
+def test_newton_schulz_approximates_polar_factor(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    X = nc.newton_schulz_orthogonalize(G)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.linalg.svdvals(X).max() < 1.25
+    # each of G's singular directions keeps its vectors; its value is pushed towards 1 (not
+    # exactly 1), except directions too weak for 5 iterations (a square Gaussian has some)
+    s_new = torch.diagonal(U.T @ X @ Vh.T)
+    strong = S / G.norm() > 0.01
+    assert strong.float().mean() > 0.9
+    assert s_new[strong].min() > 0.6 and s_new.min() >= 0
+    # same singular vectors as U V^T: X ~= U diag(s') V^T with s' ~ 1
+    polar = U @ Vh
+    cosine = (X * polar).sum() / (X.norm() * polar.norm())
+    assert cosine > 0.95  # a random matrix would give ~0
+    inner = U.T @ X @ Vh.T  # diagonal in G's singular basis
+    off = inner - torch.diag(torch.diagonal(inner))
+    assert off.abs().max() < 1e-3
+
+
+def test_muon_step_by_hand():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    start = p.detach().clone()
+    opt = nc.Muon([p], lr=0.1, momentum=0.9)
+    grads = [torch.randn(8, 4), torch.randn(8, 4)]
+    buf = torch.zeros(8, 4)
+    expected = start.clone()
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        update = 0.1 * g + 0.9 * buf  # Nesterov
+        expected -= 0.1 * (8 / 4) ** 0.5 * nc.newton_schulz_orthogonalize(update)
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_optimizer_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    config = nc.GPTConfig(sequence_len=8, vocab_size=20, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = nc.GPT(config)
+    model.init_weights()
+    reference = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    adamw, muon = nc.setup_optimizers(model)
+    scale = (32 / 768) ** -0.5
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.2 * scale, 0.004 * scale])
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert muon_params == {id(p) for p in model.transformer.h.parameters()}
+    assert all(p.ndim == 2 for p in model.transformer.h.parameters())
+    oracle = torch.optim.AdamW([dict(params=[reference["transformer.wte.weight"]], lr=0.2 * scale),
+                                dict(params=[reference["lm_head.weight"]], lr=0.004 * scale)],
+                               betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for _ in range(3):
+        idx = torch.randint(0, 20, (2, 8))
+        for m in (model,):
+            m.zero_grad()
+            m(idx, idx).backward()
+        oracle.zero_grad()
+        reference["transformer.wte.weight"].grad = model.transformer.wte.weight.grad.clone()
+        reference["lm_head.weight"].grad = model.lm_head.weight.grad.clone()
+        adamw.step()
+        oracle.step()
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            torch.testing.assert_close(dict(model.named_parameters())[name].detach(), reference[name].detach())
+
+
+def test_lr_schedule():
+    f = nc.lr_multiplier
+    assert [f(s, 10, warmup_ratio=0.2) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert f(7, 10, warmdown_ratio=0.5) == pytest.approx(0.6)  # (10 - 7) / 5
+    assert f(9, 10, warmdown_ratio=0.5, final_lr_frac=0.1) == pytest.approx(0.2 + 0.8 * 0.1)
+    assert nc.muon_momentum(0) == pytest.approx(0.85)
+    assert nc.muon_momentum(150) == pytest.approx(0.90)
+    assert nc.muon_momentum(1000) == pytest.approx(0.95)
+    config = nc.GPTConfig(sequence_len=8, vocab_size=20, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    opts = nc.setup_optimizers(nc.GPT(config))
+    args = types.SimpleNamespace(warmup_ratio=0.0, warmdown_ratio=0.5, final_lr_frac=0.0)
+    nc.apply_schedules(opts, 7, 10, args)
+    assert opts[1].param_groups[0]["lr"] == pytest.approx(0.02 * 0.6)
+    assert opts[1].param_groups[0]["momentum"] == pytest.approx(nc.muon_momentum(7))
