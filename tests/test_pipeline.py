@@ -36,7 +36,7 @@ def test_tok_stage_writes_tokenizer_and_report(tokenizer, base_dir):
 
 def test_base_loss_falls_and_resume_continues(tokenizer, base_dir):
     summary = run_stage("--stage", "base", *TINY, "--num-iterations", "30", "--eval-every", "10", "--save-every", "0")
-    curve = [bpb for _, bpb in summary["bpb_curve"]]
+    curve = [h["val_bpb"] for h in summary["history"]]
     assert curve[-1] < 0.7 * curve[0]
     directory = nc.checkpoint_dir("base", "d2")
     assert nc.last_checkpoint_step(directory) == 30
