@@ -12,6 +12,7 @@ slice next to it. Encoding always starts from a fresh tokenizer (empty chunk cac
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -44,11 +45,12 @@ def peak_reset():
         return False
 
 
-def peak_mb():
+def status_mb(field):
+    """VmHWM (peak RSS) or VmRSS in MB from /proc (Linux); ru_maxrss elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -57,15 +59,17 @@ def peak_mb():
 
 
 def timed(fn, repeat):
-    """Run fn() repeat times; -> (median seconds, peak RSS MB over the runs, last result)."""
+    """Run fn() repeat times; -> (median seconds, (RSS before, peak RSS) in MB, last result)."""
     times, result = [], None
+    gc.collect()
     peak_reset()
+    before = status_mb("VmRSS")
     for _ in range(repeat):
         result = None
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak_mb(), result
+    return statistics.median(times), (before, status_mb("VmHWM")), result
 
 
 def read_text(path):
@@ -82,16 +86,17 @@ def slice_text(text, nbytes):
 ROWS = []
 
 
-def row(impl, step, data_desc, seconds, nbytes, peak, note=""):
-    ROWS.append((impl, step, data_desc, seconds, nbytes / 1e6 / seconds, peak, note))
+def row(impl, step, data_desc, seconds, nbytes, rss, note=""):
+    ROWS.append((impl, step, data_desc, seconds, nbytes / 1e6 / seconds, rss, note))
 
 
 def print_table(repeat):
     print()
-    print(f"{'implementation':<16} {'step':<8} {'data':<26} {'seconds':>8} {'MB/s':>7} {'peak RSS MB':>11}  note")
-    for impl, step, data_desc, seconds, mbs, peak, note in ROWS:
-        print(f"{impl:<16} {step:<8} {data_desc:<26} {seconds:>8.2f} {mbs:>7.1f} {peak:>11.0f}  {note}")
-    print(f"(seconds: median of {repeat} runs; peak RSS: whole process during the step, the text included)")
+    print(f"{'implementation':<12} {'step':<7} {'data':<26} {'seconds':>8} {'MB/s':>6} {'peak RSS':>9} {'(+step)':>8}  note")
+    for impl, step, data_desc, seconds, mbs, (before, peak), note in ROWS:
+        print(f"{impl:<12} {step:<7} {data_desc:<26} {seconds:>8.2f} {mbs:>6.1f} {peak:>6.0f} MB {peak - before:>+5.0f} MB  {note}")
+    print(f"seconds: median of {repeat} runs. peak RSS: the whole process during the step (the text and "
+          "anything\nkept from earlier steps included); (+step): peak minus the RSS just before the step.")
 
 
 def main():
