@@ -19,9 +19,11 @@ Usage:
     tok.decode(ids) == "hello world"
     tok.save("tok.json"); tok = Tokenizer.load("tok.json")
 
-An optional C extension (`_bpe`) implements the two hot loops (training and encoding) with
-identical results; `BACKEND` says which one is active, and the environment variable
-BPE_PURE_PYTHON=1 forces this file's Python code.
+An optional C extension (`_bpe`, csrc/_bpe.c) implements the hot loops with identical
+results: training, encoding, and the pre-split itself when the pattern is SPLIT_PATTERN (a
+hand-written matcher, since the regex module alone takes longer than everything else; other
+patterns and texts with lone surrogates still go through the regex module). `BACKEND` says
+which one is active, BPE_PURE_PYTHON=1 forces this file's Python code, set_backend() switches.
 """
 
 import heapq

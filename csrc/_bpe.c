@@ -765,8 +765,10 @@ done:
 /* ------------------------------------------------------------------------------------------
  * Encoder */
 
+/* the chunk cache stops growing at this many chunks or bytes of chunks and of ids */
 #define CACHE_MAX_ENTRIES (1 << 20)
-#define CACHE_MAX_CHUNK 256
+#define CACHE_MAX_BYTES (64u << 20)
+#define CACHE_MAX_CHUNK 256 /* longer chunks are not cached */
 
 typedef struct {
     PyObject_HEAD
@@ -782,6 +784,7 @@ typedef struct {
     uint64_t *heap; /* rank << 32 | position, a min-heap */
     size_t cap_heap;
     PyThread_type_lock lock; /* the encoder's state is used with the GIL released */
+    int ready; /* __init__ finished */
 } Encoder;
 
 static inline void min_heap_push(uint64_t *h, size_t *n, uint64_t v)
@@ -885,6 +888,8 @@ static int encode_bytes(Encoder *e, const unsigned char *s, size_t n, IntVec *ou
 /* encode one chunk through the cache */
 static int encode_cached(Encoder *e, const unsigned char *s, size_t n, IntVec *out)
 {
+    if (n == 0) /* a custom pattern can match empty strings */
+        return 0;
     if (n == 1)
         return intvec_push(out, s[0]);
     if (n > CACHE_MAX_CHUNK)
@@ -902,7 +907,8 @@ static int encode_cached(Encoder *e, const unsigned char *s, size_t n, IntVec *o
     size_t start = out->n;
     if (encode_bytes(e, s, n, out))
         return -1;
-    if (e->cache.n < CACHE_MAX_ENTRIES) {
+    if (e->cache.n < CACHE_MAX_ENTRIES && e->cache.arena_len < CACHE_MAX_BYTES &&
+        e->cache_ids.n * sizeof(int32_t) < CACHE_MAX_BYTES) {
         size_t count = out->n - start;
         if (grow((void **)&e->cache_ids.v, &e->cache_ids.cap, e->cache_ids.n + count, sizeof(int32_t)))
             return -1;
@@ -1015,12 +1021,13 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kwds)
         if (e->id_objects[i] == NULL)
             return -1;
     }
+    e->ready = 1;
     return 0;
 }
 
 static int encoder_ready(Encoder *e)
 {
-    if (e->id_objects == NULL) {
+    if (!e->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Encoder is not initialized");
         return 0;
     }

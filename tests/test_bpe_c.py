@@ -161,6 +161,24 @@ def test_custom_pattern_uses_regex_split():
     assert not tc._c_splits and tc._c_encoder is not None
     assert tc.merges == tp.merges
     assert tc.encode(text) == tp.encode(text)
+    # a pattern with empty matches gives empty chunks
+    tc, tp = train_both([text], 300, pattern=r"\w*")
+    assert tc.merges == tp.merges
+    assert tc.encode(text) == tp.encode(text)
+
+
+def test_encoder_misuse_raises():
+    enc = _bpe.Encoder.__new__(_bpe.Encoder)
+    with pytest.raises(RuntimeError):
+        enc.encode_text("abc")
+    with pytest.raises(ValueError):
+        _bpe.Encoder([(97, -1)])
+    with pytest.raises(TypeError):
+        _bpe.Encoder([(97, 98)]).encode_chunks(["not bytes"])
+    with pytest.raises(TypeError):
+        _bpe.train_merges([b"ab", "cd"], [1, 1], 3)
+    with pytest.raises(ValueError):
+        _bpe.train_merges([b"ab"], [1, 2], 3)
 
 
 def test_long_runs():
