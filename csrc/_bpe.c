@@ -515,11 +515,13 @@ static int pair_add_word(PairInfo *info, int32_t w)
 {
     if (info->nwords && info->words[info->nwords - 1] == w)
         return 0;
-    if (info->nwords == info->capwords) {
-        size_t cap = info->capwords;
-        if (grow((void **)&info->words, &cap, (size_t)info->nwords + 1, sizeof(int32_t)) || cap > UINT32_MAX)
+    if (info->nwords == info->capwords) { /* most pairs are in a few words: start small */
+        uint32_t cap = info->capwords ? 2 * info->capwords : 2;
+        int32_t *words = cap > info->capwords ? realloc(info->words, (size_t)cap * sizeof(int32_t)) : NULL;
+        if (words == NULL)
             return -1;
-        info->capwords = (uint32_t)cap;
+        info->words = words;
+        info->capwords = cap;
     }
     info->words[info->nwords++] = w;
     return 0;
