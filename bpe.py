@@ -19,9 +19,11 @@ Usage:
     tok.decode(ids) == "hello world"
     tok.save("tok.json"); tok = Tokenizer.load("tok.json")
 
-An optional C extension (`_bpe`) implements the two hot loops (training and encoding) with
-identical results; `BACKEND` says which one is active, and the environment variable
-BPE_PURE_PYTHON=1 forces this file's Python code.
+An optional C extension (`_bpe`, csrc/_bpe.c) implements the hot loops with identical
+results: training, encoding, and the pre-split itself when the pattern is SPLIT_PATTERN (a
+hand-written matcher, since the regex module alone takes longer than everything else; other
+patterns and texts with lone surrogates still go through the regex module). `BACKEND` says
+which one is active, BPE_PURE_PYTHON=1 forces this file's Python code, set_backend() switches.
 """
 
 import heapq
@@ -48,6 +50,23 @@ if os.environ.get("BPE_PURE_PYTHON", "") not in ("1", "true", "yes"):
     except ImportError:
         _c = None
 BACKEND = "c" if _c is not None else "python"
+
+
+def set_backend(name):
+    """Switch to "c" or "python" for tokenizers made (and trained) from now on; both give the
+    same merges and ids, so this is for tests and benchmarks. ImportError if C is not built."""
+    global _c, BACKEND
+    if name not in ("c", "python"):
+        raise ValueError(f"unknown backend {name!r}")
+    import importlib
+    _c = importlib.import_module("_bpe") if name == "c" else None
+    BACKEND = name
+
+
+def _c_splits(pattern):
+    """Whether the C extension can pre-split with this pattern itself (only SPLIT_PATTERN,
+    and only texts without lone surrogates; the regex module does everything else)."""
+    return _c is not None and pattern == _c.SPLIT_PATTERN
 
 
 def text_to_bytes(text):
@@ -170,6 +189,7 @@ class Tokenizer:
         self.inverse_special = {i: s for s, i in self.special_tokens.items()}
         self._cache = {}  # chunk bytes -> ids, for the pure-Python encoder
         self._c_encoder = _c.Encoder(self.merges) if _c is not None else None
+        self._c_splits = _c_splits(pattern)
 
     @property
     def vocab_size(self):
@@ -181,10 +201,12 @@ class Tokenizer:
     def count_chunks(cls, texts, pattern=SPLIT_PATTERN):
         """Pre-split every text and count unique chunks: -> Counter {chunk bytes: count}."""
         compiled = regex.compile(pattern)
+        fast = _c.ChunkCounter() if _c_splits(pattern) else None
         counter = Counter()
         for text in texts:
-            counter.update(compiled.findall(text))
-        out = Counter()
+            if fast is None or not fast.add(text):  # add() is False for lone surrogates
+                counter.update(compiled.findall(text))
+        out = Counter(fast.counts() if fast is not None else ())  # {chunk bytes: count}
         for chunk, n in counter.items():
             out[text_to_bytes(chunk)] += n
         return out
@@ -199,7 +221,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
         chunk_counts = cls.count_chunks(texts, pattern)
         chunks = list(chunk_counts.keys())
-        counts = [chunk_counts[c] for c in chunks]
+        counts = list(chunk_counts.values())
         if _c is not None:
             merges = _c.train_merges(chunks, counts, num_merges)
         else:
@@ -210,6 +232,10 @@ class Tokenizer:
 
     def encode_ordinary(self, text):
         """Encode text with no special tokens at all."""
+        if self._c_splits:
+            ids = self._c_encoder.encode_text(text)  # pre-split and encode in C
+            if ids is not None:  # None: lone surrogates, split below with the regex module
+                return ids
         chunks = [text_to_bytes(c) for c in self.compiled_pattern.findall(text)]
         if self._c_encoder is not None:
             return self._c_encoder.encode_chunks(chunks)
