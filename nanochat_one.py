@@ -1529,10 +1529,10 @@ def pack_rows(docs, B, T, buffer_size=256):
     Yields (rows, position): rows is B lists of exactly T + 1 tokens, position the stream
     position of the last document drawn (to resume from).
 
-    Each row is filled by repeatedly taking, from a buffer of documents, the largest one that
-    still fits; when none fits, the shortest document is cropped to fill the row exactly.
-    So every row starts with BOS (a document start), no padding is ever needed, and few
-    tokens are cropped away."""
+    Each row starts with the longest document in a buffer, then repeatedly takes the largest
+    one that still fits; when none fits, the shortest document is cropped to fill the row
+    exactly. So every row starts with BOS (a document start), no padding is ever needed, few
+    tokens are cropped away, and long documents are not starved by short ones."""
     buffer, position = [], 0
     while True:
         rows = []
@@ -1544,12 +1544,13 @@ def pack_rows(docs, B, T, buffer_size=256):
                     buffer.append(doc)
                 space = T + 1 - len(row)
                 fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
-                if fitting:
+                if not row:  # a new row starts with the longest document (cropped if longer than a row)
+                    i = max(range(len(buffer)), key=lambda i: len(buffer[i]))
+                elif fitting:  # then the largest document that still fits
                     i = max(fitting, key=lambda i: len(buffer[i]))
-                    row.extend(buffer.pop(i))
-                else:
+                else:  # the gap at the end is filled with a crop of the shortest document
                     i = min(range(len(buffer)), key=lambda i: len(buffer[i]))
-                    row.extend(buffer.pop(i)[:space])
+                row.extend(buffer.pop(i)[:space])
             rows.append(row)
         yield rows, position
 
@@ -2091,7 +2092,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 stage=stage, step=step, num_steps=num_steps, data_position=position, model_config=dataclasses.asdict(config),
                 tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=metrics))
 
-    metrics, history, smooth_loss, t_train = {}, [], None, 0.0
+    metrics, history, smooth_loss, t_train, tokens_timed = {}, [], None, 0.0, 0
     step = start_step
     model.train()
     try:
@@ -2104,9 +2105,10 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             if last:
                 break
             # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the last
-            t0 = time.time()
+            t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
                 x, y, position = next(train_batches)
+                step_tokens += x.numel() * ddp.world_size  # SFT rows are shorter than T: count what ran
                 sync = micro == grad_accum - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     loss = train_model(x, y) / grad_accum
@@ -2120,8 +2122,9 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             step += 1
             if step > start_step + 1:
                 t_train += dt  # the first step includes warm-up and compilation
+                tokens_timed += step_tokens
             smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
-            tok_per_s = args.total_batch_size / dt
+            tok_per_s = step_tokens / dt
             mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * ddp.world_size):.1f}%" if peak else ""
             timed_steps = step - start_step - 1
             eta = format_seconds((num_steps - step) * t_train / timed_steps) if timed_steps else "?"
@@ -2133,7 +2136,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         raise UserError(f"interrupted at step {step}; " + (f"the last checkpoint (step {last_saved}) is in {out_dir}: "
                         "continue with --resume" if last_saved else "no checkpoint was written yet")) from None
     # throughput over the timed steps (all but the first, which includes warm-up)
-    tok_per_s = (num_steps - start_step - 1) * args.total_batch_size / t_train if t_train else 0.0
+    tok_per_s = tokens_timed / t_train if t_train else 0.0
     return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps, tokens=num_steps * args.total_batch_size,
                 tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE,
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
@@ -2148,9 +2151,11 @@ def stage_base(args, ddp):
     model, optim_states, meta = start_model(args, ddp, "base", tokenizer)
     if args.num_iterations > 0:
         num_steps = args.num_iterations
-    else:  # Chinchilla-style: a fixed ratio of training tokens to parameters
+    elif args.target_param_data_ratio is not None:  # Chinchilla-style: training tokens per parameter
         num_params = sum(p.numel() for p in model.parameters())
         num_steps = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
+    else:
+        num_steps = 400  # the laptop default: a few minutes on a CPU
     B, T = args.device_batch_size, args.max_seq_len
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
@@ -2171,6 +2176,117 @@ def stage_base(args, ddp):
             print0(f"sample: {text!r}")
         write_report("base", summary)
     return summary
+
+
+# -----------------------------------------------------------------------------------------------
+# Stages mid and sft: teach the base model to chat
+#
+# Mid-training continues pretraining on conversations packed like documents, with the loss on
+# every token: the model learns the special tokens, the turn structure, multiple choice and
+# calling the calculator. This was nanochat's original recipe; upstream later folded it into
+# SFT. We keep it as its own stage because it shows a student the two separate jobs: learning
+# the chat *format* from lots of packed data (mid), then learning to *answer* with the loss
+# only on the assistant's words, one conversation per row (SFT).
+
+def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_scale):
+    tokenizer = get_tokenizer()
+    model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
+    B, T = args.device_batch_size, args.max_seq_len
+
+    def make_batches(split, start=0):
+        return make_loader(args, tokenizer, split, B, T, ddp, ddp.device, start)
+
+    def evaluate(model):
+        return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
+
+    num_steps = args.num_iterations if args.num_iterations > 0 else default_steps
+    lr_scale = args.lr_scale if args.lr_scale is not None else default_lr_scale
+    summary = train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta, lr_scale)
+    summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {}
+    print0(f"{stage} held-out accuracy (N={args.eval_items} each): "
+           + ", ".join(f"{k} {v:.1%}" for k, v in summary["chat_eval"].items()))
+    if ddp.is_master:
+        write_report(stage, summary)
+    return summary
+
+
+def stage_mid(args, ddp):
+    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=150, default_lr_scale=1.0)
+
+
+def stage_sft(args, ddp):
+    # a small learning rate: SFT nudges a model that already speaks the format
+    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Stages eval and chat: use any checkpoint
+
+def stage_eval(args, ddp):
+    tokenizer = get_tokenizer()
+    tag = args.model_tag or f"d{args.depth}"
+    model, _, meta = load_checkpoint(args.source, tag, ddp.device, hint=f"run `--stage {args.source}` first")
+    check_tokenizer(meta, tokenizer, f"the {args.source} checkpoint")
+    model.eval()
+    results = {}
+    if args.source == "base":
+        token_bytes = token_byte_lengths(tokenizer, ddp.device)
+        batches = base_batches(args, tokenizer, "val", args.device_batch_size, args.max_seq_len, ddp, ddp.device)
+        results["val_bpb"] = evaluate_bpb(model, batches, args.eval_batches, token_bytes)
+    if args.data == "tinyworld":
+        results |= evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+    print0(f"{args.source} checkpoint {tag} (step {meta['step']}), held-out N={args.eval_items} per task:")
+    for name, value in results.items():
+        print0(f"  {name:16s} {value:.4f}" if name == "val_bpb" else f"  {name:16s} {value:.1%}")
+    if ddp.is_master:
+        write_report(f"eval_{args.source}", results)
+    return results
+
+
+def stage_chat(args, ddp):
+    """Talk to a checkpoint: `-p "..."` answers once, otherwise an interactive prompt.
+    Calculator calls are shown inline as [calculator: 12*7 = 84]."""
+    import codecs
+    tokenizer = get_tokenizer()
+    tag = args.model_tag or f"d{args.depth}"
+    model, _, meta = load_checkpoint(args.source, tag, ddp.device, hint=f"run `--stage {args.source}` first")
+    check_tokenizer(meta, tokenizer, f"the {args.source} checkpoint")
+    model.eval()
+    engine, special = Engine(model, tokenizer), tokenizer.special_tokens
+    markers = {special["<|python_start|>"]: "[calculator: ", special["<|python_end|>"]: "",
+               special["<|output_start|>"]: " = ", special["<|output_end|>"]: "]"}
+    messages = []
+    if args.prompt is None:
+        print(f"chatting with the {args.source} model {tag}; an empty line or Ctrl-D quits, /clear starts over")
+    while True:
+        if args.prompt is not None:
+            user = args.prompt
+        else:
+            try:
+                user = input("\nuser> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if not user:
+                return
+            if user == "/clear":
+                messages = []
+                continue
+        messages.append(dict(role="user", content=user))
+        prompt = render_for_completion(tokenizer, dict(messages=messages))
+        # bytes are decoded incrementally: a character split across tokens is printed once whole
+        decoder, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+        print("assistant> " if args.prompt is None else "", end="", flush=True)
+        for (token,), _ in engine.generate(prompt, 1, args.max_new_tokens, args.temperature, args.top_k, seed=args.seed):
+            if token in engine.stop_tokens:
+                break
+            reply.append(token)
+            text = markers.get(token) if token in markers else decoder.decode(tokenizer.token_to_bytes(token))
+            print(text, end="", flush=True)
+        print(decoder.decode(b"", final=True))
+        messages.append(dict(role="assistant", content=tokenizer.decode(reply)))
+        if args.prompt is not None:
+            return
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2226,7 +2342,8 @@ def stage_report(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # CLI
 
-STAGES = {"tok": stage_tok, "base": stage_base, "report": stage_report}
+STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "eval": stage_eval,
+          "chat": stage_chat, "report": stage_report}
 
 
 def build_parser():
@@ -2251,8 +2368,11 @@ def build_parser():
     # training
     p.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
     p.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-param-data-ratio)")
-    p.add_argument("--target-param-data-ratio", type=float, default=20, help="training tokens per parameter when --num-iterations is -1 (Chinchilla: 20)")
+    p.add_argument("--num-iterations", type=int, default=-1,
+                   help="optimizer steps (-1: the stage's default)")
+    p.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: 1 for base/mid, 0.1 for sft)")
+    p.add_argument("--target-param-data-ratio", type=float, default=None,
+                   help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20; default: 400 steps)")
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
     p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for wte (scaled by (width/768)^-0.5)")
     p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head (scaled likewise)")
@@ -2270,6 +2390,13 @@ def build_parser():
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="prompts to sample from at the end of base training")
+    # eval and chat
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="eval/chat: which stage's checkpoint")
+    p.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
+    p.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
+    p.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="chat: longest reply in tokens")
     # report
     p.add_argument("--report-path", default="report.md", help="report: where to write the markdown report")
     p.add_argument("--wall-seconds", type=int, default=None, help="report: the whole run's wall time, as measured by speedrun.sh")
