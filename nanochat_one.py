@@ -1727,8 +1727,10 @@ class Engine:
                 return
             logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42):
-        """Return (token lists, sampled masks), one per row, each ending before its stop token."""
+    def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
+                       keep_stop_token=False):
+        """Return (token lists, sampled masks), one per row, each ending before its stop token
+        (or with it, if keep_stop_token: RL trains the model to stop)."""
         results = [[] for _ in range(num_samples)]
         masks = [[] for _ in range(num_samples)]
         finished = [False] * num_samples
@@ -1736,8 +1738,8 @@ class Engine:
             for row, (token, was_sampled) in enumerate(zip(tokens, sampled)):
                 if finished[row]:
                     continue
-                if token in self.stop_tokens:
-                    finished[row] = True
+                finished[row] = token in self.stop_tokens
+                if finished[row] and not keep_stop_token:
                     continue
                 results[row].append(token)
                 masks[row].append(int(was_sampled))
@@ -2220,6 +2222,211 @@ def stage_sft(args, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
+# Stage rl: simplified GRPO on problems with checkable answers
+#
+# Each step: take some problems, sample G answers to each from the current model (tools
+# included), reward 1 if the '####' answer is right else 0, and push up the log-probability of
+# answers that beat their group's mean reward, down for those below it:
+#     advantage_i = reward_i - mean(rewards of the group)
+#     loss = -sum over sampled tokens of logp(token) * advantage / number of sampled tokens
+# This is GRPO with its machinery removed, and each simplification is acceptable here:
+# - no division by the group's reward std: with 0/1 rewards it would only reweight groups, and
+#   it inflates groups where one lucky sample differs (a known bias of the original);
+# - fully on-policy (one optimizer step per batch of samples), so the importance ratio is 1
+#   and PPO-style clipping has nothing to clip;
+# - no KL penalty to a reference model: the LR is small and the run short, and dropping it
+#   saves a second model in memory;
+# - token-level normalisation (divide by all sampled tokens, not per answer), so long answers
+#   are not favoured or penalised per token.
+# Groups whose rewards are all equal have zero advantage everywhere: they carry no signal and
+# are skipped. Tokens forced in by the calculator and the prompt are never trained on.
+
+def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0):
+    """Sample k answers per problem; return (pass@1, its standard error, pass@k), where pass@1
+    is the mean fraction of correct samples and pass@k the fraction of problems with any correct."""
+    engine, fractions = Engine(model, tokenizer), []
+    for i, problem in enumerate(shard(problems, ddp)):
+        prompt = render_for_completion(tokenizer, word_problem_conversation(problem["question"]))
+        answers, _ = engine.generate_batch(prompt, k, max_tokens, temperature, seed=seed + i)
+        fractions.append(sum(answer_is_correct(tokenizer.decode(a), problem["answer"]) for a in answers) / k)
+    stats = torch.tensor([sum(fractions), sum(f * f for f in fractions), sum(f > 0 for f in fractions), len(fractions)],
+                         dtype=torch.float64, device=ddp.device)
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    total, total_sq, solved, n = stats.tolist()
+    mean = total / n
+    stderr = math.sqrt(max(total_sq / n - mean * mean, 0.0) / max(n - 1, 1))
+    return mean, stderr, solved / n
+
+
+def grpo_sequences(tokenizer, prompt, answers, sampled_masks, rewards):
+    """Turn one group of G sampled answers into training rows: (ids, targets, advantage) with
+    targets -1 except on sampled answer tokens. Returns [] when the group carries no signal."""
+    mean = sum(rewards) / len(rewards)
+    if all(r == rewards[0] for r in rewards):
+        return []
+    rows = []
+    for answer, sampled, reward in zip(answers, sampled_masks, rewards):
+        ids = prompt + answer
+        targets = [-1] * (len(prompt) - 1) + [t if m else -1 for t, m in zip(answer, sampled)]
+        rows.append((ids[:-1], targets, reward - mean))
+    return rows
+
+
+def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
+    """-sum(logp * advantage) / num_sampled_tokens over the rows (right-padded into a batch)."""
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (row_ids, row_targets, _) in enumerate(rows):
+        ids[i, :len(row_ids)] = torch.tensor(row_ids)
+        targets[i, :len(row_targets)] = torch.tensor(row_targets)
+    advantages = torch.tensor([a for _, _, a in rows], dtype=torch.float32, device=device)
+    nll = model(ids.to(device), targets.to(device), loss_reduction="none").view(len(rows), width)  # -logp, 0 where ignored
+    return (nll * advantages[:, None]).sum() / num_sampled_tokens
+
+
+def stage_rl(args, ddp):
+    tokenizer = get_tokenizer()
+    model, optim_states, meta = start_model(args, ddp, "rl", tokenizer, source="sft")
+    tag = args.model_tag or f"d{args.depth}"
+    out_dir = checkpoint_dir("rl", tag)
+    lr_scale = args.lr_scale if args.lr_scale is not None else 0.05
+    optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
+                                  args.unembedding_lr * lr_scale, args.weight_decay)
+    start_step = 0
+    if optim_states is not None:
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+        start_step = meta["step"]
+    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None) if ddp.is_ddp else model
+    num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 60, args.num_samples, args.prompts_per_step
+    if args.data == "tinyworld":
+        held_out = tinyworld_eval_items("word_problem", "test", n=args.eval_items)
+        train_rng = random.Random(args.seed + start_step)
+
+        def next_problem():
+            while True:
+                problem = tinyworld_word_problem(train_rng)
+                if tinyworld_split(problem["key"]) == "train":
+                    return problem
+    else:
+        gsm8k_train, gsm8k_test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
+        held_out = [dict(question=r["question"], answer=extract_answer(r["answer"])) for r in gsm8k_test.select(range(min(args.eval_items, len(gsm8k_test))))]
+        train_rng = random.Random(args.seed + start_step)
+
+        def next_problem():
+            row = gsm8k_train[train_rng.randrange(len(gsm8k_train))]
+            return dict(question=row["question"], answer=extract_answer(row["answer"]))
+
+    print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
+           f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
+    history, curve = [], []
+
+    def evaluate(step):
+        model.eval()
+        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, G, args.max_new_tokens, args.temperature, seed=10_000)
+        history.append(dict(step=step, pass1=p1, pass1_stderr=se, passk=pk))
+        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {p1:.3f} +- {se:.3f} | pass@{G} {pk:.3f}")
+
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.special_tokens["<|bos|>"]
+    t_start = time.time()
+    step = start_step
+    try:
+        while True:
+            if step == num_steps or (args.eval_every > 0 and step % args.eval_every == 0) or step == start_step:
+                evaluate(step)
+            if step > start_step and (step == num_steps or (args.save_every > 0 and step % args.save_every == 0)) and ddp.is_master:
+                save_checkpoint(out_dir, step, model, optimizers, dict(
+                    stage="rl", step=step, num_steps=num_steps, data_position=step, model_config=dataclasses.asdict(model.config),
+                    tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=history[-1] if history else {}))
+            if step == num_steps:
+                break
+            t0 = time.time()
+            # 1) sample G answers for each of this rank's problems with the current policy
+            model.eval()
+            rows, rewards_all, zero_signal = [], [], 0
+            for i in range(P):
+                problem = next_problem()
+                if i % ddp.world_size != ddp.rank:
+                    continue
+                prompt = render_for_completion(tokenizer, word_problem_conversation(problem["question"]))
+                answers, sampled = engine.generate_batch(prompt, G, args.max_new_tokens, args.temperature,
+                                                         seed=hash((args.seed, step, i)) % 2**31, keep_stop_token=True)
+                rewards = [float(answer_is_correct(tokenizer.decode(a), problem["answer"])) for a in answers]
+                rewards_all += rewards
+                group = grpo_sequences(tokenizer, prompt, answers, sampled, rewards)
+                zero_signal += not group
+                rows += group
+            # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
+            model.train()
+            counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets), len(rows),
+                                   (len(rows) + args.device_batch_size - 1) // args.device_batch_size,
+                                   sum(rewards_all), len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
+            if dist.is_initialized():
+                micro_steps = counts[2:3].clone()
+                dist.all_reduce(counts)
+                dist.all_reduce(micro_steps, op=dist.ReduceOp.MAX)
+                counts[2] = micro_steps[0]
+            num_tokens, num_rows, micro_steps, reward_sum, num_samples, zero_groups = counts.tolist()
+            chunks = [rows[j:j + args.device_batch_size] for j in range(0, len(rows), args.device_batch_size)]
+            for j in range(int(micro_steps)):  # every rank runs the same number of micro-steps (DDP)
+                sync = j == int(micro_steps) - 1 or not ddp.is_ddp
+                with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                    if j < len(chunks):
+                        loss = grpo_loss(ddp_model, chunks[j], num_tokens, ddp.device, pad_id)
+                    else:  # no rows left on this rank: a zero loss that still joins the all-reduce
+                        loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
+                    loss.backward()
+            if micro_steps > 0:
+                lrm = 1.0 - step / num_steps  # linear decay to zero
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = group["initial_lr"] * lrm
+                    opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            mean_reward = reward_sum / max(num_samples, 1)
+            curve.append(dict(step=step, mean_reward=mean_reward, zero_signal=zero_groups / P, sampled_tokens=int(num_tokens)))
+            eta = format_seconds((num_steps - step) * (time.time() - t_start) / (step - start_step))
+            print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
+                   f"| trained tokens {int(num_tokens)} | {time.time() - t0:.1f}s | eta {eta}")
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted at step {step}; the last rl checkpoint is in {out_dir}: continue with --resume") from None
+    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
+                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
+                   chat_eval=evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {})
+    if ddp.is_master:
+        write_report("rl", summary)
+        plot_reward_curve(summary, base_dir() / "report" / "rl.png")
+    return summary
+
+
+def plot_reward_curve(summary, path):
+    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
+            alpha=0.5, label="train mean reward")
+    steps = [h["step"] for h in summary["history"]]
+    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
+                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
+    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------
 # Stages eval and chat: use any checkpoint
 
 def stage_eval(args, ddp):
@@ -2342,7 +2549,7 @@ def stage_report(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # CLI
 
-STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "eval": stage_eval,
+STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
           "chat": stage_chat, "report": stage_report}
 
 
@@ -2394,16 +2601,24 @@ def build_parser():
     p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="eval/chat: which stage's checkpoint")
     p.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
     p.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
-    p.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature (0: greedy)")
+    p.add_argument("--temperature", type=float, default=None, help="chat/rl: sampling temperature (0: greedy; default: chat 0.6, rl 1.0)")
     p.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="chat: longest reply in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="chat/rl: longest reply in tokens (default: chat 256, rl 128)")
+    # rl
+    p.add_argument("--num-samples", type=int, default=8, help="rl: answers sampled per problem (the group size G; also the k of pass@k)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="rl: problems per optimizer step (split across ranks)")
     # report
     p.add_argument("--report-path", default="report.md", help="report: where to write the markdown report")
     p.add_argument("--wall-seconds", type=int, default=None, help="report: the whole run's wall time, as measured by speedrun.sh")
     return p
 
 
-def validate_args(args):
+def finalize_args(args):
+    """Check the flags (raising UserError) and fill in the per-stage defaults."""
+    if args.temperature is None:
+        args.temperature = 1.0 if args.stage == "rl" else 0.6
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 128 if args.stage == "rl" else 256
     for name in ("vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_batches", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -2414,7 +2629,7 @@ def validate_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        validate_args(args)
+        finalize_args(args)
         torch.manual_seed(args.seed)
         ddp = init_distributed()
         STAGES[args.stage](args, ddp)

@@ -16,7 +16,7 @@ TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-l
 
 def run_stage(*argv):
     args = nc.build_parser().parse_args(list(argv))
-    nc.validate_args(args)
+    nc.finalize_args(args)
     torch.manual_seed(args.seed)
     return nc.STAGES[args.stage](args, nc.Dist())
 
