@@ -1087,10 +1087,68 @@ def parquet_documents(data_dir, split, start=0):
             return
 
 
+FINEWEB_SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
+FINEWEB_VAL_SHARD = 1822  # the dataset's last shard: always the validation shard
+
+
+def base_data_dir(args):
+    """The folder of base-data shards: --data-dir, else <base_dir>/base_data (filled by download_shards)."""
+    return Path(args.data_dir) if args.data_dir else base_dir() / "base_data"
+
+
+def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):
+    """Download training shards 0 .. num_shards-2 and the validation shard into directory.
+
+    The validation shard is pinned to the dataset's last one, so runs with any number of shards
+    validate on the same text; its name also sorts last, which is how parquet_files finds it.
+    Shards already there are skipped. Each new one is written under a temporary name (not
+    *.parquet) and renamed when complete, so an interrupted download never leaves a truncated
+    shard. A failed request is retried after 1, 2, 4, 8 s (exponential backoff)."""
+    import shutil
+    import urllib.request  # the standard library is enough for plain HTTPS downloads
+    if num_shards < 2:
+        raise UserError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    indices = list(range(min(num_shards - 1, val_shard))) + [val_shard]
+    missing = [i for i in indices if not (directory / f"shard_{i:05d}.parquet").exists()]
+    for n, index in enumerate(missing, 1):
+        path, source = directory / f"shard_{index:05d}.parquet", url.format(index=index)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+                os.replace(tmp, path)
+                break
+            except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
+                tmp.unlink(missing_ok=True)
+                reason = getattr(e, "reason", None) or e
+                if attempt == attempts - 1:
+                    raise UserError(f"could not download {source} after {attempts} attempts ({reason}); to train "
+                                    "without network, put FineWeb-EDU style parquet shards (a `text` column; the last "
+                                    "file by name is the validation shard) in a folder and pass --data-dir FOLDER") from None
+                wait = first_wait_s * 2 ** attempt
+                print0(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s")
+                time.sleep(wait)
+        print0(f"downloaded {path} ({n}/{len(missing)})")
+
+
+def prepare_base_data(args, ddp):
+    """--data hf without --data-dir: rank 0 downloads --num-shards shards into <base_dir>/base_data
+    (the shards already there are kept) while the other ranks wait."""
+    if args.data != "hf" or args.data_dir:
+        return
+    if ddp.is_master:
+        download_shards(base_data_dir(args), args.num_shards)
+    if ddp.is_ddp:
+        dist.barrier()
+
+
 def document_stream(args, split, start=0):
     if args.data == "tinyworld":
         return tinyworld_documents(split, start)
-    return parquet_documents(args.data_dir, split, start)
+    return parquet_documents(base_data_dir(args), split, start)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1976,6 +2034,7 @@ def peak_flops(device):
 # Stage tok: train the tokenizer
 
 def stage_tok(args, ddp):
+    prepare_base_data(args, ddp)
     if ddp.is_master:
         t0 = time.time()
         texts, n_chars = [], 0
@@ -2149,6 +2208,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
 # Stage base: pretraining
 
 def stage_base(args, ddp):
+    prepare_base_data(args, ddp)
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, "base", tokenizer)
     if args.num_iterations > 0:
@@ -2561,7 +2621,10 @@ def build_parser():
     # data
     p.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
                    help="tinyworld: the embedded synthetic world (offline); hf: real datasets (parquet shards in --data-dir)")
-    p.add_argument("--data-dir", default=None, help="folder of FineWeb-EDU style parquet shards (text column) for --data hf")
+    p.add_argument("--data-dir", default=None, help="folder of FineWeb-EDU style parquet shards (text column) for --data hf "
+                   "(default: <base_dir>/base_data, downloaded there)")
+    p.add_argument("--num-shards", type=int, default=8, help="--data hf without --data-dir: FineWeb-EDU shards to download "
+                   "(about 100 MB each): the first N-1 for training, plus the pinned validation shard")
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=4096, help="tok: vocabulary size (256 bytes + merges + special tokens)")
     p.add_argument("--tok-chars", type=int, default=2_000_000, help="tok: characters of training text")
@@ -2622,8 +2685,6 @@ def finalize_args(args):
     for name in ("vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_batches", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.data == "hf" and args.data_dir is None:
-        raise UserError("--data hf needs --data-dir: a folder of parquet shards with a `text` column")
 
 
 def main(argv=None):

@@ -1,0 +1,108 @@
+"""Training throughput of nanochat_one's GPT: tokens/s, MFU and peak memory for one device.
+
+    python bench/train_bench.py --depth 20 --device-batch-size 32 --seq-len 2048          # one GPU
+    python bench/train_bench.py --depth 2 --device-batch-size 4 --seq-len 256 \\
+        --head-dim 32 --aspect-ratio 32 --vocab-size 4096                                # laptop CPU
+
+Builds the model with the depth dial (nanochat's defaults: aspect ratio 64, head dim 128) and
+the real optimizers (Muon + AdamW), runs --warmup full training steps (forward, backward,
+optimizer step) on random tokens, the first of which includes torch.compile's compilation, then
+times --steps more. The device is synchronised only before and after the timed steps. Prints one
+JSON line: tok_per_s, mfu (percent of the GPU's bf16 peak, from model.estimate_flops(); null
+without a known peak, e.g. on CPU), peak_memory_mb (torch.cuda.max_memory_allocated on a GPU,
+the process's peak RSS elsewhere), compile_s, and the settings.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nanochat_one as nc  # noqa: E402
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--depth", type=int, required=True, help="transformer blocks; width = depth x aspect ratio")
+    p.add_argument("--device-batch-size", type=int, required=True, help="sequences per forward pass")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (also the model's context)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on for CUDA)")
+    p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (nanochat: 65536)")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="width per layer of depth (nanochat: 64)")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head dimension (nanochat: 128)")
+    args = p.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be at least 1")
+
+    device = torch.device("cuda", 0) if nc.DEVICE_TYPE == "cuda" else torch.device(nc.DEVICE_TYPE)
+    B, T = args.device_batch_size, args.seq_len
+    config = nc.config_from_depth(args.depth, args.vocab_size, T, args.aspect_ratio, args.head_dim)
+    with torch.device(device):
+        model = nc.GPT(config)
+    model.init_weights()
+    optimizers = nc.setup_optimizers(model)
+    use_compile = nc.compile_setting(SimpleNamespace(compile=args.compile))
+    train_model = torch.compile(model) if use_compile else model
+    tokens = torch.randint(0, args.vocab_size, (B, T + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+
+    def train_step():
+        loss = train_model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    train_step()  # includes compilation when compiling
+    synchronize(device)
+    first_step = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        train_step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+
+    step_seconds = seconds / args.steps
+    tok_per_s = B * T / step_seconds
+    flops_per_token = model.estimate_flops()
+    peak = nc.peak_flops(device)
+    if device.type == "cuda":
+        peak_memory, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_memory, memory_kind = rss if sys.platform == "darwin" else rss * 1024, "peak_rss"
+    print(json.dumps(dict(
+        tok_per_s=round(tok_per_s, 1), step_ms=round(1000 * step_seconds, 2),
+        mfu=round(100 * flops_per_token * tok_per_s / peak, 2) if peak else None,
+        peak_memory_mb=round(peak_memory / 2**20, 1), memory=memory_kind,
+        compile_s=round(first_step - step_seconds, 2) if use_compile else None, first_step_s=round(first_step, 3),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        dtype=str(nc.COMPUTE_DTYPE).removeprefix("torch."), compile=use_compile, depth=args.depth,
+        n_embd=config.n_embd, n_head=config.n_head, params=sum(p.numel() for p in model.parameters()),
+        flops_per_token=flops_per_token, device_batch_size=B, seq_len=T, vocab_size=args.vocab_size,
+        steps=args.steps, warmup=args.warmup, torch=torch.__version__)))
+
+
+if __name__ == "__main__":
+    main()

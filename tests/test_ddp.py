@@ -1,0 +1,65 @@
+"""Two CPU processes under torchrun (gloo) against one process with twice the accumulation.
+
+tests/ddp_worker.py trains the same tiny GPT on the same synthetic micro-batches both ways (see
+its docstring for why the two runs see the same data in every optimizer step). Averaging the
+gradients over 2 ranks x 2 micro-steps must give the weights of 1 process x 4 micro-steps, up
+to float rounding; DDP must all-reduce only on the last micro-step; only rank 0 may write."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def finish(process, name):
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+
+
+def test_two_ranks_match_one_process_with_double_accumulation(tmp_path):
+    env = dict(os.environ, NANOCHAT_DEVICE="cpu", OMP_NUM_THREADS="1")
+    env.pop("NANOCHAT_BASE_DIR", None)
+    run = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # both runs at once: they are independent, and starting Python + torch is most of the time
+    single = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "single")], **run)
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(WORKER), str(tmp_path / "ddp"), "--with-stage"], **run)
+    finish(single, "single-process")
+    finish(ddp, "torchrun")
+
+    one = torch.load(tmp_path / "single" / "rank0" / "result.pt", weights_only=False)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0" / "result.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "ddp" / "rank1" / "result.pt", weights_only=False)
+    # every rank applied the same update to the same weights
+    for name, w in rank0["state"].items():
+        assert torch.equal(w, rank1["state"][name]), name
+    # ... and that update is the one-process update with twice the accumulation
+    assert rank0["state"]["lm_head.weight"].abs().max() > 1e-3  # it trained (lm_head starts at zero)
+    for name, w in one["state"].items():
+        torch.testing.assert_close(rank0["state"][name], w, atol=1e-5, rtol=0, msg=name)
+    # validation loss is all-reduced: 2 ranks x 2 batches = 1 process x 4 batches
+    assert rank0["summary"]["metrics"]["val_loss"] == pytest.approx(one["summary"]["metrics"]["val_loss"], abs=1e-5)
+    assert rank0["summary"]["metrics"] == rank1["summary"]["metrics"]
+
+    # gradients were all-reduced (once per bucket) only on the last of each step's 2 micro-steps
+    for result in (rank0, rank1):
+        assert sorted(set(result["reduced_at"])) == [2, 4, 6, 8]
+        assert len(result["reduced_at"]) % 4 == 0
+
+    # rank 0 wrote the checkpoints and the report; rank 1 wrote nothing
+    checkpoint = tmp_path / "ddp" / "rank0" / "checkpoints" / "base" / "t" / "model_000004.pt"
+    for name, w in torch.load(checkpoint, weights_only=True).items():
+        assert torch.equal(w, rank0["state"][name]), name
+    assert (tmp_path / "ddp" / "rank0" / "checkpoints" / "base" / "s" / "meta_000002.json").exists()
+    assert (tmp_path / "ddp" / "rank0" / "report" / "base.json").exists()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "rank1").iterdir()) == ["result.pt", "tokenizer"]
+    # the real base stage: val bits-per-byte is all-reduced, so both ranks report the same number
+    assert rank0["stage_summary"]["val_bpb"] == rank1["stage_summary"]["val_bpb"] > 0

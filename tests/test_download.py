@@ -1,0 +1,123 @@
+"""download_shards without network: urllib.request.urlopen is replaced by a fake that serves the
+bytes of local parquet files (or fails), and time.sleep by a recorder."""
+import io
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+import nanochat_one as nc
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+URL = "https://example.invalid/shard_{index:05d}.parquet"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Local shards 0-3 and the validation shard: name -> bytes."""
+    shards = {}
+    for index in (0, 1, 2, 3, nc.FINEWEB_VAL_SHARD):
+        path = tmp_path / "served" / f"shard_{index:05d}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"text": [f"document {j} of shard {index}" for j in range(3)]}), path)
+        shards[path.name] = path.read_bytes()
+    return shards
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    waits = []
+    monkeypatch.setattr(nc.time, "sleep", waits.append)
+    return waits
+
+
+def serve(monkeypatch, served, requests, failures=()):
+    """Make urlopen serve `served`; failures is a list of callables that take the next requests
+    instead (raising, or returning a broken response)."""
+    failures = list(failures)
+
+    def urlopen(url, timeout=None):
+        requests.append(url.rsplit("/", 1)[-1])
+        if failures:
+            return failures.pop(0)(url)
+        return io.BytesIO(served[requests[-1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_download_pins_validation_shard_and_skips_existing(tmp_path, served, sleeps, monkeypatch):
+    requests, data = [], tmp_path / "data"
+    serve(monkeypatch, served, requests)
+    nc.download_shards(data, 3, url=URL)
+    assert requests == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    assert sorted(p.name for p in data.iterdir()) == requests  # no temporary files left behind
+    for name in requests:
+        assert (data / name).read_bytes() == served[name]
+    # the pinned last shard is what the loader uses for validation
+    assert [t for _, t in nc.parquet_documents(data, "val")] == [f"document {j} of shard 1822" for j in range(3)]
+    # a second call with more shards fetches only the new one
+    requests.clear()
+    nc.download_shards(data, 4, url=URL)
+    assert requests == ["shard_00002.parquet"]
+    assert sleeps == []
+
+
+def test_download_retries_with_backoff_and_never_leaves_a_partial_shard(tmp_path, served, sleeps, monkeypatch):
+    data, requests = tmp_path / "data", []
+    target = data / "shard_00000.parquet"
+
+    class DropsMidway(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(100)
+
+    def unreachable(url):
+        raise urllib.error.URLError(socket.timeout("timed out"))
+
+    seen = []
+
+    def sleep(seconds):  # look at the folder while the download waits to retry
+        sleeps.append(seconds)
+        seen.append(sorted(p.name for p in data.iterdir()))
+
+    serve(monkeypatch, served, requests, [unreachable, lambda url: DropsMidway(served["shard_00000.parquet"])])
+    monkeypatch.setattr(nc.time, "sleep", sleep)
+    nc.download_shards(data, 2, url=URL)
+    assert requests[:3] == ["shard_00000.parquet"] * 3  # failed, dropped midway, succeeded
+    assert sleeps == [1.0, 2.0]  # exponential backoff
+    assert seen == [[], []]  # while waiting to retry: neither the shard nor a temporary file
+    assert target.read_bytes() == served["shard_00000.parquet"]
+
+
+def test_offline_download_is_one_clear_error(tmp_path, served, sleeps, monkeypatch, base_dir, capsys):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(nc.UserError) as info:
+        nc.download_shards(tmp_path / "data", 2)
+    message = str(info.value)
+    assert "could not download https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/" \
+           "shard_00000.parquet after 5 attempts" in message
+    assert "name resolution" in message and "--data-dir FOLDER" in message and "\n" not in message
+    assert sleeps == [1.0, 2.0, 4.0, 8.0]
+    assert list((tmp_path / "data").iterdir()) == []
+    # through the CLI: --data hf without --data-dir downloads into <base_dir>/base_data
+    with pytest.raises(SystemExit) as exit_info:
+        nc.main(["--stage", "tok", "--data", "hf", "--num-shards", "3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert (base_dir / "base_data").is_dir()
+
+
+def test_hf_data_dir_is_used_as_given(tmp_path, served, monkeypatch):
+    for name, blob in served.items():
+        (tmp_path / name).write_bytes(blob)
+    args = nc.build_parser().parse_args(["--stage", "tok", "--data", "hf", "--data-dir", str(tmp_path)])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("nothing should be downloaded"))
+    nc.prepare_base_data(args, nc.Dist())
+    assert next(nc.document_stream(args, "val")) == (0, "document 0 of shard 1822")
