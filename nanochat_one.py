@@ -2013,6 +2013,14 @@ def write_report(stage, data):
     atomic_write(directory / f"{stage}.json", lambda p: p.write_text(json.dumps(data, indent=2)))
 
 
+def record_wall_time(stage, seconds):
+    """Keep each stage's last wall time in report/wall.json, for the report's timing table."""
+    path = base_dir() / "report" / "wall.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = round(seconds, 1)
+    write_report("wall", times)
+
+
 GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
@@ -2391,7 +2399,7 @@ def stage_rl(args, ddp):
 
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.special_tokens["<|bos|>"]
-    t_start = time.time()
+    t_start, t_steps = time.time(), 0.0
     step = start_step
     try:
         while True:
@@ -2447,11 +2455,13 @@ def stage_rl(args, ddp):
                     opt.step()
             model.zero_grad(set_to_none=True)
             step += 1
+            dt = time.time() - t0
+            t_steps += dt
             mean_reward = reward_sum / max(num_samples, 1)
             curve.append(dict(step=step, mean_reward=mean_reward, zero_signal=zero_groups / P, sampled_tokens=int(num_tokens)))
-            eta = format_seconds((num_steps - step) * (time.time() - t_start) / (step - start_step))
+            eta = format_seconds((num_steps - step) * t_steps / (step - start_step))
             print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
-                   f"| trained tokens {int(num_tokens)} | {time.time() - t0:.1f}s | eta {eta}")
+                   f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
     except KeyboardInterrupt:
         raise UserError(f"interrupted at step {step}; the last rl checkpoint is in {out_dir}: continue with --resume") from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
@@ -2575,11 +2585,7 @@ def system_info():
 def stage_report(args, ddp):
     if not ddp.is_master:
         return
-    reports = {}
-    for stage in STAGES:
-        path = base_dir() / "report" / f"{stage}.json"
-        if path.exists():
-            reports[stage] = json.loads(path.read_text())
+    reports = {path.stem: json.loads(path.read_text()) for path in sorted((base_dir() / "report").glob("*.json"))}
     lines = ["# nanochat-one report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "", "## System", ""]
     lines += [f"- {k}: {v}" for k, v in system_info().items()]
     if "tok" in reports:
@@ -2596,11 +2602,42 @@ def stage_report(args, ddp):
                   f"| validation bits per byte | {r['val_bpb']} |", f"| throughput | {r['tok_per_s']:,} tok/s ({r['device']}) |",
                   f"| MFU | {mfu} |", f"| training time | {format_seconds(r['train_seconds'])} |", "", "Samples (greedy):", ""]
         lines += [f"- `{sample!r}`" for sample in r["samples"]]
-    lines += ["", "## Wall clock", ""]
-    lines += [f"- {stage}: {format_seconds(r[key])}" for stage, r in reports.items()
-              for key in ("train_seconds",) if key in r]
+    rows = [(name, reports[key]) for name, key in (("base", "eval_base"), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
+            if key in reports]
+    rows = [(name, r.get("chat_eval", r)) for name, r in rows]
+    rows = [(name, r) for name, r in rows if "multiple_choice" in r]
+    if rows:
+        lines += ["", "## Chat evaluations (held-out TinyWorld items)", "",
+                  "| after stage | multiple choice (chance 25%) | factual questions | word problems (with calculator) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {r['multiple_choice']:.1%} | {r['fact']:.1%} | {r['word_problem']:.1%} |" for name, r in rows]
+    if "rl" in reports:
+        r = reports["rl"]
+        first, last = r["history"][0], r["history"][-1]
+        k = r["num_samples"]
+        lines += ["", "## RL (GRPO) on word problems", "",
+                  f"{r['steps']} steps x {r['prompts_per_step']} problems x {k} samples; pass@k on {r['held_out']} held-out problems "
+                  f"(sampled at the RL temperature; +- one standard error).", "",
+                  f"| | pass@1 | pass@{k} |", "|---|---|---|",
+                  f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
+                  f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
+        if (base_dir() / "report" / "rl.png").exists():
+            lines += ["", f"Reward curve: {base_dir() / 'report' / 'rl.png'}"]
+    final = next((stage for stage in ("rl", "sft") if stage in reports), None)
+    if final is not None:
+        tokenizer = get_tokenizer()
+        model, _, _ = load_checkpoint(final, args.model_tag or f"d{args.depth}", ddp.device)
+        model.eval()
+        engine = Engine(model, tokenizer)
+        lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
+        for question in ("What is the capital of Japan?", tinyworld_eval_items("word_problem", n=1)[0]["question"]):
+            prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
+            (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
+            lines += [f"> **user:** {question}", ">", f"> **assistant:** `{tokenizer.decode(reply)}`", ""]
+    lines += ["", "## Wall clock", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in reports.get("wall", {}).items()]
     if args.wall_seconds is not None:
-        lines.append(f"- whole run (setup included): {format_seconds(args.wall_seconds)}")
+        lines.append(f"| whole run (setup included) | {args.wall_seconds} |")
     Path(args.report_path).write_text("\n".join(lines) + "\n")
     print0("\n".join(lines))
     print0(f"wrote {args.report_path}")
@@ -2693,7 +2730,10 @@ def main(argv=None):
         finalize_args(args)
         torch.manual_seed(args.seed)
         ddp = init_distributed()
+        t0 = time.time()
         STAGES[args.stage](args, ddp)
+        if ddp.is_master and args.stage not in ("chat", "report"):
+            record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded TinyWorld data, at a depth a laptop CPU trains in minutes:
-#   set up .venv -> train the tokenizer -> pretrain the base model -> write report.md
-# Usage: bash speedrun.sh            (any extra arguments go to every training stage)
+# The whole pipeline, then report.md:
+#   set up .venv -> tok -> base -> mid -> sft -> rl -> report
+#
+# Usage: bash speedrun.sh [tier] [extra flags for every training stage]
+#   tiny (default)  TinyWorld, depth 4, on whatever device exists: minutes on a laptop CPU
+#   d20             nanochat's speedrun: depth 20 on one 8-GPU node (torchrun), FineWeb-EDU + SmolTalk/MMLU/GSM8K
+#   d26             the same at depth 26
 # Artifacts go to $NANOCHAT_BASE_DIR (default ./runs); the report to ./report.md.
-# On a GPU machine the same script uses the GPU; TORCH_SPEC picks the torch build to install.
+# TORCH_SPEC picks the torch build to install (default torch==2.13.0); NPROC the GPUs per node.
 set -euo pipefail
 cd "$(dirname "$0")"
 START=$(date +%s)
+TIER=tiny
+case "${1:-}" in tiny|d20|d26) TIER=$1; shift ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   echo "== setting up .venv"
@@ -17,9 +23,31 @@ fi
 .venv/bin/pip install -q -e .
 PY=.venv/bin/python
 
-echo "== stage tok"
-$PY nanochat_one.py --stage tok
-echo "== stage base"
-$PY nanochat_one.py --stage base "$@"
-echo "== report"
-$PY nanochat_one.py --stage report --wall-seconds $(( $(date +%s) - START ))
+if [ "$TIER" = tiny ]; then
+  RUN="$PY nanochat_one.py"
+  MODEL=()
+  TRAIN=()
+else
+  NPROC=${NPROC:-8}
+  DEPTH=${TIER#d}
+  RUN=".venv/bin/torchrun --standalone --nproc_per_node=$NPROC nanochat_one.py"
+  MODEL=(--depth "$DEPTH" --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --data hf)
+  TRAIN=(--device-batch-size 16 --total-batch-size 524288 --eval-every 250 --save-every 1000 --log-every 10)
+fi
+echo "== plan: tier $TIER on $($PY -c 'import nanochat_one as n; print(n.DEVICE_TYPE)'), stages tok base mid sft rl"
+
+stage() { echo "== stage $1 ($(date +%T))"; "${@:2}"; }
+if [ "$TIER" = tiny ]; then
+  stage tok  $PY nanochat_one.py --stage tok
+else
+  stage tok  $PY nanochat_one.py --stage tok --data hf --vocab-size 65536 --tok-chars 2000000000
+fi
+EXTRA=("$@")
+base_flags=("${MODEL[@]}" "${TRAIN[@]}")
+[ "$TIER" = tiny ] || base_flags+=(--target-param-data-ratio 20)
+stage base $RUN --stage base "${base_flags[@]}" "${EXTRA[@]}"
+stage eval $RUN --stage eval --source base "${MODEL[@]}"
+stage mid  $RUN --stage mid "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
+stage sft  $RUN --stage sft "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
+stage rl   $RUN --stage rl "${MODEL[@]}" "${EXTRA[@]}"
+stage report $PY nanochat_one.py --stage report "${MODEL[@]}" --wall-seconds $(( $(date +%s) - START ))
