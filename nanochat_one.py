@@ -1,26 +1,33 @@
 """
 nanochat-one: a ChatGPT-style model built end to end in one readable file.
 
-    BPE tokenizer -> base pretraining -> mid-training -> SFT -> RL -> evaluation -> chat
+    BPE tokenizer -> base pretraining -> mid-training -> SFT -> RL (GRPO) -> evaluation -> chat
 
 Everything runs offline on a laptop CPU with the embedded TinyWorld data (a small, consistent
-synthetic world: countries and capitals, animals, colours, arithmetic, stories), and the same
-code scales to a GPU node with torchrun and real data.
+synthetic world: countries and capitals, animals, colours, arithmetic, stories, word problems),
+and the same code scales to a GPU node with torchrun and real data.
 
-One command per stage (each stage finds its input checkpoint by convention):
+One command per stage; each finds its input checkpoint by convention (base -> mid -> sft -> rl):
 
-    python nanochat_one.py --stage tok                   # train the BPE tokenizer (bpe.py)
-    python nanochat_one.py --stage base                  # pretrain; prints val bits-per-byte and samples
-    python nanochat_one.py --stage base --resume         # continue from the last base checkpoint
+    python nanochat_one.py --stage tok             # train the BPE tokenizer (bpe.py)
+    python nanochat_one.py --stage base            # pretrain; val bits-per-byte and samples
+    python nanochat_one.py --stage mid             # conversations, multiple choice, tool use
+    python nanochat_one.py --stage sft             # supervised fine-tuning on assistant turns
+    python nanochat_one.py --stage rl              # simplified GRPO on word problems
+    python nanochat_one.py --stage eval --source sft
+    python nanochat_one.py --stage chat -p "What is the capital of France?"
+    python nanochat_one.py --stage report          # gather everything into report.md
 
-The laptop pipeline is `bash speedrun.sh` (tiny depth, CPU, minutes). On one GPU node:
+Any training stage continues from its last checkpoint with --resume. The laptop pipeline is
+`bash speedrun.sh` (tiny depth, CPU, minutes). On one node with 8 GPUs:
 
-    torchrun --standalone --nproc_per_node=8 nanochat_one.py --stage base --depth 20 --data hf
+    torchrun --standalone --nproc_per_node=8 nanochat_one.py --stage base --data hf --depth 20 \
+        --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288
 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
-this file.
+this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
+optimizers, loaders, engine, evaluation, checkpoints, training, stages, CLI.
 """
-
 import argparse
 import contextlib
 import dataclasses
@@ -2104,6 +2111,22 @@ def start_model(args, ddp, stage, tokenizer, source=None):
     return model, None, None
 
 
+def stage_optimizers(args, model, lr_scale, optim_states=None):
+    """setup_optimizers with the CLI's learning rates times lr_scale, restored when resuming."""
+    optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
+                                  args.unembedding_lr * lr_scale, args.weight_decay)
+    for opt, state in zip(optimizers, optim_states or []):
+        opt.load_state_dict(state)
+    return optimizers
+
+
+def wrap_ddp(model, ddp):
+    """Under torchrun, DistributedDataParallel averages gradients across ranks during backward."""
+    if not ddp.is_ddp:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None)
+
+
 def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
           lr_scale=1.0):
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
@@ -2131,17 +2154,14 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} tokens "
            f"({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
-    optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
-                                  args.unembedding_lr * lr_scale, args.weight_decay)
+    optimizers = stage_optimizers(args, model, lr_scale, optim_states)
     start_step, position = 0, -1
     if optim_states is not None:
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
         start_step, position = meta["step"], meta["data_position"]
         print0(f"resuming from step {start_step} (data position {position})")
         if start_step > num_steps:
             raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_steps}")
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None) if ddp.is_ddp else model
+    ddp_model = wrap_ddp(model, ddp)
     train_model = torch.compile(ddp_model) if compile_setting(args) else ddp_model
     # resuming skips the documents that were waiting in the packing buffer: a small, harmless gap
     train_batches = make_batches("train", position + 1)
@@ -2360,14 +2380,9 @@ def stage_rl(args, ddp):
     tag = args.model_tag or f"d{args.depth}"
     out_dir = checkpoint_dir("rl", tag)
     lr_scale = args.lr_scale if args.lr_scale is not None else 0.05
-    optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
-                                  args.unembedding_lr * lr_scale, args.weight_decay)
-    start_step = 0
-    if optim_states is not None:
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
-        start_step = meta["step"]
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None) if ddp.is_ddp else model
+    optimizers = stage_optimizers(args, model, lr_scale, optim_states)
+    start_step = meta["step"] if optim_states is not None else 0
+    ddp_model = wrap_ddp(model, ddp)
     num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 60, args.num_samples, args.prompts_per_step
     if args.data == "tinyworld":
         held_out = tinyworld_eval_items("word_problem", "test", n=args.eval_items)
@@ -2650,66 +2665,74 @@ STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_s
           "chat": stage_chat, "report": stage_report}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the default (None) means "decided per stage"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="nanochat-one: train and talk to a ChatGPT-style model, one stage at a time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="nanochat-one: train and talk to a ChatGPT-style model, one stage at a time. "
+                    "Flags are grouped by the stages that read them.",
+        formatter_class=HelpFormatter)
     p.add_argument("--stage", required=True, choices=list(STAGES), help="which stage to run")
-    # data
-    p.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
-                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets (parquet shards in --data-dir)")
-    p.add_argument("--data-dir", default=None, help="folder of FineWeb-EDU style parquet shards (text column) for --data hf "
-                   "(default: <base_dir>/base_data, downloaded there)")
-    p.add_argument("--num-shards", type=int, default=8, help="--data hf without --data-dir: FineWeb-EDU shards to download "
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
+                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, SmolTalk, MMLU, GSM8K)")
+    g.add_argument("--data-dir", default=None, help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and "
+                   "of smoltalk/, mmlu/, gsm8k/ subfolders (default: <base_dir>/base_data, downloaded there; chat data from the hub)")
+    g.add_argument("--num-shards", type=int, default=8, help="--data hf without --data-dir: FineWeb-EDU shards to download "
                    "(about 100 MB each): the first N-1 for training, plus the pinned validation shard")
-    # tokenizer
-    p.add_argument("--vocab-size", type=int, default=4096, help="tok: vocabulary size (256 bytes + merges + special tokens)")
-    p.add_argument("--tok-chars", type=int, default=2_000_000, help="tok: characters of training text")
-    # model
-    p.add_argument("--depth", type=int, default=4, help="number of transformer blocks; the width follows from it")
-    p.add_argument("--aspect-ratio", type=int, default=32, help="width = depth x aspect ratio, rounded up to whole heads (nanochat: 64)")
-    p.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head (nanochat: 128)")
-    p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention (default: as many as query heads)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="context length in tokens")
-    p.add_argument("--model-tag", default=None, help="checkpoint name (default: d<depth>)")
-    # training
-    p.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
-    p.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
-    p.add_argument("--num-iterations", type=int, default=-1,
-                   help="optimizer steps (-1: the stage's default)")
-    p.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: 1 for base/mid, 0.1 for sft)")
-    p.add_argument("--target-param-data-ratio", type=float, default=None,
-                   help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20; default: 400 steps)")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
-    p.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for wte (scaled by (width/768)^-0.5)")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head (scaled likewise)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warm-up")
-    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps at the end with linear LR decay")
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on for CUDA only)")
-    p.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    # evaluation and logging
-    p.add_argument("--eval-every", type=int, default=100, help="steps between validation bits-per-byte evaluations (0: only at the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
-                   help="prompts to sample from at the end of base training")
-    # eval and chat
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="eval/chat: which stage's checkpoint")
-    p.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
-    p.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
-    p.add_argument("--temperature", type=float, default=None, help="chat/rl: sampling temperature (0: greedy; default: chat 0.6, rl 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="chat/rl: longest reply in tokens (default: chat 256, rl 128)")
-    # rl
-    p.add_argument("--num-samples", type=int, default=8, help="rl: answers sampled per problem (the group size G; also the k of pass@k)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="rl: problems per optimizer step (split across ranks)")
-    # report
-    p.add_argument("--report-path", default="report.md", help="report: where to write the markdown report")
-    p.add_argument("--wall-seconds", type=int, default=None, help="report: the whole run's wall time, as measured by speedrun.sh")
+    g = p.add_argument_group("tokenizer (tok)")
+    g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (256 bytes + merges + special tokens)")
+    g.add_argument("--tok-chars", type=int, default=2_000_000, help="characters of training text")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=4, help="number of transformer blocks; the width follows from it")
+    g.add_argument("--aspect-ratio", type=int, default=32, help="width = depth x aspect ratio, rounded up to whole heads (nanochat: 64)")
+    g.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head (nanochat: 128)")
+    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention (default: as many as query heads)")
+    g.add_argument("--max-seq-len", type=int, default=256, help="context length in tokens")
+    g.add_argument("--model-tag", default=None, help="checkpoint name (default: d<depth>)")
+    g = p.add_argument_group("training (base, mid, sft, rl)")
+    g.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
+    g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
+    g.add_argument("--num-iterations", type=int, default=-1,
+                   help="optimizer steps (-1: the stage's default: base 400, mid 150, sft 150, rl 60)")
+    g.add_argument("--target-param-data-ratio", type=float, default=None,
+                   help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
+    g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.1, rl 0.05)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for wte (scaled by (width/768)^-0.5)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head (scaled likewise)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warm-up")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps at the end with linear LR decay")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on for CUDA only)")
+    g.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
+    g.add_argument("--seed", type=int, default=1337, help="random seed")
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="steps between validation evaluations (bits per byte, loss, or rl's pass@k; 0: start and end only)")
+    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    g.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
+                   help="base: prompts to continue at the end of training")
+    g = p.add_argument_group("rl (simplified GRPO)")
+    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per problem: the group size G, and the k of pass@k")
+    g.add_argument("--prompts-per-step", type=int, default=8, help="problems per optimizer step (split across ranks)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat (0: greedy; default: rl 1.0, chat 0.6)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
+    g = p.add_argument_group("eval and chat")
+    g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
+    g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations (rl: pass@k problems)")
+    g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
+    g.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
+    g = p.add_argument_group("report")
+    g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
+    g.add_argument("--wall-seconds", type=int, default=None, help="the whole run's wall time, as measured by speedrun.sh")
     return p
 
 
