@@ -2374,6 +2374,27 @@ def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
     return (nll * advantages[:, None]).sum() / num_sampled_tokens
 
 
+def rl_problems(args, rng):
+    """(next_problem, held_out): a function drawing training problems {"question", "answer"}
+    with rng, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
+    if args.data == "tinyworld":
+        def next_problem():
+            while True:
+                problem = tinyworld_word_problem(rng)
+                if tinyworld_split(problem["key"]) == "train":
+                    return problem
+
+        return next_problem, tinyworld_eval_items("word_problem", "test", n=args.eval_items)
+    train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
+
+    def next_problem():
+        row = train[rng.randrange(len(train))]
+        return dict(question=row["question"], answer=extract_answer(row["answer"]))
+
+    held_out = test.select(range(min(args.eval_items, len(test))))
+    return next_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
+
+
 def stage_rl(args, ddp):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, "rl", tokenizer, source="sft")
@@ -2384,24 +2405,7 @@ def stage_rl(args, ddp):
     start_step = meta["step"] if optim_states is not None else 0
     ddp_model = wrap_ddp(model, ddp)
     num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 60, args.num_samples, args.prompts_per_step
-    if args.data == "tinyworld":
-        held_out = tinyworld_eval_items("word_problem", "test", n=args.eval_items)
-        train_rng = random.Random(args.seed + start_step)
-
-        def next_problem():
-            while True:
-                problem = tinyworld_word_problem(train_rng)
-                if tinyworld_split(problem["key"]) == "train":
-                    return problem
-    else:
-        gsm8k_train, gsm8k_test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
-        held_out = [dict(question=r["question"], answer=extract_answer(r["answer"])) for r in gsm8k_test.select(range(min(args.eval_items, len(gsm8k_test))))]
-        train_rng = random.Random(args.seed + start_step)
-
-        def next_problem():
-            row = gsm8k_train[train_rng.randrange(len(gsm8k_train))]
-            return dict(question=row["question"], answer=extract_answer(row["answer"]))
-
+    next_problem, held_out = rl_problems(args, random.Random(args.seed + start_step))
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
     history, curve = [], []
@@ -2444,15 +2448,15 @@ def stage_rl(args, ddp):
                 rows += group
             # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
             model.train()
-            counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets), len(rows),
+            counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets),
                                    (len(rows) + args.device_batch_size - 1) // args.device_batch_size,
                                    sum(rewards_all), len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
             if dist.is_initialized():
-                micro_steps = counts[2:3].clone()
+                micro_steps = counts[1:2].clone()
                 dist.all_reduce(counts)
                 dist.all_reduce(micro_steps, op=dist.ReduceOp.MAX)
-                counts[2] = micro_steps[0]
-            num_tokens, num_rows, micro_steps, reward_sum, num_samples, zero_groups = counts.tolist()
+                counts[1] = micro_steps[0]
+            num_tokens, micro_steps, reward_sum, num_samples, zero_groups = counts.tolist()
             chunks = [rows[j:j + args.device_batch_size] for j in range(0, len(rows), args.device_batch_size)]
             for j in range(int(micro_steps)):  # every rank runs the same number of micro-steps (DDP)
                 sync = j == int(micro_steps) - 1 or not ddp.is_ddp
