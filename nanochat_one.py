@@ -535,6 +535,100 @@ def legs_sentence(animal, legs):
     return f"{cap(a_an(animal))} has {ONES[legs] if legs else 'no'} legs."
 
 
+def tinyworld_split(key):
+    """Stable split by a hash of the key: about 80% train, 10% val, 10% test."""
+    bucket = zlib.crc32(key.encode("utf-8")) % 10
+    return "train" if bucket < 8 else "val" if bucket == 8 else "test"
+
+
+# -----------------------------------------------------------------------------------------------
+# Fact questions. _fact returns the item and the answers of the same type, which multiple choice
+# uses as distractors. The key names the fact asked about (kind and subject), never the wording,
+# so a split by key keeps every phrasing of one question in the same split.
+
+ALL_CAPITALS = [k for _, k, _ in COUNTRIES]
+ALL_COUNTRIES = [c for c, _, _ in COUNTRIES]
+ALL_SOUNDS = sorted({a[2] for a in ANIMALS})
+ALL_YOUNG = sorted({a[6] for a in ANIMALS})
+ALL_WORDS_WITH_OPPOSITES = sorted(OPPOSITE_OF)
+LEG_WORDS = ["zero", "two", "four", "six", "eight"]
+FACT_KINDS = ["capital", "continent", "country", "sound", "legs", "young", "colour", "opposite", "day_after",
+              "day_before", "month_after", "add", "sub"]
+
+
+def _fact(rng, kind):
+    def item(key, templates, subject, answer, reply, pool):
+        return {"key": key, "question": rng.choice(templates).format(subject), "answer": answer, "reply": reply}, pool
+
+    if kind in ("capital", "continent", "country"):
+        c, k, m = rng.choice(COUNTRIES)
+        if kind == "capital":
+            return item(f"capital:{c}", ["What is the capital of {}?", "Which city is the capital of {}?",
+                                         "Name the capital of {}.", "What city is the capital of {}?"],
+                        c, k, f"The capital of {c} is {k}.", ALL_CAPITALS)
+        if kind == "continent":
+            return item(f"continent:{c}", ["On which continent is {}?", "Which continent is {} in?",
+                                           "{} is on which continent?"], c, m, f"{c} is in {m}.", CONTINENTS)
+        return item(f"country:{k}", ["{} is the capital of which country?", "Which country has {} as its capital?",
+                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.",
+                    ALL_COUNTRIES)
+    if kind in ("sound", "legs", "young"):
+        name, _, sound, legs, _, _, young = rng.choice(ANIMALS)
+        if kind == "sound":
+            return item(f"sound:{name}", ["What sound does {} make?", "What noise does {} make?", "How does {} sound?"],
+                        a_an(name), sound, f"{cap(a_an(name))} {sound}.", ALL_SOUNDS)
+        if kind == "legs":
+            return item(f"legs:{name}", ["How many legs does {} have?", "How many legs has {}?"], a_an(name),
+                        ONES[legs], legs_sentence(name, legs), LEG_WORDS)
+        return item(f"young:{name}", ["What is a young {} called?", "What do we call a baby {}?"], name, young,
+                    f"A young {name} is called {a_an(young)}.", ALL_YOUNG)
+    if kind == "colour":
+        thing, colour = rng.choice(COLOURS_OF_THINGS)
+        return item(f"colour:{thing}", ["What colour is {}?", "What is the colour of {}?", "Which colour is {}?"],
+                    thing, colour, f"{cap(thing)} is {colour}.", COLOURS)
+    if kind == "opposite":
+        word = rng.choice(ALL_WORDS_WITH_OPPOSITES)
+        return item(f"opposite:{word}", ["What is the opposite of {}?", "What is the opposite of the word \"{}\"?",
+                                         "Tell me the opposite of {}."], word, OPPOSITE_OF[word],
+                    f"The opposite of {word} is {OPPOSITE_OF[word]}.", ALL_WORDS_WITH_OPPOSITES)
+    if kind == "day_after":
+        i = rng.randrange(7)
+        return item(f"day_after:{DAYS[i]}", ["What day comes after {}?", "Which day is after {}?"], DAYS[i],
+                    DAYS[(i + 1) % 7], f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}.", DAYS)
+    if kind == "day_before":
+        i = rng.randrange(7)
+        return item(f"day_before:{DAYS[i]}", ["What day comes before {}?", "Which day is before {}?"], DAYS[i],
+                    DAYS[i - 1], f"The day before {DAYS[i]} is {DAYS[i - 1]}.", DAYS)
+    if kind == "month_after":
+        i = rng.randrange(12)
+        return item(f"month_after:{MONTHS[i]}", ["What month comes after {}?", "Which month is after {}?"], MONTHS[i],
+                    MONTHS[(i + 1) % 12], f"After {MONTHS[i]} comes {MONTHS[(i + 1) % 12]}.", MONTHS)
+    # "add" / "sub": small numbers, answered in digits; differences never go below zero
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if kind == "sub":
+        a, b = max(a, b), min(a, b)
+    op, word, r = ("+", "plus", a + b) if kind == "add" else ("-", "minus", a - b)
+    templates = [f"What is {a} {word} {b}?", f"How much is {a} {op} {b}?", f"What is {a} {op} {b}?",
+                 f"Can you work out {a} {word} {b}?"]  # already filled in, so the subject is None
+    return item(f"{kind}:{a}{op}{b}", templates, None, str(r), f"{a} {word} {b} is {r}.",
+                [str(r + d) for d in range(-6, 7) if r + d >= 0])
+
+
+def tinyworld_fact_question(rng):
+    return _fact(rng, rng.choice(FACT_KINDS))[0]
+
+
+def tinyworld_multiple_choice(rng):
+    """MMLU-style item: the answer plus 3 distinct wrong answers of the same type, shuffled."""
+    fact, pool = _fact(rng, rng.choice(FACT_KINDS))
+    answer, question_words = fact["answer"], set(fact["question"].rstrip("?.").split())
+    # skip options that appear in the question or inside the answer ("black" for "black and white")
+    wrong = [p for p in pool if p not in answer and p not in question_words]
+    choices = rng.sample(wrong, 3) + [answer]
+    rng.shuffle(choices)
+    return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer)}
+
+
 # -----------------------------------------------------------------------------------------------
 # Pretraining documents. Each function writes one short paragraph; stories reuse the same facts.
 
@@ -727,9 +821,27 @@ def story_cooking(rng):
             f"with {friend}. \"This {dish} is delicious!\" said {friend}.")
 
 
+def train_item(make, rng):
+    """An item from make(rng) whose key is in the train split: documents quote questions, and
+    those asked in the held-out splits must never appear in training text."""
+    while True:
+        item = make(rng)
+        if tinyworld_split(item["key"]) == "train":
+            return item
+
+
+def para_quiz(rng):
+    """A quiz in the multiple-choice layout of the chat stages, so that pretraining already
+    links a lettered choice to its answer."""
+    item = train_item(tinyworld_multiple_choice, rng)
+    options = "\n".join(f"{'ABCD'[i]}. {choice}" for i, choice in enumerate(item["choices"]))
+    letter = "ABCD"[item["answer"]]
+    return f"Quiz question: {item['question']}\n{options}\nAnswer: {letter}. {item['choices'][item['answer']]}"
+
+
 def story_school(rng):
     name, _, p = two_names(rng)
-    fact = tinyworld_fact_question(rng)
+    fact = train_item(tinyworld_fact_question, rng)
     return (f"{name} goes to school from Monday to Friday. Today the teacher asked the class, \"{fact['question']}\" "
             f"{name} put up {POSSESSIVE[p]} hand and said, \"{fact['reply']}\" \"Well done, {name}!\" said the "
             f"teacher, and {name} felt {rng.choice(FEELINGS)}.")
@@ -801,98 +913,15 @@ STORIES = [story_outing, story_market, story_trip, story_dialogue, story_lost, s
 
 
 def tinyworld_document(rng):
-    """One pretraining document: 1-6 paragraphs separated by blank lines, a bit under half of them stories."""
+    """One pretraining document: 1-6 paragraphs separated by blank lines: about 45% stories,
+    15% quizzes, the rest encyclopedic paragraphs."""
     count = rng.choice((1, 2, 3, 3, 4, 4, 5, 6))  # favour 3-4 so most documents are 300-1500 characters
-    return "\n\n".join((rng.choice(STORIES) if rng.random() < 0.45 else rng.choice(PARAGRAPHS))(rng)
-                       for _ in range(count))
 
+    def paragraph():
+        kind = rng.random()
+        return (rng.choice(STORIES) if kind < 0.45 else para_quiz if kind < 0.6 else rng.choice(PARAGRAPHS))(rng)
 
-# -----------------------------------------------------------------------------------------------
-# Fact questions. _fact returns the item and the answers of the same type, which multiple choice
-# uses as distractors. The key names the fact asked about (kind and subject), never the wording,
-# so a split by key keeps every phrasing of one question in the same split.
-
-ALL_CAPITALS = [k for _, k, _ in COUNTRIES]
-ALL_COUNTRIES = [c for c, _, _ in COUNTRIES]
-ALL_SOUNDS = sorted({a[2] for a in ANIMALS})
-ALL_YOUNG = sorted({a[6] for a in ANIMALS})
-ALL_WORDS_WITH_OPPOSITES = sorted(OPPOSITE_OF)
-LEG_WORDS = ["zero", "two", "four", "six", "eight"]
-FACT_KINDS = ["capital", "continent", "country", "sound", "legs", "young", "colour", "opposite", "day_after",
-              "day_before", "month_after", "add", "sub"]
-
-
-def _fact(rng, kind):
-    def item(key, templates, subject, answer, reply, pool):
-        return {"key": key, "question": rng.choice(templates).format(subject), "answer": answer, "reply": reply}, pool
-
-    if kind in ("capital", "continent", "country"):
-        c, k, m = rng.choice(COUNTRIES)
-        if kind == "capital":
-            return item(f"capital:{c}", ["What is the capital of {}?", "Which city is the capital of {}?",
-                                         "Name the capital of {}.", "What city is the capital of {}?"],
-                        c, k, f"The capital of {c} is {k}.", ALL_CAPITALS)
-        if kind == "continent":
-            return item(f"continent:{c}", ["On which continent is {}?", "Which continent is {} in?",
-                                           "{} is on which continent?"], c, m, f"{c} is in {m}.", CONTINENTS)
-        return item(f"country:{k}", ["{} is the capital of which country?", "Which country has {} as its capital?",
-                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.",
-                    ALL_COUNTRIES)
-    if kind in ("sound", "legs", "young"):
-        name, _, sound, legs, _, _, young = rng.choice(ANIMALS)
-        if kind == "sound":
-            return item(f"sound:{name}", ["What sound does {} make?", "What noise does {} make?", "How does {} sound?"],
-                        a_an(name), sound, f"{cap(a_an(name))} {sound}.", ALL_SOUNDS)
-        if kind == "legs":
-            return item(f"legs:{name}", ["How many legs does {} have?", "How many legs has {}?"], a_an(name),
-                        ONES[legs], legs_sentence(name, legs), LEG_WORDS)
-        return item(f"young:{name}", ["What is a young {} called?", "What do we call a baby {}?"], name, young,
-                    f"A young {name} is called {a_an(young)}.", ALL_YOUNG)
-    if kind == "colour":
-        thing, colour = rng.choice(COLOURS_OF_THINGS)
-        return item(f"colour:{thing}", ["What colour is {}?", "What is the colour of {}?", "Which colour is {}?"],
-                    thing, colour, f"{cap(thing)} is {colour}.", COLOURS)
-    if kind == "opposite":
-        word = rng.choice(ALL_WORDS_WITH_OPPOSITES)
-        return item(f"opposite:{word}", ["What is the opposite of {}?", "What is the opposite of the word \"{}\"?",
-                                         "Tell me the opposite of {}."], word, OPPOSITE_OF[word],
-                    f"The opposite of {word} is {OPPOSITE_OF[word]}.", ALL_WORDS_WITH_OPPOSITES)
-    if kind == "day_after":
-        i = rng.randrange(7)
-        return item(f"day_after:{DAYS[i]}", ["What day comes after {}?", "Which day is after {}?"], DAYS[i],
-                    DAYS[(i + 1) % 7], f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}.", DAYS)
-    if kind == "day_before":
-        i = rng.randrange(7)
-        return item(f"day_before:{DAYS[i]}", ["What day comes before {}?", "Which day is before {}?"], DAYS[i],
-                    DAYS[i - 1], f"The day before {DAYS[i]} is {DAYS[i - 1]}.", DAYS)
-    if kind == "month_after":
-        i = rng.randrange(12)
-        return item(f"month_after:{MONTHS[i]}", ["What month comes after {}?", "Which month is after {}?"], MONTHS[i],
-                    MONTHS[(i + 1) % 12], f"After {MONTHS[i]} comes {MONTHS[(i + 1) % 12]}.", MONTHS)
-    # "add" / "sub": small numbers, answered in digits; differences never go below zero
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    if kind == "sub":
-        a, b = max(a, b), min(a, b)
-    op, word, r = ("+", "plus", a + b) if kind == "add" else ("-", "minus", a - b)
-    templates = [f"What is {a} {word} {b}?", f"How much is {a} {op} {b}?", f"What is {a} {op} {b}?",
-                 f"Can you work out {a} {word} {b}?"]  # already filled in, so the subject is None
-    return item(f"{kind}:{a}{op}{b}", templates, None, str(r), f"{a} {word} {b} is {r}.",
-                [str(r + d) for d in range(-6, 7) if r + d >= 0])
-
-
-def tinyworld_fact_question(rng):
-    return _fact(rng, rng.choice(FACT_KINDS))[0]
-
-
-def tinyworld_multiple_choice(rng):
-    """MMLU-style item: the answer plus 3 distinct wrong answers of the same type, shuffled."""
-    fact, pool = _fact(rng, rng.choice(FACT_KINDS))
-    answer, question_words = fact["answer"], set(fact["question"].rstrip("?.").split())
-    # skip options that appear in the question or inside the answer ("black" for "black and white")
-    wrong = [p for p in pool if p not in answer and p not in question_words]
-    choices = rng.sample(wrong, 3) + [answer]
-    rng.shuffle(choices)
-    return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer)}
+    return "\n\n".join(paragraph() for _ in range(count))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1042,12 +1071,6 @@ def tinyworld_word_problem(rng):
     answer = steps[-1][1]
     return {"key": f"wp:{template.__name__[3:]}:{','.join(map(str, numbers))}", "question": question,
             "steps": steps, "answer_text": f"{text}\n#### {answer}", "answer": answer}
-
-
-def tinyworld_split(key):
-    """Stable split by a hash of the key: about 80% train, 10% val, 10% test."""
-    bucket = zlib.crc32(key.encode("utf-8")) % 10
-    return "train" if bucket < 8 else "val" if bucket == 8 else "test"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2181,7 +2204,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 stage=stage, step=step, num_steps=num_steps, data_position=position, model_config=dataclasses.asdict(config),
                 tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=metrics))
 
-    metrics, history, smooth_loss, t_train, tokens_timed = {}, [], None, 0.0, 0
+    metrics, history, train_curve, smooth_loss, t_train, tokens_timed = {}, [], [], None, 0.0, 0
     step = start_step
     model.train()
     try:
@@ -2213,6 +2236,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 t_train += dt  # the first step includes warm-up and compilation
                 tokens_timed += step_tokens
             smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
+            train_curve.append((step, train_loss))
             tok_per_s = step_tokens / dt
             mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * ddp.world_size):.1f}%" if peak else ""
             timed_steps = step - start_step - 1
@@ -2229,7 +2253,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps, tokens=num_steps * args.total_batch_size,
                 tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE,
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
-                metrics=metrics, history=history)
+                metrics=metrics, history=history, train_loss=train_curve)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2292,9 +2316,11 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     num_steps = args.num_iterations if args.num_iterations > 0 else default_steps
     lr_scale = args.lr_scale if args.lr_scale is not None else default_lr_scale
     summary = train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta, lr_scale)
-    summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {}
-    print0(f"{stage} held-out accuracy (N={args.eval_items} each): "
-           + ", ".join(f"{k} {v:.1%}" for k, v in summary["chat_eval"].items()))
+    summary["chat_eval"] = {}
+    if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
+        summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+        print0(f"{stage} held-out accuracy (N={args.eval_items} each): "
+               + ", ".join(f"{k} {v:.1%}" for k, v in summary["chat_eval"].items()))
     if ddp.is_master:
         write_report(stage, summary)
     return summary
