@@ -15,6 +15,7 @@ One command per stage; each finds its input checkpoint by convention (base -> mi
     python nanochat_one.py --stage sft             # supervised fine-tuning on assistant turns
     python nanochat_one.py --stage rl              # simplified GRPO on word problems
     python nanochat_one.py --stage eval --source sft
+    python nanochat_one.py --stage eval --source base --core-bundle eval_bundle   # CORE (DCLM tasks)
     python nanochat_one.py --stage chat -p "What is the capital of France?"
     python nanochat_one.py --stage report          # gather everything into report.md
 
