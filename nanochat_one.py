@@ -2064,7 +2064,7 @@ def load_core_bundle(directory, max_per_task=-1):
     try:
         config = yaml.safe_load((directory / "core.yaml").read_text(encoding="utf-8"))
         with open(directory / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
-            baselines = {row["Eval Task"]: float(row["Random baseline"]) / 100 for row in csv.DictReader(f)}
+            baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}  # percent, as text
         tasks = []
         for spec in config["icl_tasks"]:
             shots = spec.get("num_fewshot", 0)
@@ -2074,7 +2074,7 @@ def load_core_bundle(directory, max_per_task=-1):
             tasks.append(dict(label=spec["label"], type=spec["icl_task_type"],
                               num_fewshot=shots[0] if isinstance(shots, list) else shots,
                               delimiter=spec.get("continuation_delimiter", " "),
-                              random_baseline=baselines[spec["label"]],
+                              random_baseline=float(baselines[spec["label"]]) / 100,
                               items=items[:max_per_task] if max_per_task > 0 else items))
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"the CORE bundle in {directory} is incomplete or malformed ({type(e).__name__}: {e}); "
