@@ -15,6 +15,7 @@ One command per stage; each finds its input checkpoint by convention (base -> mi
     python nanochat_one.py --stage sft             # supervised fine-tuning on assistant turns
     python nanochat_one.py --stage rl              # simplified GRPO on word problems
     python nanochat_one.py --stage eval --source sft
+    python nanochat_one.py --stage eval --source base --core-bundle eval_bundle   # CORE (DCLM tasks)
     python nanochat_one.py --stage chat -p "What is the capital of France?"
     python nanochat_one.py --stage report          # gather everything into report.md
 
@@ -1960,6 +1961,408 @@ def evaluate_chat(model, tokenizer, ddp, n=200):
 
 
 # -----------------------------------------------------------------------------------------------
+# Evaluation: CORE (DCLM) for base models; real chat tasks and ChatCORE for chat models
+#
+# CORE is the score the DCLM paper gives a base model: in-context learning on 22 public tasks,
+# read from an "eval bundle" of jsonl files. Nothing is sampled; every item is decided by the
+# model's per-token loss on candidate texts, in one of three ways:
+# - multiple_choice: one question, several answers; the model picks the answer whose tokens
+#   have the lowest mean loss after the question.
+# - schema: several contexts, one shared continuation; the model picks the context after which
+#   the continuation has the lowest mean loss.
+# - language_modeling: one context and its continuation; right only if greedy prediction
+#   reproduces every token of the continuation.
+# A task's accuracy is centered on its random baseline, (acc - baseline) / (1 - baseline), so
+# chance scores 0 and perfection 1 on every task alike; CORE is the mean over the tasks.
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def core_texts(item, task_type, delimiter, fewshot=()):
+    """The texts one CORE item is scored on, after its few-shot examples (each solved and
+    followed by a blank line). With delimiter " " and no shots:
+        multiple_choice   {"query": "Sky is", "choices": ["blue", "red"], "gold": 0} -> ["Sky is blue", "Sky is red"]
+        schema            {"context_options": ["A cat", "A fish"], "continuation": "purrs", "gold": 0}
+                          -> ["A cat purrs", "A fish purrs"]
+        language_modeling {"context": "One, two,", "continuation": "three"} -> ["One, two,", "One, two, three"]
+    (the first text of language_modeling marks where the continuation starts; it is stripped,
+    since a trailing space would belong to the continuation's first token)."""
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+    if task_type == "language_modeling":
+        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        prompt = f"{shots}{item['context'].strip()}{delimiter}"
+        return [prompt.strip(), prompt + item["continuation"]]
+    raise UserError(f"unknown CORE task type {task_type!r} (expected multiple_choice, schema or language_modeling)")
+
+
+def common_prefix_length(sequences):
+    """[[1, 2, 3], [1, 2, 4, 5]] -> 2"""
+    n = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        n += 1
+    return n
+
+
+def core_spans(tokenizer, texts, task_type):
+    """Token rows (BOS first) to forward, and in each the [start, end) span whose loss decides.
+    The texts are tokenized whole, as the model reads them; the span is what differs between the
+    rows: the answers after the common prefix (multiple_choice), the shared continuation, i.e. the
+    common suffix (schema), or what the second text adds to the first (language_modeling, whose
+    first row is only that marker and is not forwarded). Every span keeps at least one token."""
+    bos = tokenizer.special_tokens["<|bos|>"]
+    rows = [[bos] + tokenizer.encode_ordinary(text) for text in texts]
+    if task_type == "schema":
+        n = min(common_prefix_length([row[::-1] for row in rows]), min(len(row) for row in rows) - 1)
+        return rows, [(len(row) - n, len(row)) for row in rows]
+    start = common_prefix_length(rows)
+    if task_type == "language_modeling":
+        rows = rows[1:]
+    start = min(start, min(len(row) for row in rows) - 1)
+    return rows, [(start, len(row)) for row in rows]
+
+
+def core_fewshot(data, index, num_fewshot):
+    """num_fewshot examples for item `index`, drawn with a fixed seed per item, never the item itself."""
+    others = [i for i in range(len(data)) if i != index]
+    rng = random.Random(1234 + index)
+    return [data[i] for i in rng.sample(others, min(num_fewshot, len(others)))]
+
+
+@torch.no_grad()
+def score_core_item(model, tokenizer, task, data, index, device):
+    """True when the model gets CORE item data[index] right (see the section comment)."""
+    item = data[index]
+    texts = core_texts(item, task["type"], task["delimiter"], core_fewshot(data, index, task["num_fewshot"]))
+    rows, spans = core_spans(tokenizer, texts, task["type"])
+    # longer than the model's context: drop tokens from the left (the oldest few-shot text first)
+    T = model.config.sequence_len
+    crops = [max(0, len(row) - T) for row in rows]
+    rows = [row[crop:] for row, crop in zip(rows, crops)]
+    spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
+    # all the candidates of one item in one forward, padded on the right with BOS (never scored)
+    ids = torch.full((len(rows), max(len(row) for row in rows)), tokenizer.special_tokens["<|bos|>"],
+                     dtype=torch.long, device=device)  # (N, L)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, device=device)
+    logits = model(ids)  # (N, L, vocab); position t predicts token t+1
+    if task["type"] == "language_modeling":
+        (start, end), = spans
+        return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), ids[0, start:end])
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
+    mean_losses = torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
+    return mean_losses.argmin().item() == item["gold"]
+
+
+def evaluate_core_task(model, tokenizer, task, data, ddp):
+    """(correct, total) on one CORE task, summed over ranks: each rank scores every
+    world_size-th item, with the whole task at hand for drawing few-shot examples."""
+    mine = shard(list(range(len(data))), ddp)
+    correct = sum(score_core_item(model, tokenizer, task, data, index, ddp.device) for index in mine)
+    return all_reduce_counts(correct, len(mine), ddp.device)
+
+
+def centered_accuracy(accuracy, baseline):
+    """0 at chance, 1 when perfect: centered_accuracy(0.625, 0.25) -> 0.5"""
+    return (accuracy - baseline) / (1 - baseline)
+
+
+def load_core_bundle(directory, max_per_task=-1):
+    """The tasks of a DCLM eval bundle, as dicts (label, type, num_fewshot, delimiter,
+    random_baseline as a fraction, items). The bundle's layout:
+        core.yaml              icl_tasks: [{label, dataset_uri, num_fewshot: [n], icl_task_type,
+                               continuation_delimiter (default " ")}, ...]
+        eval_meta_data.csv     one row per task: "Eval Task", "Random baseline" (in percent), ...
+        eval_data/<dataset_uri> one item per line (fields by type: see core_texts)
+    Items are shuffled with a fixed seed, since some files are sorted, then cut to max_per_task."""
+    import csv
+    import yaml  # PyYAML comes with `datasets`
+    directory = Path(directory)
+    try:
+        config = yaml.safe_load((directory / "core.yaml").read_text(encoding="utf-8"))
+        with open(directory / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}  # percent, as text
+        tasks = []
+        for spec in config["icl_tasks"]:
+            shots = spec.get("num_fewshot", 0)
+            lines = (directory / "eval_data" / spec["dataset_uri"]).read_text(encoding="utf-8").splitlines()
+            items = [json.loads(line) for line in lines if line.strip()]
+            random.Random(1337).shuffle(items)
+            tasks.append(dict(label=spec["label"], type=spec["icl_task_type"],
+                              num_fewshot=shots[0] if isinstance(shots, list) else shots,
+                              delimiter=spec.get("continuation_delimiter", " "),
+                              random_baseline=float(baselines[spec["label"]]) / 100,
+                              items=items[:max_per_task] if max_per_task > 0 else items))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"the CORE bundle in {directory} is incomplete or malformed ({type(e).__name__}: {e}); "
+                        f"expected core.yaml, eval_meta_data.csv and eval_data/ as in {EVAL_BUNDLE_URL}") from None
+    return tasks
+
+
+def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
+    """CORE of a base model on the bundle in bundle_dir; prints one line per task."""
+    tasks = load_core_bundle(bundle_dir, max_per_task)
+    print0(f"CORE on {len(tasks)} tasks from {bundle_dir}:")
+    print0(f"  {'task':34s} {'type':17s} {'shots':>5s} {'items':>6s} {'accuracy':>9s} {'centered':>9s}")
+    table = {}
+    for task in tasks:
+        correct, total = evaluate_core_task(model, tokenizer, task, task["items"], ddp)
+        accuracy = correct / max(total, 1)
+        centered = centered_accuracy(accuracy, task["random_baseline"])
+        table[task["label"]] = dict(type=task["type"], shots=task["num_fewshot"], items=total,
+                                    accuracy=accuracy, centered=centered)
+        print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} {accuracy:9.4f} {centered:9.4f}")
+    core = sum(row["centered"] for row in table.values()) / max(len(table), 1)
+    print0(f"  {'CORE (mean centered accuracy)':34s} {'':17s} {'':5s} {'':6s} {'':9s} {core:9.4f}")
+    return dict(CORE=core, core_tasks=table)
+
+
+def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_s=1.0):
+    """Download the zipped bundle and unpack it as `directory`, retrying failed requests after
+    1, 2, 4, 8 s. The archive is written under a temporary name and unpacked into a temporary
+    folder that is renamed into place when complete, so an interrupted run leaves no half bundle.
+    The archive's sha256 is kept in <directory>/SOURCE for the record (there is no published one)."""
+    import hashlib
+    import shutil
+    import tempfile
+    import urllib.request
+    import zipfile
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    archive = directory.with_name(f".{directory.name}.zip.tmp{os.getpid()}")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            break
+        except OSError as e:
+            archive.unlink(missing_ok=True)
+            reason = getattr(e, "reason", None) or e
+            if attempt == attempts - 1:
+                raise UserError(f"could not download {url} after {attempts} attempts ({reason})") from None
+            print0(f"download of the eval bundle failed ({reason}); retrying in {first_wait_s * 2 ** attempt:.0f}s")
+            time.sleep(first_wait_s * 2 ** attempt)
+    try:
+        sha256 = hashlib.sha256()
+        with open(archive, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha256.update(block)
+        with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            found = next(Path(tmp).rglob("core.yaml"), None)
+            if found is None:
+                raise UserError(f"{url} holds no core.yaml: not an eval bundle")
+            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256.hexdigest()}\n")
+            os.replace(found.parent, directory)
+    except zipfile.BadZipFile:
+        raise UserError(f"{url} did not give a valid zip archive") from None
+    finally:
+        archive.unlink(missing_ok=True)
+    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256.hexdigest()})")
+
+
+def find_core_bundle(args, ddp):
+    """The CORE bundle folder: --core-bundle, else <base_dir>/eval_bundle, downloaded there with
+    --data hf. Returns None after saying, in one line, what is missing and how to supply it."""
+    if args.core_bundle:
+        if not (Path(args.core_bundle) / "core.yaml").exists():
+            raise UserError(f"--core-bundle {args.core_bundle} has no core.yaml: pass the folder that holds "
+                            "core.yaml, eval_meta_data.csv and eval_data/")
+        return Path(args.core_bundle)
+    directory = base_dir() / "eval_bundle"
+    if not (directory / "core.yaml").exists() and args.data == "hf":
+        if ddp.is_master:
+            try:
+                download_eval_bundle(directory)
+            except UserError as e:
+                print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
+        if ddp.is_ddp:
+            dist.barrier()
+        return directory if (directory / "core.yaml").exists() else None
+    if not (directory / "core.yaml").exists():
+        print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder with core.yaml, "
+               f"eval_meta_data.csv, eval_data/, unzipped from {EVAL_BUNDLE_URL}), or use --data hf to download it")
+        return None
+    return directory
+
+
+# The chat model's report card on real data (nanochat's choice of tasks): ARC-Easy,
+# ARC-Challenge and MMLU as multiple choice, read off the letter logits; GSM8K generated
+# greedily with the calculator tool; HumanEval, when asked for, generated and run in a sandbox.
+# ChatCORE is, like CORE, the mean centered accuracy, here over the tasks that ran.
+
+CHAT_EVAL_TASKS = {  # task -> (folder under --data-dir, hub path, hub config, chance accuracy)
+    "ARC-Easy": ("arc_easy", "allenai/ai2_arc", "ARC-Easy", 0.25),
+    "ARC-Challenge": ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", 0.25),
+    "MMLU": ("mmlu", "cais/mmlu", "all", 0.25),
+    "GSM8K": ("gsm8k", "openai/gsm8k", "main", 0.0),
+    "HumanEval": ("humaneval", "openai/openai_humaneval", None, 0.0),
+}
+
+
+def load_eval_dataset(task, data_dir):
+    """A task's test split: test*.parquet or test*.jsonl in <data-dir>/<folder>/, else the hub."""
+    import datasets  # heavy; only imported for real data
+    folder, path, config, _ = CHAT_EVAL_TASKS[task]
+    local = Path(data_dir or ".") / folder
+    files = sorted(local.glob("test*.parquet")) + sorted(local.glob("test*.jsonl")) if local.is_dir() else []
+    if files:
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset(path, config, split="test")
+    except Exception as e:
+        raise UserError(f"could not load {path} ({config or 'default'}, test) from the hub ({type(e).__name__}); "
+                        f"for offline use put test*.parquet or test*.jsonl files in {local}/") from None
+
+
+def chat_eval_item(task, row):
+    """One dataset row in the item format of the evaluators above. ARC names its answer by a
+    label ("B", or "2" in a few rows), MMLU by an index, GSM8K by the number after '####'."""
+    if task.startswith("ARC"):
+        labels = list(row["choices"]["label"])
+        return dict(question=row["question"], choices=row["choices"]["text"], answer=labels.index(row["answerKey"]))
+    if task == "MMLU":
+        return dict(question=row["question"], choices=row["choices"], answer=row["answer"])
+    if task == "GSM8K":
+        return dict(question=row["question"], answer=extract_answer(row["answer"]))
+    return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
+
+
+def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30):
+    """Run untrusted Python code; True when it exits with status 0 in time.
+
+    The code runs in a separate process (`python -I`, an empty environment) in a fresh temporary
+    directory, with limits on address space, CPU seconds, file size and core dumps, in a new
+    user and network namespace (Linux), where no network is reachable, not even localhost. The
+    limits and namespaces are set in the child before the interpreter starts; when they cannot be
+    set, the code is not run and this raises instead. A timeout kills the whole process group."""
+    import ctypes
+    import resource
+    import signal
+    import subprocess
+    import tempfile
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child should not load libraries
+    CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+
+    def confine():  # runs in the child between fork and exec
+        for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, math.ceil(timeout_s)),
+                             (resource.RLIMIT_FSIZE, 10 << 20), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(limit, (value, value))
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare: cannot enter a new network namespace")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "program.py").write_text(program)
+        with subprocess.Popen([sys.executable, "-I", "program.py"], cwd=tmp, env={}, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=confine,
+                              start_new_session=True) as process:
+            try:
+                return process.wait(timeout=timeout_s) == 0
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return False
+
+
+def sandbox_problem():
+    """None when run_sandboxed works on this machine, else the reason it does not."""
+    import subprocess
+    try:
+        return None if run_sandboxed("print('ok')") else "a trivial program failed inside it"
+    except (ImportError, OSError, AttributeError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def humaneval_program(item, reply):
+    """The program that checks one HumanEval answer: the prompt's imports, the model's code (the
+    first ``` block if it wrote one; appended to the prompt if it only wrote the function's
+    body), the task's tests, and check(<function>)."""
+    block = re.search(r"```(?:python)?\n(.*?)```", reply, re.DOTALL)
+    code = block.group(1) if block else reply
+    if f"def {item['entry_point']}" not in code:
+        code = item["prompt"] + code
+    imports = "\n".join(line for line in item["prompt"].splitlines() if line.startswith(("import ", "from ")))
+    return f"{imports}\n\n{code}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+
+
+def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox."""
+    engine, passed = Engine(model, tokenizer), 0
+    mine = shard(items, ddp)
+    for item in mine:
+        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
+        (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
+        passed += run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
+    passed, total = all_reduce_counts(passed, len(mine), ddp.device)
+    return passed / max(total, 1)
+
+
+def evaluate_real_chat(args, model, tokenizer, ddp):
+    """Accuracy on each real chat task that can run here, and ChatCORE over them; a task whose
+    data cannot be loaded is skipped with one line saying how to supply it."""
+    tasks = {}
+    for task, (_, _, _, chance) in CHAT_EVAL_TASKS.items():
+        if task == "HumanEval":
+            problem = sandbox_problem() if args.humaneval else None
+            if not args.humaneval or problem:
+                print0("HumanEval skipped: " + (f"no sandbox on this machine ({problem})" if problem else
+                       "it runs model-written code; pass --humaneval to run it in a sandboxed subprocess"))
+                continue
+        try:
+            rows = load_eval_dataset(task, args.data_dir)
+        except UserError as e:
+            print0(f"{task} skipped: {e}")
+            continue
+        if args.max_per_task > 0:
+            rows = rows.select(range(min(args.max_per_task, len(rows))))
+        items = [chat_eval_item(task, row) for row in rows]
+        if task == "GSM8K":
+            accuracy = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
+        elif task == "HumanEval":
+            accuracy = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
+        else:
+            accuracy = evaluate_multiple_choice(model, tokenizer, items, ddp)
+        tasks[task] = dict(items=len(items), accuracy=accuracy, centered=centered_accuracy(accuracy, chance))
+        print0(f"  {task:14s} N={len(items):<6d} accuracy {accuracy:7.2%}  centered {tasks[task]['centered']:.4f}")
+    if not tasks:
+        return {}
+    chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
+    print0(f"  ChatCORE (mean centered accuracy over {len(tasks)} tasks) {chatcore:.4f}")
+    return dict(chat_tasks=tasks, ChatCORE=chatcore)
+
+
+def real_eval_report_lines(reports):
+    """report.md sections for CORE (eval_base) and the real chat tasks with ChatCORE (eval_mid,
+    eval_sft, eval_rl), from the reports `--stage eval` writes."""
+    lines = []
+    core = reports.get("eval_base", {})
+    if "CORE" in core:
+        lines += ["", "## CORE of the base model (DCLM tasks, centered accuracy)", "",
+                  f"CORE = {core['CORE']:.4f}, the mean centered accuracy over {len(core['core_tasks'])} tasks.", "",
+                  "| task | type | shots | items | accuracy | centered |", "|---|---|---|---|---|---|"]
+        lines += [f"| {label} | {r['type']} | {r['shots']} | {r['items']} | {r['accuracy']:.4f} | {r['centered']:.4f} |"
+                  for label, r in core["core_tasks"].items()]
+    stages = [(stage, reports[f"eval_{stage}"]) for stage in ("mid", "sft", "rl")
+              if reports.get(f"eval_{stage}", {}).get("chat_tasks")]
+    if stages:
+        names = [task for task in CHAT_EVAL_TASKS if any(task in r["chat_tasks"] for _, r in stages)]
+        lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
+                  "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
+        for stage, r in stages:
+            cells = [f"{r['chat_tasks'][t]['accuracy']:.1%}" if t in r["chat_tasks"] else "-" for t in names]
+            lines.append(f"| {stage} | " + " | ".join(cells) + f" | {r['ChatCORE']:.4f} |")
+    return lines
+
+
+# -----------------------------------------------------------------------------------------------
 # Checkpoints: <base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json
 #
 # Each file is written to a temporary name and renamed into place; the metadata goes last and
@@ -2555,14 +2958,20 @@ def stage_eval(args, ddp):
         token_bytes = token_byte_lengths(tokenizer, ddp.device)
         batches = base_batches(args, tokenizer, "val", args.device_batch_size, args.max_seq_len, ddp, ddp.device)
         results["val_bpb"] = evaluate_bpb(model, batches, args.eval_batches, token_bytes)
+        bundle = find_core_bundle(args, ddp)
+        real = evaluate_core(model, tokenizer, bundle, ddp, args.max_per_task) if bundle else {}
+    elif args.data == "hf":
+        real = evaluate_real_chat(args, model, tokenizer, ddp)
+    else:
+        real = {}
     if args.data == "tinyworld":
         results |= evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
     print0(f"{args.source} checkpoint {tag} (step {meta['step']}), held-out N={args.eval_items} per task:")
     for name, value in results.items():
         print0(f"  {name:16s} {value:.4f}" if name == "val_bpb" else f"  {name:16s} {value:.1%}")
     if ddp.is_master:
-        write_report(f"eval_{args.source}", results)
-    return results
+        write_report(f"eval_{args.source}", results | real)
+    return results | real
 
 
 def stage_chat(args, ddp):
@@ -2656,6 +3065,7 @@ def stage_report(args, ddp):
                   "| after stage | multiple choice (chance 25%) | factual questions | word problems (with calculator) |",
                   "|---|---|---|---|"]
         lines += [f"| {name} | {r['multiple_choice']:.1%} | {r['fact']:.1%} | {r['word_problem']:.1%} |" for name, r in rows]
+    lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]
         first, last = r["history"][0], r["history"][-1]
@@ -2758,6 +3168,11 @@ def build_parser():
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
     g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations (rl: pass@k problems)")
+    g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
+                   "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
+    g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")
+    g.add_argument("--humaneval", action="store_true", help="eval --data hf: also run HumanEval, executing the model's code in a "
+                   "sandboxed subprocess (Linux: resource limits, no network, temporary directory)")
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
     g.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
     g = p.add_argument_group("report")

@@ -50,4 +50,7 @@ stage eval $RUN --stage eval --source base "${MODEL[@]}"
 stage mid  $RUN --stage mid "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
 stage sft  $RUN --stage sft "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
 stage rl   $RUN --stage rl "${MODEL[@]}" "${EXTRA[@]}"
+if [ "$TIER" != tiny ]; then  # real tasks (ARC, MMLU, GSM8K) and ChatCORE for report.md's chat table
+  for source in mid sft rl; do stage eval $RUN --stage eval --source $source "${MODEL[@]}"; done
+fi
 stage report $PY nanochat_one.py --stage report "${MODEL[@]}" --wall-seconds $(( $(date +%s) - START ))
