@@ -823,21 +823,12 @@ def story_cooking(rng):
 
 
 def train_item(make, rng):
-    """An item from make(rng) whose key is in the train split: documents quote questions, and
+    """An item from make(rng) whose key is in the train split: stories quote questions, and
     those asked in the held-out splits must never appear in training text."""
     while True:
         item = make(rng)
         if tinyworld_split(item["key"]) == "train":
             return item
-
-
-def para_quiz(rng):
-    """A quiz in the multiple-choice layout of the chat stages, so that pretraining already
-    links a lettered choice to its answer."""
-    item = train_item(tinyworld_multiple_choice, rng)
-    options = "\n".join(f"{'ABCD'[i]}. {choice}" for i, choice in enumerate(item["choices"]))
-    letter = "ABCD"[item["answer"]]
-    return f"Quiz question: {item['question']}\n{options}\nAnswer: {letter}. {item['choices'][item['answer']]}"
 
 
 def story_school(rng):
@@ -914,15 +905,10 @@ STORIES = [story_outing, story_market, story_trip, story_dialogue, story_lost, s
 
 
 def tinyworld_document(rng):
-    """One pretraining document: 1-6 paragraphs separated by blank lines: about 45% stories,
-    15% quizzes, the rest encyclopedic paragraphs."""
+    """One pretraining document: 1-6 paragraphs separated by blank lines, a bit under half of them stories."""
     count = rng.choice((1, 2, 3, 3, 4, 4, 5, 6))  # favour 3-4 so most documents are 300-1500 characters
-
-    def paragraph():
-        kind = rng.random()
-        return (rng.choice(STORIES) if kind < 0.45 else para_quiz if kind < 0.6 else rng.choice(PARAGRAPHS))(rng)
-
-    return "\n\n".join(paragraph() for _ in range(count))
+    return "\n\n".join((rng.choice(STORIES) if rng.random() < 0.45 else rng.choice(PARAGRAPHS))(rng)
+                       for _ in range(count))
 
 
 # -----------------------------------------------------------------------------------------------
