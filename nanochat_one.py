@@ -1698,6 +1698,7 @@ def calculator(expression, max_length=200, max_exponent=64, max_magnitude=10**60
     sizes. Nothing is ever executed, so names, calls, attributes and strings are refused."""
     import ast
     import operator
+    import warnings
     if len(expression) > max_length:
         return False, f"refused: expression longer than {max_length} characters"
     binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -1723,7 +1724,10 @@ def calculator(expression, max_length=200, max_exponent=64, max_magnitude=10**60
         return value
 
     try:
-        value = walk(ast.parse(expression.strip(), mode="eval"))
+        with warnings.catch_warnings():  # text like "3x" would make the parser warn on stderr
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expression.strip(), mode="eval")
+        value = walk(tree)
     except SyntaxError:
         return False, "refused: not an arithmetic expression"
     except (ValueError, ZeroDivisionError, OverflowError) as e:
@@ -2910,12 +2914,11 @@ def stage_rl(args, ddp):
 def plot_reward_curve(summary, path):
     """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+    fig = Figure(figsize=(6, 3.5), dpi=80)
+    ax = fig.add_subplot()
     ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
             alpha=0.5, label="train mean reward")
     steps = [h["step"] for h in summary["history"]]
@@ -2927,7 +2930,6 @@ def plot_reward_curve(summary, path):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------------
