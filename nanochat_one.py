@@ -1878,13 +1878,13 @@ def evaluate_loss(model, batches, num_batches):
 def extract_answer(text):
     """The number after the last '####', with thousands separators removed, or None:
     "... so 15 apples.\\n#### 1,015" -> "1015"."""
-    matches = re.findall(r"####\s*([-+]?[\d, ]*\.?\d+)", text)
+    matches = re.findall(r"(?<!#)####(?!#)\s*([-+]?[\d, ]*\.?\d+)", text)
     return matches[-1].replace(",", "").replace(" ", "") if matches else None
 
 
 def answer_is_correct(text, reference):
     """Grade a worked answer against the reference number: "18", "18.0" and "18.00" agree,
-    "1,000" equals 1000, and a missing '####' line scores as wrong."""
+    "1,000" equals 1000, and a missing '####' line (or a malformed one like '#####') scores as wrong."""
     got = extract_answer(text)
     if got is None:
         return False
@@ -3064,6 +3064,10 @@ def stage_report(args, ddp):
                   f"| | pass@1 | pass@{k} |", "|---|---|---|",
                   f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
                   f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
+        curve = r["reward_curve"]
+        blocks = [curve[i:i + 10] for i in range(0, len(curve), 10)]
+        lines += ["", "Mean training reward per 10 steps: " + ", ".join(
+            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in blocks) + "."]
         if (base_dir() / "report" / "rl.png").exists():
             lines += ["", f"Reward curve: {base_dir() / 'report' / 'rl.png'}"]
     final = next((stage for stage in ("rl", "sft") if stage in reports), None)
@@ -3076,7 +3080,7 @@ def stage_report(args, ddp):
         for question in ("What is the capital of Japan?", tinyworld_eval_items("word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
-            lines += [f"> **user:** {question}", ">", f"> **assistant:** `{tokenizer.decode(reply)}`", ""]
+            lines += [f"**user:** {question}", "", "**assistant:**", "", "```", tokenizer.decode(reply), "```", ""]
     lines += ["", "## Wall clock", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in reports.get("wall", {}).items()]
     if args.wall_seconds is not None:

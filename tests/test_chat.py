@@ -87,7 +87,7 @@ def test_calculator_parts_from_gsm8k():
 @pytest.mark.parametrize("text,reference,expected", [
     ("so 18\n#### 18", 18, True), ("#### 18.0", "18", True), ("#### 18.00", 18, True), ("#### 1,000", 1000, True),
     ("#### 1 000", "1000", True), ("#### -5", -5, True), ("#### 17", 18, False), ("the answer is 18", 18, False),
-    ("#### 3\n#### 4", 4, True), ("####", 1, False)])
+    ("#### 3\n#### 4", 4, True), ("####", 1, False), ("##### 18", 18, False)])
 def test_answer_checking(text, reference, expected):
     assert nc.answer_is_correct(text, reference) is expected
 
