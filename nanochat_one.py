@@ -2503,6 +2503,16 @@ def compile_setting(args):
     return DEVICE_TYPE == "cuda" if args.compile == "auto" else args.compile == "on"
 
 
+def load_trained(args, ddp, stage, tokenizer):
+    """The last checkpoint of `stage` for --model-tag / --depth, checked against the tokenizer:
+    (model, meta). Says which stage to run first when there is none."""
+    tag = args.model_tag or f"d{args.depth}"
+    model, _, meta = load_checkpoint(stage, tag, ddp.device, hint=f"run `python nanochat_one.py --stage {stage}` first "
+                                     f"(or pass the --model-tag / --depth it was trained with)")
+    check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
+    return model, meta
+
+
 def start_model(args, ddp, stage, tokenizer, source=None):
     """The model a stage trains, and where it starts:
     --resume: this stage's own last checkpoint, with optimizer state and data position;
@@ -2521,9 +2531,7 @@ def start_model(args, ddp, stage, tokenizer, source=None):
             model = GPT(config)
         model.init_weights()
         return model, None, None
-    model, _, meta = load_checkpoint(source, tag, ddp.device, hint=f"run `python nanochat_one.py --stage {source}` first "
-                                     f"(or pass the --model-tag / --depth it was trained with)")
-    check_tokenizer(meta, tokenizer, f"the {source} checkpoint")
+    model, _ = load_trained(args, ddp, source, tokenizer)
     return model, None, None
 
 
@@ -2938,8 +2946,7 @@ def plot_reward_curve(summary, path):
 def stage_eval(args, ddp):
     tokenizer = get_tokenizer()
     tag = args.model_tag or f"d{args.depth}"
-    model, _, meta = load_checkpoint(args.source, tag, ddp.device, hint=f"run `--stage {args.source}` first")
-    check_tokenizer(meta, tokenizer, f"the {args.source} checkpoint")
+    model, meta = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     results = {}
     if args.source == "base":
@@ -2968,8 +2975,7 @@ def stage_chat(args, ddp):
     import codecs
     tokenizer = get_tokenizer()
     tag = args.model_tag or f"d{args.depth}"
-    model, _, meta = load_checkpoint(args.source, tag, ddp.device, hint=f"run `--stage {args.source}` first")
-    check_tokenizer(meta, tokenizer, f"the {args.source} checkpoint")
+    model, _ = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     engine, special = Engine(model, tokenizer), tokenizer.special_tokens
     markers = {special["<|python_start|>"]: "[calculator: ", special["<|python_end|>"]: "",
@@ -3073,7 +3079,7 @@ def stage_report(args, ddp):
     final = next((stage for stage in ("rl", "sft") if stage in reports), None)
     if final is not None:
         tokenizer = get_tokenizer()
-        model, _, _ = load_checkpoint(final, args.model_tag or f"d{args.depth}", ddp.device)
+        model, _ = load_trained(args, ddp, final, tokenizer)
         model.eval()
         engine = Engine(model, tokenizer)
         lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
