@@ -2811,14 +2811,14 @@ def rl_problems(args, rng):
                 if tinyworld_split(problem["key"]) == "train":
                     return problem
 
-        return next_problem, tinyworld_eval_items("word_problem", "test", n=args.eval_items)
+        return next_problem, tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
     train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
 
     def next_problem():
         row = train[rng.randrange(len(train))]
         return dict(question=row["question"], answer=extract_answer(row["answer"]))
 
-    held_out = test.select(range(min(args.eval_items, len(test))))
+    held_out = test.select(range(min(args.pass_k_problems, len(test))))
     return next_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
 
 
@@ -3161,11 +3161,14 @@ def build_parser():
     g = p.add_argument_group("rl (simplified GRPO)")
     g.add_argument("--num-samples", type=int, default=8, help="answers sampled per problem: the group size G, and the k of pass@k")
     g.add_argument("--prompts-per-step", type=int, default=8, help="problems per optimizer step (split across ranks)")
+    g.add_argument("--pass-k-problems", type=int, default=400,
+                   help="held-out problems for pass@k before, during (--eval-every) and after RL; RL's gain is a few "
+                   "points, so it is measured on more problems than the chat evaluations")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat (0: greedy; default: rl 1.0, chat 0.6)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
-    g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations (rl: pass@k problems)")
+    g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
     g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
                    "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
     g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")
@@ -3185,7 +3188,8 @@ def finalize_args(args):
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
         args.max_new_tokens = 128 if args.stage == "rl" else 256
-    for name in ("vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_batches", "log_every"):
+    for name in ("vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
+                 "eval_items", "pass_k_problems"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
