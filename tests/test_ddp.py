@@ -1,9 +1,11 @@
 """Two CPU processes under torchrun (gloo) against one process with twice the accumulation.
 
 tests/ddp_worker.py trains the same tiny GPT on the same synthetic micro-batches both ways (see
-its docstring for why the two runs see the same data in every optimizer step). Averaging the
-gradients over 2 ranks x 2 micro-steps must give the weights of 1 process x 4 micro-steps, up
-to float rounding; DDP must all-reduce only on the last micro-step; only rank 0 may write."""
+its docstring for why the two runs see the same data in every optimizer step). At every step,
+the gradient averaged over 2 ranks x 2 micro-steps must be the gradient of 1 process x 4
+micro-steps up to the rounding of adding 4 terms in another order, and the step must move the
+weights where one process would, within the bound that the optimizers' formulas put on that
+gradient difference; DDP must all-reduce only on the last micro-step; only rank 0 may write."""
 import os
 import subprocess
 import sys
@@ -41,10 +43,14 @@ def test_two_ranks_match_one_process_with_double_accumulation(tmp_path):
     # every rank applied the same update to the same weights
     for name, w in rank0["state"].items():
         assert torch.equal(w, rank1["state"][name]), name
-    # ... and that update is the one-process update with twice the accumulation
+    # ... and that update is the one-process update with twice the accumulation: at each of the
+    # 4 steps, the all-reduced gradient and the weights after the step are within their bounds
+    # (a ratio of the largest difference to its bound, over all elements; see StepCheck)
     assert rank0["state"]["lm_head.weight"].abs().max() > 1e-3  # it trained (lm_head starts at zero)
-    for name, w in one["state"].items():
-        torch.testing.assert_close(rank0["state"][name], w, atol=1e-5, rtol=0, msg=name)
+    assert len(rank0["grad_ratios"]) == len(rank0["weight_ratios"]) == 4
+    assert max(rank0["grad_ratios"]) <= 1.0, rank0["grad_ratios"]
+    assert max(rank0["weight_ratios"]) <= 1.0, rank0["weight_ratios"]
+    assert rank0["weight_ratios"] == rank1["weight_ratios"]
     # validation loss is all-reduced: 2 ranks x 2 batches = 1 process x 4 batches
     assert rank0["summary"]["metrics"]["val_loss"] == pytest.approx(one["summary"]["metrics"]["val_loss"], abs=1e-5)
     assert rank0["summary"]["metrics"] == rank1["summary"]["metrics"]
