@@ -159,7 +159,10 @@ def get_tokenizer():
     path = tokenizer_path()
     if not path.exists():
         raise UserError(f"no tokenizer at {path}: run `python nanochat_one.py --stage tok` first")
-    return bpe.Tokenizer.load(path)
+    try:
+        return bpe.Tokenizer.load(path)
+    except ValueError as e:
+        raise UserError(f"{e}: run `python nanochat_one.py --stage tok` again") from None
 
 
 def tokenizer_id(tokenizer):
@@ -1090,7 +1093,14 @@ def parquet_documents(data_dir, split, start=0):
     position = 0
     while True:  # loop over the shards forever (epochs)
         for path in files:
-            pf = pq.ParquetFile(path)
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:
+                raise UserError(f"cannot read parquet shard {path} ({type(e).__name__}: truncated or not parquet); "
+                                "delete it (a download fetches it again) or replace it") from None
+            if "text" not in pf.schema_arrow.names:
+                raise UserError(f"parquet shard {path} has no 'text' column (it has: {', '.join(pf.schema_arrow.names)}); "
+                                "base data needs FineWeb-EDU style shards with the documents in 'text'")
             for group in range(pf.num_row_groups):
                 n = pf.metadata.row_group(group).num_rows
                 if position + n <= start:
@@ -1100,6 +1110,8 @@ def parquet_documents(data_dir, split, start=0):
                     if position >= start:
                         yield position, text
                     position += 1
+        if position == 0:
+            raise UserError(f"the {split} parquet shards in {data_dir} hold no documents")
         if split != "train":
             return
 
@@ -1261,9 +1273,12 @@ HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for te
 
 
 def load_chat_dataset(name, split, data_dir):
+    """Rows of one chat dataset: split "train" from train* files, any other split (val, test) from
+    test* files, in <data_dir>/<name>/; else from the hub."""
     import datasets  # heavy; only imported for real data
     local = Path(data_dir or ".") / name
-    files = sorted(local.glob(f"{split}*.parquet")) + sorted(local.glob(f"{split}*.jsonl")) if local.is_dir() else []
+    prefix = "train" if split == "train" else "test"
+    files = sorted(local.glob(f"{prefix}*.parquet")) + sorted(local.glob(f"{prefix}*.jsonl")) if local.is_dir() else []
     if files:
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
@@ -1272,7 +1287,10 @@ def load_chat_dataset(name, split, data_dir):
         return datasets.load_dataset(path, config, split=splits[split != "train"])
     except Exception as e:
         raise UserError(f"could not load {name} ({path}) from the hub ({type(e).__name__}); for offline use put "
-                        f"{split}*.parquet or {split}*.jsonl files in {local}/") from None
+                        f"{prefix}*.parquet or {prefix}*.jsonl files in {local}/") from None
+
+
+CHAT_DATASET_COLUMNS = dict(smoltalk=["messages"], mmlu=["question", "choices", "answer"], gsm8k=["question", "answer"])
 
 
 def hf_chat_examples(args, split, start=0):
@@ -1280,6 +1298,10 @@ def hf_chat_examples(args, split, start=0):
     sources = []
     for name in HUB_CHAT_DATASETS:
         rows = load_chat_dataset(name, split, args.data_dir)
+        missing = [c for c in CHAT_DATASET_COLUMNS[name] if c not in rows.column_names]
+        if missing:
+            raise UserError(f"the {name} {split} data has no column {', '.join(missing)} (it has: {', '.join(rows.column_names)}); "
+                            f"{name} rows need {', '.join(CHAT_DATASET_COLUMNS[name])}, as on the hub")
         if name == "smoltalk":
             convert = lambda row: dict(messages=row["messages"])
         elif name == "mmlu":
@@ -1615,7 +1637,11 @@ def pack_rows(docs, B, T, buffer_size=256):
             row = []
             while len(row) < T + 1:
                 while len(buffer) < buffer_size:
-                    position, doc = next(docs)
+                    try:
+                        position, doc = next(docs)
+                    except StopIteration:  # only a finite (validation) stream ends
+                        raise UserError("the validation documents ran out before an evaluation was complete: "
+                                        "lower --eval-batches or --device-batch-size, or use a larger validation shard") from None
                     buffer.append(doc)
                 space = T + 1 - len(row)
                 fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
@@ -2372,21 +2398,29 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(directory, step, model, optimizers, meta):
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
-    if optimizers is not None:
-        atomic_write(directory / f"optim_{step:06d}.pt", lambda p: torch.save([o.state_dict() for o in optimizers], p))
-    atomic_write(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
-    for old in directory.glob("*_*.*"):
-        if old.stem.rsplit("_", 1)[-1] != f"{step:06d}":
-            old.unlink(missing_ok=True)
-
-
 def last_checkpoint_step(directory):
     steps = [int(p.stem.split("_")[1]) for p in directory.glob("meta_*.json")]
     steps = [s for s in steps if (directory / f"model_{s:06d}.pt").exists()]
     return max(steps) if steps else None
+
+
+def save_checkpoint(directory, step, model, optimizers, meta):
+    """Write the checkpoint of `step`, then delete older ones. A write that fails (a full disk,
+    say) leaves the last complete checkpoint in place and says so."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
+        if optimizers is not None:
+            atomic_write(directory / f"optim_{step:06d}.pt", lambda p: torch.save([o.state_dict() for o in optimizers], p))
+        atomic_write(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        kept = last_checkpoint_step(directory) if directory.is_dir() else None
+        raise UserError(f"could not write the step {step} checkpoint in {directory} ({str(e).splitlines()[0]}); "
+                        + (f"the step {kept} checkpoint is kept: free some space and continue with --resume"
+                           if kept is not None else "no earlier checkpoint exists: free some space and run again")) from None
+    for old in directory.glob("*_*.*"):
+        if old.stem.rsplit("_", 1)[-1] != f"{step:06d}":
+            old.unlink(missing_ok=True)
 
 
 def torch_load(path, device):
@@ -2406,8 +2440,11 @@ def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
     try:
         meta = json.loads((directory / f"meta_{step:06d}.json").read_text())
         config = GPTConfig(**meta["model_config"])
+        if not all(type(v) is int and v > 0 for v in dataclasses.astuple(config)):
+            raise ValueError(f"model_config {meta['model_config']} is not positive whole numbers")
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint metadata {directory}/meta_{step:06d}.json is unreadable ({e})") from None
+        raise UserError(f"checkpoint metadata {directory}/meta_{step:06d}.json is unreadable ({type(e).__name__}: {e}); "
+                        "delete that checkpoint directory and run the stage again") from None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -2551,6 +2588,16 @@ def wrap_ddp(model, ddp):
     return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None)
 
 
+def grad_accum_steps(args, world_size):
+    """Micro-steps per optimizer step: --total-batch-size tokens are reached by accumulation."""
+    tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise UserError(f"--total-batch-size {args.total_batch_size} must be a multiple of device batch x "
+                        f"sequence length x processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
+                        f"= {tokens_per_micro_step}")
+    return args.total_batch_size // tokens_per_micro_step
+
+
 def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
           lr_scale=1.0):
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
@@ -2566,12 +2613,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
-    # batch arithmetic: total_batch_size tokens per optimizer step, reached by accumulation
-    tokens_per_micro_step = B * T * ddp.world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise UserError(f"--total-batch-size {args.total_batch_size} must be a multiple of device batch x "
-                        f"sequence length x processes = {B} x {T} x {ddp.world_size} = {tokens_per_micro_step}")
-    grad_accum = args.total_batch_size // tokens_per_micro_step
+    grad_accum = grad_accum_steps(args, ddp.world_size)
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
            f"({config.n_kv_head} kv), vocab {config.vocab_size}, {num_params:,} parameters, "
            f"{flops_per_token:.3g} FLOPs/token")
@@ -2611,8 +2653,8 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     try:
         while True:
             last = step == num_steps
-            if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                metrics = run_eval(step)
+            if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
+                metrics = run_eval(step)  # at the start too: a validation set too small fails before training
             if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
                 save(step, metrics)
             if last:
@@ -3182,16 +3224,64 @@ def build_parser():
     return p
 
 
+# what each numeric flag must be: name -> (test, the words of the error); None always passes
+FLAG_RULES = {
+    "num_shards": (lambda v: v >= 2, "at least 2 (one train shard and the validation shard)"),
+    "vocab_size": (lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)} "
+                   f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"),
+    "tok_chars": (lambda v: v >= 1000, "at least 1000"),
+    "depth": (lambda v: v >= 1, "at least 1"),
+    "aspect_ratio": (lambda v: v >= 1, "at least 1"),
+    "head_dim": (lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)"),
+    "n_kv_head": (lambda v: v >= 1, "at least 1"),
+    "max_seq_len": (lambda v: v >= 2, "at least 2"),
+    "device_batch_size": (lambda v: v >= 1, "at least 1"),
+    "total_batch_size": (lambda v: v >= 1, "at least 1"),
+    "num_iterations": (lambda v: v >= 1 or v == -1, "at least 1, or -1 for the stage's default"),
+    "target_param_data_ratio": (lambda v: v > 0, "positive"),
+    "lr_scale": (lambda v: v > 0, "positive"),
+    "matrix_lr": (lambda v: v > 0, "positive"),
+    "embedding_lr": (lambda v: v > 0, "positive"),
+    "unembedding_lr": (lambda v: v > 0, "positive"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "warmdown_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "final_lr_frac": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "eval_every": (lambda v: v >= 0, "0 or more"),
+    "eval_batches": (lambda v: v >= 1, "at least 1"),
+    "save_every": (lambda v: v >= 0, "0 or more"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "num_samples": (lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)"),
+    "prompts_per_step": (lambda v: v >= 1, "at least 1"),
+    "pass_k_problems": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v >= 0, "0 (greedy) or more"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "eval_items": (lambda v: v >= 1, "at least 1"),
+    "max_per_task": (lambda v: v >= 1 or v == -1, "at least 1, or -1 for all"),
+    "top_k": (lambda v: v >= 1, "at least 1"),
+}
+
+
 def finalize_args(args):
-    """Check the flags (raising UserError) and fill in the per-stage defaults."""
+    """Check the flags (raising UserError, before any work starts) and fill in the per-stage defaults."""
     if args.temperature is None:
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
         args.max_new_tokens = 128 if args.stage == "rl" else 256
-    for name in ("vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
-                 "eval_items", "pass_k_problems"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, (ok, must) in FLAG_RULES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {must}, got {value}")
+    if args.warmup_ratio + args.warmdown_ratio > 1:
+        raise UserError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} must be at most 1")
+    if args.stage in ("base", "mid", "sft"):  # the same check as train()'s, before any work starts
+        grad_accum_steps(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.resume and args.stage not in ("base", "mid", "sft", "rl"):
+        raise UserError(f"--resume continues a training stage (base, mid, sft, rl), not --stage {args.stage}")
+    if args.humaneval and (args.stage != "eval" or args.data != "hf"):
+        raise UserError("--humaneval runs with --stage eval --data hf")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder")
 
 
 def main(argv=None):
