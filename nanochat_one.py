@@ -178,7 +178,7 @@ def token_byte_lengths(tokenizer, device="cpu"):
     return torch.tensor(lengths, dtype=torch.int64, device=device)
 
 
-def render_conversation(tokenizer, conversation, max_tokens=None):
+def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only=True):
     """Turn a conversation into token ids and a loss mask (1 = the model learns to say this).
 
     conversation: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}.
@@ -191,7 +191,9 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
         <|python_end|> <|output_start|> 2 <|output_end|> 2 <|assistant_end|>
               1               0         0       0        1        1
     The model learns the assistant's words, its tool calls and when to stop; never the user's
-    words, nor the tool's output, which the engine forces in at inference time. Message text
+    words, nor the tool's output, which the engine forces in at inference time. With
+    assistant_only=False (mid-training) the mask is 1 on every token but the tool's output, so
+    the model also learns the user turns and the special tokens around them. Message text
     is encoded as ordinary text, so a user typing "<|assistant_start|>" cannot inject the token."""
     messages = list(conversation["messages"])
     if messages and messages[0]["role"] == "system":  # no system role: fold it into the first user turn
@@ -199,7 +201,8 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
             raise ValueError("a system message must be followed by a user message")
         messages = [dict(role="user", content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
     special = tokenizer.special_tokens
-    ids, mask = [special["<|bos|>"]], [0]
+    prompt_mask = 0 if assistant_only else 1  # for <|bos|>, the user's turns and <|assistant_start|>
+    ids, mask = [special["<|bos|>"]], [prompt_mask]
 
     def add(tokens, supervised):
         ids.extend(tokens)
@@ -214,9 +217,9 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
         if expected == "user":
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: user content must be a string")
-            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content) + [special["<|user_end|>"]], 0)
+            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content) + [special["<|user_end|>"]], prompt_mask)
             continue
-        add([special["<|assistant_start|>"]], 0)
+        add([special["<|assistant_start|>"]], prompt_mask)
         parts = [dict(type="text", text=content)] if isinstance(content, str) else content
         for part in parts:
             text = tokenizer.encode_ordinary(part["text"])
@@ -747,18 +750,12 @@ def base_batches(args, tokenizer, split, B, T, ddp, device, start=0):
 def mid_batches(args, tokenizer, split, B, T, ddp, device, start=0):
     """Mid-training batches: conversations packed like documents (BOS-aligned best fit), with
     the loss on every token except the calculator's outputs, which are never trained on."""
-    output_start, output_end = tokenizer.special_tokens["<|output_start|>"], tokenizer.special_tokens["<|output_end|>"]
 
     def docs():
         for position, conversation in chat_examples(args, split, start):
             if position % ddp.world_size == ddp.rank:
-                ids, _ = render_conversation(tokenizer, conversation)
-                inside_output, pairs = False, []  # (token, trained on?)
-                for token in ids:
-                    inside_output = inside_output or token == output_start
-                    pairs.append((token, not inside_output))
-                    inside_output = inside_output and token != output_end
-                yield position, pairs
+                ids, mask = render_conversation(tokenizer, conversation, assistant_only=False)
+                yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
 
     for rows, position in pack_rows(docs(), B, T):
         ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)  # (B, T+1)

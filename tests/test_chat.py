@@ -32,6 +32,10 @@ def test_render_worked_example(tok):
                 [(s["<|output_start|>"], 0)] + [(t, 0) for t in e("2")] + [(s["<|output_end|>"], 0)] +
                 [(t, 1) for t in e("2")] + [(s["<|assistant_end|>"], 1)])
     assert list(zip(ids, mask)) == expected
+    # mid-training's mask: every token but the tool's output
+    _, mid_mask = nc.render_conversation(tok, conversation, assistant_only=False)
+    start, end = ids.index(s["<|output_start|>"]), ids.index(s["<|output_end|>"])
+    assert mid_mask == [0 if start <= i <= end else 1 for i in range(len(ids))]
 
 
 def test_system_message_merges_and_roles_must_alternate(tok):
