@@ -1968,17 +1968,16 @@ def stage_rl(args, ddp):
             # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
             model.train()
             counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets),
-                                   (len(rows) + args.device_batch_size - 1) // args.device_batch_size,
                                    sum(rewards_all), len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
+            most_rows = torch.tensor(len(rows), device=ddp.device)
             if dist.is_initialized():
-                micro_steps = counts[1:2].clone()
-                dist.all_reduce(counts)
-                dist.all_reduce(micro_steps, op=dist.ReduceOp.MAX)
-                counts[1] = micro_steps[0]
-            num_tokens, micro_steps, reward_sum, num_samples, zero_groups = counts.tolist()
+                dist.all_reduce(counts)  # summed over ranks
+                dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)  # the busiest rank's rows
+            num_tokens, reward_sum, num_samples, zero_groups = counts.tolist()
+            micro_steps = (most_rows.item() + args.device_batch_size - 1) // args.device_batch_size
             chunks = [rows[j:j + args.device_batch_size] for j in range(0, len(rows), args.device_batch_size)]
-            for j in range(int(micro_steps)):  # every rank runs the same number of micro-steps (DDP)
-                sync = j == int(micro_steps) - 1 or not ddp.is_ddp
+            for j in range(micro_steps):  # every rank runs the same number of micro-steps (DDP)
+                sync = j == micro_steps - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     if j < len(chunks):
                         loss = grpo_loss(ddp_model, chunks[j], num_tokens, ddp.device, pad_id)
