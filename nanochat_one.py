@@ -1539,58 +1539,6 @@ def record_wall_time(stage, seconds):
     write_report("wall", times)
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of this GPU by name, or None (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
-
-# -----------------------------------------------------------------------------------------------
-# Stage tok: train the tokenizer
-
-def stage_tok(args, ddp):
-    prepare_base_data(args, ddp)
-    if ddp.is_master:
-        t0 = time.time()
-        texts, n_chars = [], 0
-        for _, text in document_stream(args, "train"):
-            texts.append(text)
-            n_chars += len(text)
-            if n_chars >= args.tok_chars:
-                break
-        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} characters "
-               f"of {args.data} text...")
-        tokenizer = bpe.Tokenizer.train(texts, args.vocab_size, special_tokens=SPECIAL_TOKENS)
-        train_seconds = time.time() - t0
-        if tokenizer.vocab_size < args.vocab_size:
-            print0(f"note: the text ran out of pairs to merge; the vocabulary has {tokenizer.vocab_size} tokens")
-        tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path())
-        val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
-        n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
-        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
-        example = "The capital of France is Paris."
-        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
-        print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
-               f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
-        print0(f"example: {pieces}")
-        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND, train_chars=n_chars,
-                                 train_seconds=round(train_seconds, 2), val_bytes_per_token=round(n_bytes / n_tokens, 3)))
-    if ddp.is_ddp:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------------------------
 # Training: the loop shared by base, mid and sft
 
@@ -1644,6 +1592,23 @@ def wrap_ddp(model, ddp):
     if not ddp.is_ddp:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None)
+
+
+GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of this GPU by name, or None (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
 
 
 def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
@@ -1750,6 +1715,41 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE,
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
                 metrics=metrics, history=history, train_loss=train_curve)
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage tok: train the tokenizer
+
+def stage_tok(args, ddp):
+    prepare_base_data(args, ddp)
+    if ddp.is_master:
+        t0 = time.time()
+        texts, n_chars = [], 0
+        for _, text in document_stream(args, "train"):
+            texts.append(text)
+            n_chars += len(text)
+            if n_chars >= args.tok_chars:
+                break
+        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} characters "
+               f"of {args.data} text...")
+        tokenizer = bpe.Tokenizer.train(texts, args.vocab_size, special_tokens=SPECIAL_TOKENS)
+        train_seconds = time.time() - t0
+        if tokenizer.vocab_size < args.vocab_size:
+            print0(f"note: the text ran out of pairs to merge; the vocabulary has {tokenizer.vocab_size} tokens")
+        tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tokenizer_path())
+        val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
+        n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
+        example = "The capital of France is Paris."
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
+        print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
+               f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
+        print0(f"example: {pieces}")
+        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND, train_chars=n_chars,
+                                 train_seconds=round(train_seconds, 2), val_bytes_per_token=round(n_bytes / n_tokens, 3)))
+    if ddp.is_ddp:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1914,6 +1914,27 @@ def rl_problems(args, rng):
     return next_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
 
 
+def plot_reward_curve(summary, path):
+    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
+    except ImportError:
+        return
+    fig = Figure(figsize=(6, 3.5), dpi=80)
+    ax = fig.add_subplot()
+    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
+            alpha=0.5, label="train mean reward")
+    steps = [h["step"] for h in summary["history"]]
+    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
+                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
+    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def stage_rl(args, ddp):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, "rl", tokenizer, source="sft")
@@ -2008,27 +2029,6 @@ def stage_rl(args, ddp):
         write_report("rl", summary)
         plot_reward_curve(summary, base_dir() / "report" / "rl.png")
     return summary
-
-
-def plot_reward_curve(summary, path):
-    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
-    except ImportError:
-        return
-    fig = Figure(figsize=(6, 3.5), dpi=80)
-    ax = fig.add_subplot()
-    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
-            alpha=0.5, label="train mean reward")
-    steps = [h["step"] for h in summary["history"]]
-    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
-                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
-    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
-    ax.set_xlabel("RL step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 # -----------------------------------------------------------------------------------------------
