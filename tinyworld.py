@@ -24,8 +24,9 @@ random.Random: a fixed seed always gives the same data. The facts are real; the 
 Splits by hash. Every item has a key that names what it is about, never its wording
 ("capital:France", "wp:share:3,4"; document i has the key "doc:i"), and tinyworld_split(key)
 puts it in train, val or test (about 80/10/10) by a CRC32 of the key. So every phrasing of a
-question lands in the same split, a question held out for testing is never asked in training,
-and stories that quote a question quote only training ones (train_item).
+question lands in the same split, and stories that quote a question quote only training ones
+(train_item). A conversation of two or three questions is split by their joined keys
+("capital:France|colour:snow"), so a held-out question can still be asked inside one of those.
 
 How to extend it:
 - a fact table: a list of tuples beside the others; to ask about it, a kind in FACT_KINDS with
@@ -929,8 +930,9 @@ CHAT_TASKS = {tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tiny
 
 def tinyworld_chat_examples(split, start=0):
     """Yield (position, conversation) forever: a weighted mixture of the chat tasks. Example i
-    comes from its own seed; it is kept only if its fact's key hashes into `split`, so a fact
-    asked in the test split was never asked in training (it may appear in pretraining text)."""
+    comes from its own seed; it is kept only if its key hashes into `split`, so a question of
+    the test split is never asked on its own in training (it may appear in pretraining text,
+    and inside a training conversation of several questions, whose key joins their keys)."""
     makers, weights = list(CHAT_TASKS), list(CHAT_TASKS.values())
     i = start
     while True:
