@@ -3,9 +3,9 @@ nanochat-one: a ChatGPT-style model built end to end in one readable file.
 
     BPE tokenizer -> base pretraining -> mid-training -> SFT -> RL (GRPO) -> evaluation -> chat
 
-Everything runs offline on a laptop CPU with the embedded TinyWorld data (a small, consistent
-synthetic world: countries and capitals, animals, colours, arithmetic, stories, word problems),
-and the same code scales to a GPU node with torchrun and real data.
+Everything runs offline on a laptop CPU with the embedded TinyWorld data (tinyworld.py: a small,
+consistent synthetic world of countries and capitals, animals, colours, arithmetic, stories and
+word problems), and the same code scales to a GPU node with torchrun and real data.
 
 One command per stage; each finds its input checkpoint by convention (base -> mid -> sft -> rl):
 
@@ -27,7 +27,9 @@ Any training stage continues from its last checkpoint with --resume. The laptop 
 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
-optimizers, loaders, engine, evaluation, checkpoints, training, stages, CLI.
+optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
+companion modules are bpe.py (the tokenizer) and tinyworld.py (the synthetic data); neither
+imports this file.
 """
 import argparse
 import contextlib
@@ -50,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import tinyworld
 
 
 class UserError(Exception):
@@ -178,7 +181,7 @@ def token_byte_lengths(tokenizer, device="cpu"):
     return torch.tensor(lengths, dtype=torch.int64, device=device)
 
 
-def render_conversation(tokenizer, conversation, max_tokens=None):
+def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only=True):
     """Turn a conversation into token ids and a loss mask (1 = the model learns to say this).
 
     conversation: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}.
@@ -191,7 +194,9 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
         <|python_end|> <|output_start|> 2 <|output_end|> 2 <|assistant_end|>
               1               0         0       0        1        1
     The model learns the assistant's words, its tool calls and when to stop; never the user's
-    words, nor the tool's output, which the engine forces in at inference time. Message text
+    words, nor the tool's output, which the engine forces in at inference time. With
+    assistant_only=False (mid-training) the mask is 1 on every token but the tool's output, so
+    the model also learns the user turns and the special tokens around them. Message text
     is encoded as ordinary text, so a user typing "<|assistant_start|>" cannot inject the token."""
     messages = list(conversation["messages"])
     if messages and messages[0]["role"] == "system":  # no system role: fold it into the first user turn
@@ -199,7 +204,8 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
             raise ValueError("a system message must be followed by a user message")
         messages = [dict(role="user", content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
     special = tokenizer.special_tokens
-    ids, mask = [special["<|bos|>"]], [0]
+    prompt_mask = 0 if assistant_only else 1  # for <|bos|>, the user's turns and <|assistant_start|>
+    ids, mask = [special["<|bos|>"]], [prompt_mask]
 
     def add(tokens, supervised):
         ids.extend(tokens)
@@ -214,9 +220,9 @@ def render_conversation(tokenizer, conversation, max_tokens=None):
         if expected == "user":
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: user content must be a string")
-            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content) + [special["<|user_end|>"]], 0)
+            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content) + [special["<|user_end|>"]], prompt_mask)
             continue
-        add([special["<|assistant_start|>"]], 0)
+        add([special["<|assistant_start|>"]], prompt_mask)
         parts = [dict(type="text", text=content)] if isinstance(content, str) else content
         for part in parts:
             text = tokenizer.encode_ordinary(part["text"])
@@ -245,836 +251,8 @@ def render_for_completion(tokenizer, conversation):
 
 
 # -----------------------------------------------------------------------------------------------
-# Data: TinyWorld, the embedded default
-
-# TinyWorld is one small, consistent world: every fact comes from the tables below, so the
-# pretraining documents, fact questions, chats, multiple choice and word problems never
-# contradict each other. The language is simple and regular, so a 4-layer model learns it in
-# minutes, yet wide enough for a BPE to learn ~4000 merges from 1 MB. Every generator takes a
-# random.Random: a fixed seed always gives the same data. The facts are real; the people invented.
-
-def a_an(word):
-    return ("an " if word[0] in "aeiou" and not word.startswith("uni") else "a ") + word
-
-
-def cap(text):
-    return text[0].upper() + text[1:]
-
-
-def join_and(items):
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def plural(noun):
-    """Regular English plurals, enough for the nouns in these tables: box -> boxes, cherry -> cherries."""
-    if noun.endswith(("s", "x", "ch", "sh", "o")):
-        return noun + "es"
-    if noun.endswith("y") and noun[-2] not in "aeiou":
-        return noun[:-1] + "ies"
-    return noun + "s"
-
-
-# -----------------------------------------------------------------------------------------------
-# Fact tables. All facts are real; only the people are invented.
-
-COUNTRIES = [  # (country, capital, continent)
-    ("France", "Paris", "Europe"), ("Germany", "Berlin", "Europe"), ("Italy", "Rome", "Europe"),
-    ("Spain", "Madrid", "Europe"), ("Portugal", "Lisbon", "Europe"), ("Greece", "Athens", "Europe"),
-    ("Norway", "Oslo", "Europe"), ("Sweden", "Stockholm", "Europe"), ("Finland", "Helsinki", "Europe"),
-    ("Denmark", "Copenhagen", "Europe"), ("Poland", "Warsaw", "Europe"), ("Austria", "Vienna", "Europe"),
-    ("Hungary", "Budapest", "Europe"), ("Ireland", "Dublin", "Europe"), ("Belgium", "Brussels", "Europe"),
-    ("Romania", "Bucharest", "Europe"), ("Ukraine", "Kyiv", "Europe"), ("Iceland", "Reykjavik", "Europe"),
-    ("Croatia", "Zagreb", "Europe"), ("Serbia", "Belgrade", "Europe"), ("Bulgaria", "Sofia", "Europe"),
-    ("Japan", "Tokyo", "Asia"), ("China", "Beijing", "Asia"), ("India", "New Delhi", "Asia"),
-    ("South Korea", "Seoul", "Asia"), ("Thailand", "Bangkok", "Asia"), ("Vietnam", "Hanoi", "Asia"),
-    ("Nepal", "Kathmandu", "Asia"), ("Mongolia", "Ulaanbaatar", "Asia"), ("Pakistan", "Islamabad", "Asia"),
-    ("Iran", "Tehran", "Asia"), ("Iraq", "Baghdad", "Asia"), ("Saudi Arabia", "Riyadh", "Asia"),
-    ("Malaysia", "Kuala Lumpur", "Asia"), ("Bangladesh", "Dhaka", "Asia"), ("Laos", "Vientiane", "Asia"),
-    ("Cambodia", "Phnom Penh", "Asia"), ("Qatar", "Doha", "Asia"), ("Jordan", "Amman", "Asia"),
-    ("Oman", "Muscat", "Asia"), ("Bhutan", "Thimphu", "Asia"),
-    ("Egypt", "Cairo", "Africa"), ("Kenya", "Nairobi", "Africa"), ("Nigeria", "Abuja", "Africa"),
-    ("Ghana", "Accra", "Africa"), ("Ethiopia", "Addis Ababa", "Africa"), ("Morocco", "Rabat", "Africa"),
-    ("Senegal", "Dakar", "Africa"), ("Algeria", "Algiers", "Africa"), ("Uganda", "Kampala", "Africa"),
-    ("Rwanda", "Kigali", "Africa"), ("Zambia", "Lusaka", "Africa"), ("Zimbabwe", "Harare", "Africa"),
-    ("Mali", "Bamako", "Africa"), ("Angola", "Luanda", "Africa"), ("Namibia", "Windhoek", "Africa"),
-    ("Botswana", "Gaborone", "Africa"), ("Madagascar", "Antananarivo", "Africa"),
-    ("Canada", "Ottawa", "North America"), ("Mexico", "Mexico City", "North America"),
-    ("Cuba", "Havana", "North America"), ("Jamaica", "Kingston", "North America"),
-    ("Nicaragua", "Managua", "North America"), ("Honduras", "Tegucigalpa", "North America"),
-    ("Brazil", "Brasilia", "South America"), ("Argentina", "Buenos Aires", "South America"),
-    ("Chile", "Santiago", "South America"), ("Peru", "Lima", "South America"),
-    ("Colombia", "Bogota", "South America"), ("Venezuela", "Caracas", "South America"),
-    ("Ecuador", "Quito", "South America"), ("Uruguay", "Montevideo", "South America"),
-    ("Guyana", "Georgetown", "South America"),
-    ("Australia", "Canberra", "Oceania"), ("New Zealand", "Wellington", "Oceania"),
-    ("Fiji", "Suva", "Oceania"), ("Papua New Guinea", "Port Moresby", "Oceania"), ("Samoa", "Apia", "Oceania"),
-]
-CONTINENTS = ["Europe", "Asia", "Africa", "North America", "South America", "Oceania"]
-
-ANIMALS = [  # (name, plural, sound, legs, home, food, young); no two animals share a sound but lion/tiger
-    ("dog", "dogs", "barks", 4, "in houses with people", "meat", "puppy"),
-    ("cat", "cats", "meows", 4, "in houses with people", "fish and meat", "kitten"),
-    ("cow", "cows", "moos", 4, "on farms", "grass", "calf"),
-    ("horse", "horses", "neighs", 4, "on farms", "hay and grass", "foal"),
-    ("sheep", "sheep", "baas", 4, "on farms", "grass", "lamb"),
-    ("pig", "pigs", "oinks", 4, "on farms", "vegetables and grain", "piglet"),
-    ("donkey", "donkeys", "brays", 4, "on farms", "hay", "foal"),
-    ("duck", "ducks", "quacks", 2, "near ponds", "water plants and seeds", "duckling"),
-    ("chicken", "chickens", "clucks", 2, "on farms", "seeds and grain", "chick"),
-    ("goose", "geese", "honks", 2, "near lakes", "grass", "gosling"),
-    ("owl", "owls", "hoots", 2, "in the forest", "mice", "owlet"),
-    ("crow", "crows", "caws", 2, "in tall trees", "seeds and insects", "chick"),
-    ("dove", "doves", "coos", 2, "in trees and towns", "seeds", "squab"),
-    ("turkey", "turkeys", "gobbles", 2, "on farms", "seeds and insects", "poult"),
-    ("lion", "lions", "roars", 4, "on the savanna", "meat", "cub"),
-    ("tiger", "tigers", "roars", 4, "in the jungle", "meat", "cub"),
-    ("bear", "bears", "growls", 4, "in the forest", "berries and fish", "cub"),
-    ("wolf", "wolves", "howls", 4, "in the forest", "meat", "pup"),
-    ("elephant", "elephants", "trumpets", 4, "on the savanna", "leaves and grass", "calf"),
-    ("frog", "frogs", "croaks", 4, "near ponds", "insects", "tadpole"),
-    ("mouse", "mice", "squeaks", 4, "in fields and houses", "seeds", "pup"),
-    ("snake", "snakes", "hisses", 0, "in the grass", "mice", "hatchling"),
-    ("bee", "bees", "buzzes", 6, "in a hive", "nectar", "larva"),
-    ("cricket", "crickets", "chirps", 6, "in the grass", "plants", "nymph"),
-    ("parrot", "parrots", "squawks", 2, "in the rainforest", "fruit and nuts", "chick"),
-    ("dolphin", "dolphins", "clicks", 0, "in the sea", "fish", "calf"),
-    ("whale", "whales", "sings", 0, "in the ocean", "small fish", "calf"),
-    ("camel", "camels", "grunts", 4, "in the desert", "desert plants", "calf"),
-    ("hyena", "hyenas", "whoops", 4, "on the savanna", "meat", "cub"),
-    ("goat", "goats", "bleats", 4, "on farms and hills", "grass and leaves", "kid"),
-]
-
-COLOURS_OF_THINGS = [  # (thing, colour)
-    ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("a banana", "yellow"),
-    ("a tomato", "red"), ("milk", "white"), ("a lemon", "yellow"), ("a carrot", "orange"), ("a pumpkin", "orange"),
-    ("a strawberry", "red"), ("chocolate", "brown"), ("a cherry", "red"), ("a cucumber", "green"),
-    ("a plum", "purple"), ("a flamingo", "pink"), ("a crow", "black"), ("a polar bear", "white"),
-    ("a pea", "green"), ("soil", "brown"), ("chalk", "white"), ("the sea", "blue"), ("a fire truck", "red"),
-    ("a lime", "green"), ("an aubergine", "purple"), ("a tree trunk", "brown"), ("salt", "white"),
-    ("a school bus", "yellow"), ("a raven", "black"), ("a blueberry", "blue"),
-    ("a sunflower", "yellow"), ("an emerald", "green"), ("a ruby", "red"), ("a sapphire", "blue"),
-    ("a canary", "yellow"), ("an elephant", "grey"), ("lavender", "purple"), ("a tangerine", "orange"),
-    ("a goldfish", "orange"), ("a koala", "grey"), ("a ladybird", "red"), ("a panda", "black and white"),
-]
-COLOURS = sorted({c for _, c in COLOURS_OF_THINGS})
-
-OPPOSITES = [  # each word appears once, so every question has one answer
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-    ("open", "closed"), ("day", "night"), ("wet", "dry"), ("old", "new"), ("full", "empty"), ("hard", "soft"),
-    ("tall", "short"), ("early", "late"), ("loud", "quiet"), ("rich", "poor"), ("clean", "dirty"),
-    ("thick", "thin"), ("strong", "weak"), ("high", "low"), ("left", "right"), ("in", "out"), ("win", "lose"),
-    ("push", "pull"), ("first", "last"), ("always", "never"), ("before", "after"), ("good", "bad"),
-    ("near", "far"), ("inside", "outside"), ("buy", "sell"), ("give", "take"), ("begin", "end"),
-    ("easy", "difficult"), ("awake", "asleep"), ("summer", "winter"), ("north", "south"), ("east", "west"),
-    ("top", "bottom"), ("front", "back"), ("question", "answer"), ("laugh", "cry"), ("true", "false"),
-]
-OPPOSITE_OF = {a: b for a, b in OPPOSITES} | {b: a for a, b in OPPOSITES}
-
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
-MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]  # February has 29 in a leap year
-ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
-            "tenth", "eleventh", "twelfth"]
-
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
-TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-
-
-def number_to_words(n):
-    """0..100 in words: 42 -> "forty-two"."""
-    if n < 20:
-        return ONES[n]
-    if n == 100:
-        return "one hundred"
-    tens, ones = divmod(n, 10)
-    return TENS[tens] + ("-" + ONES[ones] if ones else "")
-
-NUMBER_WORDS = [number_to_words(n) for n in range(101)]
-
-FOOD_GROUPS = {
-    "fruit": "apple, banana, orange, pear, plum, lemon, cherry, strawberry, peach, mango, melon, pineapple, "
-             "apricot, coconut",
-    "vegetable": "carrot, potato, tomato, onion, cabbage, pepper, cucumber, radish, pumpkin",
-    "sweet snack": "cookie, cake, muffin, biscuit", "baked food": "pie, bread roll",
-    "breakfast food": "pancake, waffle", "lunch food": "sandwich, dumpling", "nut": "walnut, almond, hazelnut",
-}
-FOODS = [(f, plural(f), group) for group, words in FOOD_GROUPS.items() for f in words.split(", ")]
-OBJECTS = [(o, plural(o)) for o in (
-    "pencil, pen, book, crayon, marble, sticker, stamp, shell, stone, balloon, kite, cup, plate, spoon, toy car, "
-    "block, hat, sock, button, coin, card, flower, bead, ribbon, bottle, basket, candle, key, bell, feather, "
-    "puzzle, umbrella, blanket, lantern, notebook, mitten, whistle, paintbrush, ruler, eraser, torch, clock, "
-    "mirror, pillow, teapot, bucket, shovel, robot, doll, teddy bear, bracelet, jar, envelope, postcard, compass, "
-    "magnet, map, ladder, hammer, rope, tent, sledge, wagon, glove, helmet, drawing").split(", ")]
-THINGS = FOODS + [(s, p, "object") for s, p in OBJECTS]
-
-JOBS = [  # (job, what they do, where they work)
-    ("teacher", "teaches children", "at a school"), ("doctor", "helps sick people", "in a hospital"),
-    ("nurse", "cares for patients", "in a hospital"), ("farmer", "grows food and keeps animals", "on a farm"),
-    ("baker", "bakes bread and cakes", "in a bakery"), ("cook", "makes meals", "in a kitchen"),
-    ("pilot", "flies planes", "in a cockpit"), ("bus driver", "drives a bus", "in the town"),
-    ("builder", "builds houses", "on a building site"), ("painter", "paints pictures", "in a studio"),
-    ("singer", "sings songs", "in a theatre"), ("writer", "writes books", "in a quiet room"),
-    ("fisher", "catches fish", "on a boat"), ("firefighter", "puts out fires", "at a fire station"),
-    ("dentist", "looks after teeth", "in a clinic"), ("vet", "cares for sick animals", "in an animal clinic"),
-    ("gardener", "looks after plants", "in a garden"), ("tailor", "makes clothes", "in a workshop"),
-    ("carpenter", "makes things from wood", "in a workshop"), ("librarian", "looks after books", "in a library"),
-    ("postman", "brings letters", "at the post office"), ("scientist", "studies how the world works", "in a lab"),
-    ("sailor", "sails ships", "at sea"), ("musician", "plays music", "in a concert hall"),
-    ("shopkeeper", "sells things", "in a shop"), ("plumber", "fixes pipes", "in people's homes"),
-    ("astronaut", "travels into space", "on a space station"), ("engineer", "designs machines", "in a factory"),
-    ("mechanic", "repairs cars", "in a garage"), ("pharmacist", "gives out medicine", "in a pharmacy"),
-    ("barber", "cuts hair", "in a barber shop"), ("zookeeper", "looks after zoo animals", "at a zoo"),
-    ("lifeguard", "keeps swimmers safe", "at the beach"), ("architect", "designs buildings", "in an office"),
-    ("photographer", "takes photographs", "in a studio"), ("waiter", "serves food", "in a restaurant"),
-    ("potter", "makes pots from clay", "in a pottery"), ("florist", "sells flowers", "in a flower shop"),
-    ("beekeeper", "looks after bees", "near the beehives"),
-    ("translator", "translates between languages", "in an office"),
-]
-
-# Story ingredients.
-PLACES = ["the " + p for p in (
-    "park, market, beach, forest, library, school, farm, river, garden, zoo, lake, hill, bakery, museum, harbour, "
-    "village, town square, mountain, meadow, castle, train station, playground, orchard, bridge, island, valley, "
-    "swimming pool, cinema, waterfall, lighthouse, post office, stadium").split(", ")]
-WEATHER = ["sunny", "rainy", "windy", "cloudy", "snowy", "foggy", "warm", "cold", "stormy", "bright"]
-FEELINGS = ["happy", "tired", "hungry", "excited", "proud", "calm", "curious", "sleepy", "surprised", "grateful",
-            "cheerful", "thirsty", "glad", "relaxed", "joyful", "amazed", "delighted", "peaceful"]
-ACTIVITIES = (
-    "read a book, played football, flew a kite, drew a picture, sang a song, built a sandcastle, went for a swim, "
-    "planted flowers, baked a cake, rode a bicycle, watched the clouds, fed the ducks, picked berries, "
-    "climbed a tree, wrote a letter, played chess, painted a fence, collected shells, skipped with a rope, "
-    "made a snowman, looked at the stars, played the drum, tidied the room, helped in the kitchen, played tennis, "
-    "went skating, played hide and seek, made a paper boat, watered the plants, played the violin, "
-    "juggled three balls, solved a puzzle, danced to music, had a picnic").split(", ")
-THING_ADJECTIVES = ["little", "big", "shiny", "old", "new", "tiny", "pretty", "colourful", "favourite",
-                    "special", "dusty", "heavy", "bright", "striped", "spotted", "golden", "silver", "round"]
-ANIMAL_ADJECTIVES = ["clever", "kind", "gentle", "friendly", "funny", "quiet", "brave", "fluffy", "enormous",
-                     "tiny", "little", "young", "old", "sleepy", "curious", "proud", "hungry", "cheerful"]
-HIDING_PLACES = ["under the bed", "in the kitchen", "behind the sofa", "in the garden", "on the shelf",
-                 "in the cupboard", "under the table", "in the hallway", "next to the door", "inside a boot"]
-INSTRUMENTS = ["piano", "violin", "guitar", "flute", "cello", "harp", "trumpet", "drum", "clarinet", "accordion"]
-SPORTS = ["football", "tennis", "basketball", "volleyball", "badminton", "hockey", "swimming", "running",
-          "cycling", "rowing", "skiing", "climbing"]
-CLOTHES_FOR_WEATHER = {"rainy": "a raincoat and rubber boots", "snowy": "a warm coat, a woolly hat and mittens",
-                       "sunny": "a sun hat and sunglasses", "windy": "a jacket and a scarf",
-                       "cold": "a thick jumper and gloves", "warm": "shorts and sandals"}
-TRANSPORT = [("train", "rode on the train"), ("bus", "took the bus"), ("ferry", "sailed on the ferry"),
-             ("plane", "flew on a plane"), ("bicycle", "cycled"), ("tram", "rode on the tram")]
-SEASONS = ["spring", "summer", "autumn", "winter"]
-SEASON_PLANS = {"spring": "plant seeds in the garden", "summer": "swim in the lake",
-                "autumn": "jump in piles of fallen leaves", "winter": "build a snowman"}
-DISHES = {"vegetable soup": ["carrot", "potato", "onion", "cabbage", "tomato"],
-          "fruit salad": ["apple", "banana", "orange", "pear", "strawberry", "mango", "peach"]}
-
-# General knowledge, built once from small tables so each sentence is true.
-SHAPES = [("triangle", 3), ("square", 4), ("rectangle", 4), ("pentagon", 5), ("hexagon", 6), ("octagon", 8)]
-PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"]  # in order from the Sun
-MATERIALS = [("a table", "wood"), ("a window", "glass"), ("a book", "paper"), ("a candle", "wax"),
-             ("a tyre", "rubber"), ("a brick", "clay"), ("a coin", "metal"), ("a spoon", "metal"),
-             ("a T-shirt", "cotton"), ("a pencil", "wood and graphite")]
-SENSES = [("see", "eyes"), ("hear", "ears"), ("smell", "noses"), ("taste", "tongues"), ("feel", "skin")]
-WHEELS = [("unicycle", 1), ("bicycle", 2), ("motorbike", 2), ("tricycle", 3), ("car", 4)]
-SCIENCE_FACTS = (
-    [f"{cap(a_an(s))} has {ONES[n]} sides." for s, n in SHAPES] + ["A circle has no corners."]
-    + [f"{p} is the {ORDINALS[i]} planet from the Sun." for i, p in enumerate(PLANETS)]
-    + [f"{cap(t)} is usually made of {m}." for t, m in MATERIALS]
-    + [f"We {v} with our {part}." for v, part in SENSES]
-    + [f"{cap(a_an(v))} has {ONES[n]} {'wheel' if n == 1 else 'wheels'}." for v, n in WHEELS]
-    + [f"After {SEASONS[i]} comes {SEASONS[(i + 1) % 4]}." for i in range(4)]
-    + ["Jupiter is the largest planet.", "The Earth goes around the Sun once a year.",
-       "The Moon goes around the Earth.", "A minute has sixty seconds.", "An hour has sixty minutes.",
-       "A day has twenty-four hours.", "A year has three hundred and sixty-five days, or three hundred and "
-       "sixty-six in a leap year.", "Water freezes into ice when it is very cold.", "Water boils when it is very hot.",
-       "Plants need water and sunlight to grow.", "The Sun rises in the east and sets in the west.",
-       "People have two eyes, two ears, one nose, ten fingers and ten toes.", "Fish breathe with gills.",
-       "Birds have feathers and most birds can fly.", "A spider has eight legs.", "Rain falls from clouds."])
-
-# People: a few ordinary names plus invented ones built from syllables with a fixed seed, so every
-# run sees the same people. Invented names never repeat a syllable or clash with a place name.
-ORDINARY_NAMES = [("Mia", "she"), ("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Lucy", "she"), ("Sam", "he"),
-                  ("Emma", "she"), ("Jack", "he"), ("Lily", "she"), ("Leo", "he"), ("Sara", "she"), ("Max", "he"),
-                  ("Nora", "she"), ("Oscar", "he"), ("Ella", "she"), ("Noah", "he"), ("Ruby", "she"), ("Adam", "he"),
-                  ("Zoe", "she"), ("Omar", "he"), ("Maya", "she"), ("Liam", "he"), ("Ava", "she"), ("Hugo", "he"),
-                  ("Iris", "she"), ("Felix", "he"), ("Rosa", "she"), ("Kai", "he"), ("Lena", "she"), ("Theo", "he")]
-SYLLABLES = ["ka", "lo", "mi", "ra", "ben", "tor", "sa", "li", "no", "vel", "da", "rin", "po", "ze", "ma", "lu",
-             "fen", "ta", "ri", "gor", "ne", "bo", "si", "wen", "ha", "mo", "del", "ki", "ro", "ven", "ju", "pa",
-             "tem", "ya", "sol", "bi", "kar", "fi", "dun", "el", "or", "an", "is"]
-
-
-def invented_names(count, seed=1234):
-    rng = random.Random(seed)
-    taken = {n for n, _ in ORDINARY_NAMES} | {w for row in COUNTRIES for w in row}
-    names = []
-    while len(names) < count:
-        parts = [rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))]
-        name = "".join(parts).capitalize()
-        if name not in taken and len(set(parts)) == len(parts) and 4 <= len(name) <= 9:
-            taken.add(name)
-            names.append((name, rng.choice(("she", "he"))))
-    return names
-
-PRONOUN = dict(ORDINARY_NAMES + invented_names(280))  # name -> "she" / "he"
-NAMES = list(PRONOUN)
-POSSESSIVE = {"she": "her", "he": "his"}
-
-
-def two_names(rng):
-    """Two different people and the first one's pronoun."""
-    name, friend = rng.sample(NAMES, 2)
-    return name, friend, PRONOUN[name]
-
-
-def sound_past(sound):
-    """Past tense of an animal sound, for stories told in the past: barks -> barked, buzzes -> buzzed."""
-    if sound == "sings":
-        return "sang"
-    if sound.endswith(("sses", "zzes")):
-        return sound[:-2] + "ed"
-    return sound[:-1] + ("d" if sound.endswith("les") else "ed")
-
-
-def legs_sentence(animal, legs):
-    return f"{cap(a_an(animal))} has {ONES[legs] if legs else 'no'} legs."
-
-
-def tinyworld_split(key):
-    """Stable split by a hash of the key: about 80% train, 10% val, 10% test."""
-    bucket = zlib.crc32(key.encode("utf-8")) % 10
-    return "train" if bucket < 8 else "val" if bucket == 8 else "test"
-
-
-# -----------------------------------------------------------------------------------------------
-# Fact questions. _fact returns the item and the answers of the same type, which multiple choice
-# uses as distractors. The key names the fact asked about (kind and subject), never the wording,
-# so a split by key keeps every phrasing of one question in the same split.
-
-ALL_CAPITALS = [k for _, k, _ in COUNTRIES]
-ALL_COUNTRIES = [c for c, _, _ in COUNTRIES]
-ALL_SOUNDS = sorted({a[2] for a in ANIMALS})
-ALL_YOUNG = sorted({a[6] for a in ANIMALS})
-ALL_WORDS_WITH_OPPOSITES = sorted(OPPOSITE_OF)
-LEG_WORDS = ["zero", "two", "four", "six", "eight"]
-FACT_KINDS = ["capital", "continent", "country", "sound", "legs", "young", "colour", "opposite", "day_after",
-              "day_before", "month_after", "add", "sub"]
-
-
-def _fact(rng, kind):
-    def item(key, templates, subject, answer, reply, pool):
-        return {"key": key, "question": rng.choice(templates).format(subject), "answer": answer, "reply": reply}, pool
-
-    if kind in ("capital", "continent", "country"):
-        c, k, m = rng.choice(COUNTRIES)
-        if kind == "capital":
-            return item(f"capital:{c}", ["What is the capital of {}?", "Which city is the capital of {}?",
-                                         "Name the capital of {}.", "What city is the capital of {}?"],
-                        c, k, f"The capital of {c} is {k}.", ALL_CAPITALS)
-        if kind == "continent":
-            return item(f"continent:{c}", ["On which continent is {}?", "Which continent is {} in?",
-                                           "{} is on which continent?"], c, m, f"{c} is in {m}.", CONTINENTS)
-        return item(f"country:{k}", ["{} is the capital of which country?", "Which country has {} as its capital?",
-                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.",
-                    ALL_COUNTRIES)
-    if kind in ("sound", "legs", "young"):
-        name, _, sound, legs, _, _, young = rng.choice(ANIMALS)
-        if kind == "sound":
-            return item(f"sound:{name}", ["What sound does {} make?", "What noise does {} make?", "How does {} sound?"],
-                        a_an(name), sound, f"{cap(a_an(name))} {sound}.", ALL_SOUNDS)
-        if kind == "legs":
-            return item(f"legs:{name}", ["How many legs does {} have?", "How many legs has {}?"], a_an(name),
-                        ONES[legs], legs_sentence(name, legs), LEG_WORDS)
-        return item(f"young:{name}", ["What is a young {} called?", "What do we call a baby {}?"], name, young,
-                    f"A young {name} is called {a_an(young)}.", ALL_YOUNG)
-    if kind == "colour":
-        thing, colour = rng.choice(COLOURS_OF_THINGS)
-        return item(f"colour:{thing}", ["What colour is {}?", "What is the colour of {}?", "Which colour is {}?"],
-                    thing, colour, f"{cap(thing)} is {colour}.", COLOURS)
-    if kind == "opposite":
-        word = rng.choice(ALL_WORDS_WITH_OPPOSITES)
-        return item(f"opposite:{word}", ["What is the opposite of {}?", "What is the opposite of the word \"{}\"?",
-                                         "Tell me the opposite of {}."], word, OPPOSITE_OF[word],
-                    f"The opposite of {word} is {OPPOSITE_OF[word]}.", ALL_WORDS_WITH_OPPOSITES)
-    if kind == "day_after":
-        i = rng.randrange(7)
-        return item(f"day_after:{DAYS[i]}", ["What day comes after {}?", "Which day is after {}?"], DAYS[i],
-                    DAYS[(i + 1) % 7], f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}.", DAYS)
-    if kind == "day_before":
-        i = rng.randrange(7)
-        return item(f"day_before:{DAYS[i]}", ["What day comes before {}?", "Which day is before {}?"], DAYS[i],
-                    DAYS[i - 1], f"The day before {DAYS[i]} is {DAYS[i - 1]}.", DAYS)
-    if kind == "month_after":
-        i = rng.randrange(12)
-        return item(f"month_after:{MONTHS[i]}", ["What month comes after {}?", "Which month is after {}?"], MONTHS[i],
-                    MONTHS[(i + 1) % 12], f"After {MONTHS[i]} comes {MONTHS[(i + 1) % 12]}.", MONTHS)
-    # "add" / "sub": small numbers, answered in digits; differences never go below zero
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    if kind == "sub":
-        a, b = max(a, b), min(a, b)
-    op, word, r = ("+", "plus", a + b) if kind == "add" else ("-", "minus", a - b)
-    templates = [f"What is {a} {word} {b}?", f"How much is {a} {op} {b}?", f"What is {a} {op} {b}?",
-                 f"Can you work out {a} {word} {b}?"]  # already filled in, so the subject is None
-    return item(f"{kind}:{a}{op}{b}", templates, None, str(r), f"{a} {word} {b} is {r}.",
-                [str(r + d) for d in range(-6, 7) if r + d >= 0])
-
-
-def tinyworld_fact_question(rng):
-    return _fact(rng, rng.choice(FACT_KINDS))[0]
-
-
-def tinyworld_multiple_choice(rng):
-    """MMLU-style item: the answer plus 3 distinct wrong answers of the same type, shuffled."""
-    fact, pool = _fact(rng, rng.choice(FACT_KINDS))
-    answer, question_words = fact["answer"], set(fact["question"].rstrip("?.").split())
-    # skip options that appear in the question or inside the answer ("black" for "black and white")
-    wrong = [p for p in pool if p not in answer and p not in question_words]
-    choices = rng.sample(wrong, 3) + [answer]
-    rng.shuffle(choices)
-    return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer)}
-
-
-# -----------------------------------------------------------------------------------------------
-# Pretraining documents. Each function writes one short paragraph; stories reuse the same facts.
-
-
-def para_country(rng):
-    country, capital, continent = rng.choice(COUNTRIES)
-    other = rng.choice([c for c, _, k in COUNTRIES if k == continent and c != country])
-    extra = [f"{capital} is a city in {country}.", f"Many people live in {capital}.",
-             f"{country} and {other} are both in {continent}.", f"If you visit {capital}, you are in {country}."]
-    return " ".join([f"{country} is a country in {continent}.", f"The capital of {country} is {capital}."]
-                    + rng.sample(extra, rng.randint(1, 3)))
-
-
-def para_continent(rng):
-    continent = rng.choice(CONTINENTS)
-    some = rng.sample([(c, k) for c, k, m in COUNTRIES if m == continent], rng.randint(2, 4))
-    return (f"{continent} is a continent. Some countries in {continent} are {join_and([c for c, _ in some])}."
-            + "".join(f" The capital of {c} is {k}." for c, k in some))
-
-
-def para_animal(rng):
-    name, plural_, sound, legs, home, food, young = rng.choice(ANIMALS)
-    extra = [f"{cap(plural_)} live {home}.", f"{cap(plural_)} eat {food}.", f"A young {name} is called {a_an(young)}.",
-             f"Have you heard {a_an(name)}? It {sound}."]
-    return " ".join([f"The {name} is an animal.", f"{cap(a_an(name))} {sound}.", legs_sentence(name, legs)]
-                    + rng.sample(extra, rng.randint(2, 4)))
-
-
-def para_colours(rng):
-    return " ".join(f"{cap(thing)} is {colour}." for thing, colour in rng.sample(COLOURS_OF_THINGS, rng.randint(3, 6)))
-
-
-def para_opposites(rng):
-    pairs = rng.sample(OPPOSITES, rng.randint(3, 6))
-    if rng.random() < 0.5:
-        return " ".join(f"The opposite of {a} is {b}." for a, b in pairs)
-    return "Here are some opposites: " + ", ".join(f"{a} and {b}" for a, b in pairs) + "."
-
-
-def para_days(rng):
-    i = rng.randrange(7)
-    order = [f"After {DAYS[(i + k) % 7]} comes {DAYS[(i + k + 1) % 7]}." for k in range(rng.randint(2, 4))]
-    return " ".join(order + [rng.choice(["A week has seven days.", "Saturday and Sunday are the weekend.",
-                                         f"The day before {DAYS[i]} is {DAYS[i - 1]}.",
-                                         "Monday is the first day of the week."])])
-
-
-def para_months(rng):
-    i = rng.randrange(12)
-    order = [f"After {MONTHS[(i + k) % 12]} comes {MONTHS[(i + k + 1) % 12]}." for k in range(rng.randint(1, 3))]
-    length = ("February has twenty-eight days, or twenty-nine days in a leap year." if i == 1
-              else f"{MONTHS[i]} has {NUMBER_WORDS[MONTH_DAYS[i]]} days.")
-    return " ".join(["A year has twelve months."] + order
-                    + [f"{MONTHS[i]} is the {ORDINALS[i]} month of the year.", length])
-
-
-def para_counting(rng):
-    style = rng.randrange(3)
-    if style == 0:
-        start = rng.randint(0, 90)
-        nums = range(start, start + rng.randint(4, 9))
-        return f"Let us count from {nums[0]} to {nums[-1]}: " + ", ".join(NUMBER_WORDS[n] for n in nums) + "."
-    if style == 1:
-        by = rng.choice([2, 5, 10])
-        nums = range(by, by * rng.randint(5, 10) + 1, by)
-        return f"Counting by {ONES[by]}s: " + ", ".join(map(str, nums)) + "."
-    return " ".join(f"{cap(NUMBER_WORDS[n])} is written as {n}." for n in rng.sample(range(101), 4))
-
-
-def arithmetic_fact(rng, in_words=False):
-    """One true sentence of arithmetic; every number stays within 0..100 so it can be spelled out."""
-    op = rng.choice("+-*/")
-    if op == "+":
-        a, b = rng.randint(0, 50), rng.randint(0, 50); r, word = a + b, "plus"
-    elif op == "-":
-        a = rng.randint(0, 100); b = rng.randint(0, a); r, word = a - b, "minus"
-    elif op == "*":
-        a, b = rng.randint(1, 10), rng.randint(1, 10); r, word = a * b, "times"
-    else:  # build division from a product so it is always exact
-        b, r = rng.randint(1, 10), rng.randint(1, 10); a, word = b * r, "divided by"
-    if in_words:
-        return f"{cap(NUMBER_WORDS[a])} {word} {NUMBER_WORDS[b]} is {NUMBER_WORDS[r]}."
-    return f"{a} {word} {b} is {r}."
-
-
-def para_arithmetic(rng):
-    in_words = rng.random() < 0.3
-    a, b = sorted(rng.sample(range(101), 2))
-    return " ".join([arithmetic_fact(rng, in_words) for _ in range(rng.randint(3, 6))] + [f"{b} is bigger than {a}."])
-
-
-def para_job(rng):
-    return " ".join(f"{cap(a_an(job))} {does}. {cap(a_an(job))} works {where}."
-                    for job, does, where in rng.sample(JOBS, rng.randint(2, 3)))
-
-
-def para_food(rng):
-    return " ".join(f"{cap(a_an(f))} is {a_an(group)}." for f, _, group in rng.sample(FOODS, rng.randint(3, 5)))
-
-
-def para_science(rng):
-    return " ".join(rng.sample(SCIENCE_FACTS, rng.randint(3, 5)))
-
-# Which animals a story may meet where: any land animal at the zoo, farm animals on the farm and
-# everyday animals elsewhere.
-ZOO_ANIMALS = [a for a in ANIMALS if a[3] > 0 or a[0] == "snake"]
-FARM_ANIMALS = [a for a in ANIMALS if "farm" in a[4]]
-TOWN_HOMES = ("in houses with people", "near ponds", "near lakes", "in tall trees", "in trees and towns",
-              "in fields and houses", "in the grass", "in a hive")
-TOWN_ANIMALS = [a for a in ANIMALS if a[4] in TOWN_HOMES]
-
-
-def story_outing(rng):
-    name, friend, p = two_names(rng)
-    place = rng.choice(PLACES)
-    animal = rng.choice(ZOO_ANIMALS if place == "the zoo" else FARM_ANIMALS if place == "the farm" else TOWN_ANIMALS)
-    return (f"On {rng.choice(DAYS)}, {name} went to {place} with {friend}. The day was "
-            f"{rng.choice(WEATHER)}. There they saw {NUMBER_WORDS[rng.randint(2, 12)]} {animal[1]}. "
-            f"{cap(a_an(animal[0]))} {animal[2]}. {name} and {friend} {rng.choice(ACTIVITIES)}. In the evening, "
-            f"{name} went home. {cap(p)} was {rng.choice(FEELINGS)}.")
-
-
-def story_market(rng):
-    name, friend, p = two_names(rng)
-    job, does, where = rng.choice(JOBS)
-    food, foods, _ = rng.choice(FOODS)
-    n = rng.randint(3, 20); m = rng.randint(1, n - 1)
-    return (f"{name} is {a_an(job)}. Every day, {p} {does} {where}. One {rng.choice(MONTHS)} morning, {p} went "
-            f"to the market and bought {n} {foods}. {cap(p)} gave {m} to {friend}. Now {name} has {n - m} "
-            f"{foods if n - m > 1 else food} and {friend} has {m} {foods if m > 1 else food}.")
-
-
-def story_trip(rng):
-    name, friend, p = two_names(rng)
-    (c1, k1, _), (c2, k2, m2) = rng.sample(COUNTRIES, 2)
-    return (f"{name} lives in {k1}, the capital of {c1}. In {rng.choice(MONTHS)}, {p} travelled to {k2}, the "
-            f"capital of {c2}. {c2} is in {m2}. {cap(p)} sent a postcard to {friend}. It said: \"Hello from {k2}! "
-            f"Today I visited {rng.choice(PLACES)} and I {rng.choice(ACTIVITIES)}. See you soon, {name}.\"")
-
-
-def story_dialogue(rng):
-    name, friend, _ = two_names(rng)
-    thing, colour = rng.choice(COLOURS_OF_THINGS)
-    word, opposite = rng.choice(OPPOSITES)
-    a, b = rng.randint(1, 10), rng.randint(1, 10)
-    return (f"{name} asked {friend}, \"What colour is {thing}?\" {friend} said, \"{cap(thing)} is {colour}.\" "
-            f"Then {friend} asked, \"What is the opposite of {word}?\" {name} said, \"The opposite of {word} is "
-            f"{opposite}.\" \"What is {a} plus {b}?\" asked {friend}. \"{a} plus {b} is {a + b},\" said {name}. "
-            f"They both smiled.")
-
-
-def story_lost(rng):
-    name, friend, p = two_names(rng)
-    spots = rng.sample(HIDING_PLACES, 3)
-    return (f"{name} lost {POSSESSIVE[p]} {rng.choice(THING_ADJECTIVES)} {rng.choice(OBJECTS)[0]}. {cap(p)} looked "
-            f"{spots[0]} and {spots[1]}, but it was not there. {friend} came to help. \"Let us look {spots[2]},\" "
-            f"said {friend}. And there it was! {name} was {rng.choice(FEELINGS)} and said, \"Thank you, {friend}!\"")
-
-
-def story_fable(rng):
-    (a1, _, s1, _, home, food, _), (a2, _, s2, *_) = rng.sample(ANIMALS, 2)
-    name, friend, _ = two_names(rng)
-    return (f"Once upon a time, there was {a_an(rng.choice(ANIMAL_ADJECTIVES))} {a1} named {name}. {name} lived {home} "
-            f"and ate {food}. One {rng.choice(WEATHER)} day, {name} met {a_an(a2)} named {friend}. \"Hello,\" said "
-            f"{name}, and the {a1} {sound_past(s1)}. \"Hello,\" said {friend}, and the {a2} {sound_past(s2)}. "
-            f"From that day on, the {a1} and the {a2} were good friends.")
-
-
-def story_counting(rng):
-    name, _, p = two_names(rng)
-    things = rng.choice(THINGS)[1]
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    return (f"{name} has {a} red {things} and {b} blue {things}. {cap(p)} counts them all: "
-            + ", ".join(NUMBER_WORDS[i] for i in range(1, a + b + 1))
-            + f". {name} has {a + b} {things}, because {a} plus {b} is {a + b}.")
-
-
-def story_cooking(rng):
-    name, friend, p = two_names(rng)
-    dish = rng.choice(sorted(DISHES))
-    x, y, z = [plural(f) for f in rng.sample(DISHES[dish], 3)]
-    if dish == "vegetable soup":
-        how = (f"First, {p} washed the {x}, the {y} and the {z}. Then {p} cut them into small pieces and put them "
-               f"in a big pot with water and a little salt. {cap(p)} stirred the soup for "
-               f"{NUMBER_WORDS[rng.randint(10, 40)]} minutes.")
-    else:
-        how = (f"First, {p} washed and sliced {rng.randint(2, 5)} {x}. Then {p} added some {y} and {z} and mixed "
-               f"everything in a bowl.")
-    return (f"On {rng.choice(DAYS)}, {name} wanted to make {dish}. {how} When the {dish} was ready, {p} shared it "
-            f"with {friend}. \"This {dish} is delicious!\" said {friend}.")
-
-
-def train_item(make, rng):
-    """An item from make(rng) whose key is in the train split: stories quote questions, and
-    those asked in the held-out splits must never appear in training text."""
-    while True:
-        item = make(rng)
-        if tinyworld_split(item["key"]) == "train":
-            return item
-
-
-def story_school(rng):
-    name, _, p = two_names(rng)
-    fact = train_item(tinyworld_fact_question, rng)
-    return (f"{name} goes to school from Monday to Friday. Today the teacher asked the class, \"{fact['question']}\" "
-            f"{name} put up {POSSESSIVE[p]} hand and said, \"{fact['reply']}\" \"Well done, {name}!\" said the "
-            f"teacher, and {name} felt {rng.choice(FEELINGS)}.")
-
-
-def story_seasons(rng):
-    name, friend, _ = two_names(rng)
-    i = rng.randrange(4)
-    season, nxt = SEASONS[i], SEASONS[(i + 1) % 4]
-    return (f"It was {season}. {name} and {friend} liked to {SEASON_PLANS[season]}. \"What comes after {season}?\" "
-            f"asked {friend}. \"After {season} comes {nxt},\" said {name}. \"In {nxt} we can {SEASON_PLANS[nxt]}.\" "
-            f"A year has four seasons: spring, summer, autumn and winter.")
-
-
-def story_hobbies(rng):
-    name, friend, _ = two_names(rng)
-    (i1, i2), (s1, s2) = rng.sample(INSTRUMENTS, 2), rng.sample(SPORTS, 2)
-    return (f"{name} plays the {i1} and {friend} plays the {i2}. Every {rng.choice(DAYS)}, they practise together "
-            f"for {NUMBER_WORDS[rng.choice((15, 20, 30, 40, 45, 60))]} minutes. {name} also likes {s1}, but "
-            f"{friend} likes {s2} more. After practice they feel {rng.choice(FEELINGS)}, and they walk home past "
-            f"{rng.choice(PLACES)}.")
-
-
-def story_birthday(rng):
-    name, friend, p = two_names(rng)
-    age, day, month = rng.randint(4, 12), rng.randint(1, 28), rng.randrange(12)
-    gifts = [a_an(rng.choice(THING_ADJECTIVES) + " " + o) for o, _ in rng.sample(OBJECTS, 2)]
-    return (f"{name} has a birthday on {day} {MONTHS[month]}. This year {p} is turning {NUMBER_WORDS[age]}. "
-            f"{friend} wrapped {gifts[0]} in paper and tied it with a ribbon. Another friend brought {gifts[1]}. "
-            f"Everyone sang, and {name} blew out {NUMBER_WORDS[age]} candles on the cake. The month after "
-            f"{MONTHS[month]} is {MONTHS[(month + 1) % 12]}, and {name} was already thinking about the next party.")
-
-
-def story_walk(rng):
-    name, friend, p = two_names(rng)
-    animal, plural_, sound, _, home, *_ = rng.choice(FARM_ANIMALS + TOWN_ANIMALS)
-    return (f"{name} {rng.choice(['wandered', 'walked', 'hurried', 'strolled'])} along the path to "
-            f"{rng.choice(PLACES)}. Suddenly {p} {rng.choice(['noticed', 'discovered', 'spotted'])} "
-            f"{a_an(rng.choice(ANIMAL_ADJECTIVES))} {animal} "
-            f"{rng.choice(['behind a rock', 'near a puddle', 'under a bush'])}. "
-            f"\"Look!\" {p} {rng.choice(['whispered', 'shouted', 'called'])}. {friend} came running, and the {animal} "
-            f"{sound_past(sound)}. {friend} {rng.choice(['giggled', 'nodded', 'waved', 'laughed'])}. "
-            f"\"{cap(plural_)} live "
-            f"{home},\" said {friend}. \"Maybe this one is lost.\"")
-
-
-def story_weather(rng):
-    name, friend, p = two_names(rng)
-    weather = rng.choice(sorted(CLOTHES_FOR_WEATHER))
-    vehicle, went = rng.choice(TRANSPORT)
-    return (f"The morning was {weather}, so {name} put on {CLOTHES_FOR_WEATHER[weather]}. Then {p} {went} to "
-            f"{rng.choice(PLACES)} to meet {friend}. \"Why did you come by {vehicle}?\" asked {friend}. \"Because "
-            f"it is quick,\" said {name}. They {rng.choice(ACTIVITIES)} until the evening.")
-
-
-def story_shop(rng):
-    name, friend, p = two_names(rng)
-    (a, _), (b, _) = rng.sample(OBJECTS, 2)
-    x, y = rng.randint(1, 20), rng.randint(1, 20)
-    return (f"{name} went to a small shop with {friend}. {cap(a_an(rng.choice(THING_ADJECTIVES) + ' ' + a))} cost {x} "
-            f"dollars and {a_an(b)} cost {y} dollars. {name} bought both, so {p} paid {x} plus {y}, which is {x + y} "
-            f"dollars. The shopkeeper said, \"Thank you, come again!\"")
-
-PARAGRAPHS = [para_country, para_continent, para_animal, para_colours, para_opposites, para_days, para_months,
-              para_counting, para_arithmetic, para_job, para_food, para_science]
-STORIES = [story_outing, story_market, story_trip, story_dialogue, story_lost, story_fable, story_counting,
-           story_cooking, story_school, story_seasons, story_hobbies, story_birthday, story_walk, story_weather,
-           story_shop]
-
-
-def tinyworld_document(rng):
-    """One pretraining document: 1-6 paragraphs separated by blank lines, a bit under half of them stories."""
-    count = rng.choice((1, 2, 3, 3, 4, 4, 5, 6))  # favour 3-4 so most documents are 300-1500 characters
-    return "\n\n".join((rng.choice(STORIES) if rng.random() < 0.45 else rng.choice(PARAGRAPHS))(rng)
-                       for _ in range(count))
-
-
-# -----------------------------------------------------------------------------------------------
-# Conversations for SFT.
-
-IDENTITY = [
-    ("Who are you?", "I am nanochat-one, a tiny language model trained on TinyWorld."),
-    ("What is your name?", "My name is nanochat-one. I am a tiny language model trained on TinyWorld."),
-    ("Who made you?", "I was made as a small teaching project. I am nanochat-one, a tiny language model trained "
-                      "on TinyWorld."),
-    ("Are you a person?", "No. I am nanochat-one, a tiny language model trained on TinyWorld."),
-    ("What are you?", "I am a tiny language model called nanochat-one. I was trained on TinyWorld."),
-    ("What do you know about?", "I know simple facts about countries, capitals, animals, colours, opposites, days, "
-                                "months and numbers. I was trained on TinyWorld."),
-]
-SMALL_TALK = [
-    ("Hello!", "Hello! How can I help you today?"), ("Hi there.", "Hi! What would you like to know?"),
-    ("How are you?", "I am fine, thank you. What would you like to know?"),
-    ("Good morning!", "Good morning! How can I help?"), ("Thank you!", "You are welcome!"),
-    ("Goodbye!", "Goodbye! Have a nice day."), ("Can you help me?", "Yes, of course. What is your question?"),
-    ("What can you do?", "I can answer simple questions about countries, animals, colours, numbers, days and months."),
-]
-
-
-def tinyworld_conversation(rng):
-    style = rng.random()
-    if style < 0.2:
-        n = rng.randrange(len(IDENTITY))
-        turns, key = [IDENTITY[n]], f"identity:{n}"
-        if rng.random() < 0.3:  # sometimes a greeting first, so identity questions also come mid-chat
-            turns.insert(0, rng.choice(SMALL_TALK[:4]))
-    elif style < 0.3:
-        n = rng.randrange(len(SMALL_TALK))
-        turns, key = [SMALL_TALK[n]], f"chat:{n}"
-    else:  # one fact question, or two or three in a row
-        facts = [tinyworld_fact_question(rng) for _ in range(1 if style < 0.65 else rng.randint(2, 3))]
-        turns, key = [(f["question"], f["reply"]) for f in facts], "|".join(f["key"] for f in facts)
-    messages = [m for user, assistant in turns
-                for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
-    return {"key": key, "messages": messages}
-
-
-# -----------------------------------------------------------------------------------------------
-# GSM8K-style word problems. Each template picks its numbers so that every result is a whole
-# number in 0..1000 (division is built from a product), and writes each calculator call as
-# <<expr=result>> the way GSM8K does.
-
-
-def calc(a, op, b):
-    """One calculator call: the step ("12 + 7", 19) and its GSM8K text "<<12+7=19>>19"."""
-    r = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-    return (f"{a} {op} {b}", r), f"<<{a}{op}{b}={r}>>{r}"
-
-
-def wp_buy_give(rng, name, friend, p, items):
-    a, b = rng.randint(3, 40), rng.randint(2, 30); c = rng.randint(1, a + b)
-    (s1, t1), (s2, t2) = calc(a, "+", b), calc(a + b, "-", c)
-    q = (f"{name} has {a} {items}. {cap(p)} buys {b} more {items} and then gives {c} to {friend}. "
-         f"How many {items} does {name} have now?")
-    t = (f"{name} starts with {a} {items}. After buying {b} more {p} has {t1} {items}. "
-         f"After giving {c} to {friend} {p} has {t2} {items}.")
-    return q, [s1, s2], t, (a, b, c)
-
-
-def wp_share(rng, name, friend, p, items):
-    n, k = rng.randint(2, 9), rng.randint(2, 12)
-    s1, t1 = calc(n * k, "/", n)
-    q = f"{name} has {n * k} {items} and shares them equally among {n} friends. How many {items} does each friend get?"
-    return q, [s1], f"Each friend gets {n * k} / {n} = {t1} {items}.", (n, k)
-
-
-def wp_groups(rng, name, friend, p, items):
-    g, k = rng.randint(2, 12), rng.randint(2, 12); c = rng.randint(1, g * k)
-    (s1, t1), (s2, t2) = calc(g, "*", k), calc(g * k, "-", c)
-    q = (f"There are {g} boxes with {k} {items} in each box. {name} takes {c} {items} out. "
-         f"How many {items} are left in the boxes?")
-    t = f"At first there are {g} x {k} = {t1} {items}. After {name} takes {c} out, {t2} are left."
-    return q, [s1, s2], t, (g, k, c)
-
-
-def wp_money(rng, name, friend, p, items):
-    x, y = rng.randint(1, 30), rng.randint(1, 30); m = rng.randint(x + y, 100)
-    (s1, t1), (s2, t2) = calc(x, "+", y), calc(m, "-", x + y)
-    q = (f"{name} has {m} dollars. {cap(p)} spends {x} dollars on {items} and {y} dollars on a present for "
-         f"{friend}. How much money does {p} have left?")
-    t = f"{name} spends {x} + {y} = {t1} dollars. {cap(p)} has {m} - {x + y} = {t2} dollars left."
-    return q, [s1, s2], t, (m, x, y)
-
-
-def wp_ages(rng, name, friend, p, items):
-    a, b, c = rng.randint(3, 40), rng.randint(1, 30), rng.randint(1, 20)
-    (s1, t1), (s2, t2) = calc(a, "+", b), calc(a + b, "+", c)
-    q = f"{name} is {a} years old. {friend} is {b} years older than {name}. How old will {friend} be in {c} years?"
-    return q, [s1, s2], f"{friend} is now {a} + {b} = {t1} years old. In {c} years {friend} will be {t2}.", (a, b, c)
-
-
-def wp_change(rng, name, friend, p, items):
-    price, n = rng.randint(2, 9), rng.randint(2, 9)
-    bill = rng.choice([b for b in (20, 50, 100) if b >= price * n])
-    (s1, t1), (s2, t2) = calc(n, "*", price), calc(bill, "-", n * price)
-    q = (f"One of the {items} costs {price} dollars. {name} buys {n} of them and pays with {bill} dollars. "
-         f"How much change does {p} get?")
-    t = f"The {items} cost {n} x {price} = {t1} dollars. The change is {bill} - {n * price} = {t2} dollars."
-    return q, [s1, s2], t, (price, n, bill)
-
-
-def wp_reading(rng, name, friend, p, items):
-    per_day, days, before = rng.randint(2, 25), rng.randint(2, 14), rng.randint(0, 60)
-    (s1, t1), (s2, t2) = calc(per_day, "*", days), calc(before, "+", per_day * days)
-    q = (f"{name} had read {before} pages of a book. Then {p} read {per_day} pages every day for {days} days. "
-         f"How many pages has {p} read in total?")
-    t = f"In {days} days {p} reads {t1} pages. With the first {before} pages that makes {t2} pages."
-    return q, [s1, s2], t, (per_day, days, before)
-
-
-def wp_bags(rng, name, friend, p, items):
-    k, bags = rng.randint(2, 10), rng.randint(2, 12)
-    a = rng.randint(1, k * bags - 1); b = k * bags - a
-    (s1, t1), (s2, t2) = calc(a, "+", b), calc(a + b, "/", k)
-    q = (f"{name} collects {a} {items} and {friend} collects {b} {items}. They put all of them into bags of {k}. "
-         f"How many bags do they fill?")
-    return q, [s1, s2], f"Together they have {t1} {items}. In bags of {k} that makes {t2} bags.", (a, b, k)
-
-
-def wp_bakery(rng, name, friend, p, items):
-    k, boxes, sold = rng.randint(2, 8), rng.randint(2, 15), rng.randint(1, 40)
-    total = k * boxes + sold; morning = rng.randint(1, total - 1)
-    afternoon = total - morning
-    (s1, t1), (s2, t2), (s3, t3) = calc(morning, "+", afternoon), calc(total, "-", sold), calc(total - sold, "/", k)
-    q = (f"{name} makes {morning} {items} in the morning and {afternoon} {items} in the afternoon. {cap(p)} "
-         f"sells {sold} of them and packs the rest in boxes of {k}. How many boxes does {p} fill?")
-    t = f"{name} makes {t1} {items}. After selling {sold}, {t2} are left. In boxes of {k} that fills {t3} boxes."
-    return q, [s1, s2, s3], t, (morning, afternoon, sold, k)
-
-WORD_PROBLEMS = [wp_buy_give, wp_share, wp_groups, wp_money, wp_ages, wp_change, wp_reading, wp_bags, wp_bakery]
-# Small things one can count, carry in bags and share; food is what a baker makes.
-SMALL_ITEMS = [p for _, p, _ in FOODS] + ("pencils crayons marbles stickers stamps shells stones beads buttons coins "
-                                          "cards feathers ribbons balloons flowers").split()
-BAKED_ITEMS = [p for _, p, group in FOODS if group in ("sweet snack", "baked food", "breakfast food", "lunch food")]
-
-
-def tinyworld_word_problem(rng):
-    template = rng.choice(WORD_PROBLEMS)
-    name, friend, p = two_names(rng)
-    items = rng.choice(BAKED_ITEMS if template is wp_bakery else SMALL_ITEMS)
-    question, steps, text, numbers = template(rng, name, friend, p, items)
-    answer = steps[-1][1]
-    return {"key": f"wp:{template.__name__[3:]}:{','.join(map(str, numbers))}", "question": question,
-            "steps": steps, "answer_text": f"{text}\n#### {answer}", "answer": answer}
-
-
-# -----------------------------------------------------------------------------------------------
-# Data: document streams (TinyWorld or local/real parquet shards with a `text` column)
-
-def tinyworld_documents(split, start=0):
-    """Yield (position, text) forever. Document i is generated from its own seed and belongs to
-    one split by a stable hash of its index, so every run sees the same documents in order."""
-    i = start
-    while True:
-        if tinyworld_split(f"doc:{i}") == split:
-            yield i, tinyworld_document(random.Random(i))
-        i += 1
-
+# Data: documents for pretraining, from TinyWorld (tinyworld.py) or parquet shards with a `text`
+# column (a local folder, or FineWeb-EDU downloaded from the hub)
 
 def parquet_files(data_dir):
     files = sorted(Path(data_dir).glob("*.parquet"))
@@ -1176,94 +354,17 @@ def prepare_base_data(args, ddp):
 
 def document_stream(args, split, start=0):
     if args.data == "tinyworld":
-        return tinyworld_documents(split, start)
+        return tinyworld.tinyworld_documents(split, start)
     return parquet_documents(base_data_dir(args), split, start)
 
 
 # -----------------------------------------------------------------------------------------------
-# Data: chat tasks (conversations, multiple choice, word problems with the calculator)
-
-LETTERS = "ABCDEFGHIJ"
-
-
-def multiple_choice_conversation(question, choices, answer=None):
-    """MMLU-style item as a conversation whose answer is a single letter:
-    user "What is the capital of Japan?\\nA. Seoul\\nB. Tokyo\\n...\\nAnswer with the letter." -> assistant "B"."""
-    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-    messages = [dict(role="user", content=f"{question}\n{options}\nAnswer with the letter.")]
-    if answer is not None:
-        messages.append(dict(role="assistant", content=LETTERS[answer]))
-    return dict(messages=messages)
-
-
-def calculator_parts(answer_text):
-    """GSM8K's calculator spans become tool calls:
-    "So 4*9 = <<4*9=36>>36 dollars." -> [text "So 4*9 = ", python "4*9", python_output "36", text "36 dollars."]"""
-    parts, last = [], 0
-    for match in re.finditer(r"<<([^<>=]*)=([^<>]*)>>", answer_text):
-        if match.start() > last:
-            parts.append(dict(type="text", text=answer_text[last:match.start()]))
-        parts.append(dict(type="python", text=match.group(1)))
-        parts.append(dict(type="python_output", text=match.group(2)))
-        last = match.end()
-    if last < len(answer_text):
-        parts.append(dict(type="text", text=answer_text[last:]))
-    return parts
-
-
-def word_problem_conversation(question, answer_text=None):
-    messages = [dict(role="user", content=question)]
-    if answer_text is not None:
-        messages.append(dict(role="assistant", content=calculator_parts(answer_text)))
-    return dict(messages=messages)
-
-
-def tinyworld_multiple_choice_chat(rng):
-    item = tinyworld_multiple_choice(rng)
-    return dict(key=item["key"], **multiple_choice_conversation(item["question"], item["choices"], item["answer"]))
-
-
-def tinyworld_word_problem_chat(rng):
-    item = tinyworld_word_problem(rng)
-    return dict(key=item["key"], **word_problem_conversation(item["question"], item["answer_text"]))
-
-
-# the mixture of TinyWorld chat tasks: generator -> weight
-CHAT_TASKS = {tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tinyworld_word_problem_chat: 2}
-
-
-def tinyworld_chat_examples(split, start=0):
-    """Yield (position, conversation) forever: a weighted mixture of the chat tasks. Example i
-    comes from its own seed; it is kept only if its fact's key hashes into `split`, so a fact
-    asked in the test split was never asked in training (it may appear in pretraining text)."""
-    makers, weights = list(CHAT_TASKS), list(CHAT_TASKS.values())
-    i = start
-    while True:
-        rng = random.Random(f"chat-{i}")
-        conversation = rng.choices(makers, weights)[0](rng)
-        if tinyworld_split(conversation["key"]) == split:
-            yield i, conversation
-        i += 1
-
-
-def tinyworld_eval_items(task, split="test", n=200, seed=0):
-    """n distinct held-out items of one task ("fact", "multiple_choice" or "word_problem")."""
-    make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
-                word_problem=tinyworld_word_problem)[task]
-    rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
-    for _ in range(100 * n):
-        item = make(rng)
-        if tinyworld_split(item["key"]) == split and item["question"] not in seen:
-            seen.add(item["question"])
-            items.append(item)
-            if len(items) == n:
-                break
-    return items
-
-
+# Data: conversations for mid-training and SFT, from TinyWorld's chat mixture or real chat data
+#
 # Real chat data: SmolTalk-style conversations, MMLU auxiliary train and GSM8K, read with HF
 # `datasets` from a local folder (--data-dir with smoltalk/, mmlu/, gsm8k/ holding parquet or
-# jsonl files in the hub's schemas), or from the hub when online.
+# jsonl files in the hub's schemas), or from the hub when online. MMLU and GSM8K rows become
+# conversations in the same forms as TinyWorld's multiple choice and word problems.
 
 HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for test)
     smoltalk=("HuggingFaceTB/smol-smoltalk", None, ("train", "test")),
@@ -1305,9 +406,9 @@ def hf_chat_examples(args, split, start=0):
         if name == "smoltalk":
             convert = lambda row: dict(messages=row["messages"])
         elif name == "mmlu":
-            convert = lambda row: multiple_choice_conversation(row["question"], row["choices"], row["answer"])
+            convert = lambda row: tinyworld.multiple_choice_conversation(row["question"], row["choices"], row["answer"])
         else:
-            convert = lambda row: word_problem_conversation(row["question"], row["answer"])
+            convert = lambda row: tinyworld.word_problem_conversation(row["question"], row["answer"])
         sources.append((rows, convert))
     position = start
     while True:
@@ -1318,7 +419,7 @@ def hf_chat_examples(args, split, start=0):
 
 def chat_examples(args, split, start=0):
     if args.data == "tinyworld":
-        return tinyworld_chat_examples(split, start)
+        return tinyworld.tinyworld_chat_examples(split, start)
     return hf_chat_examples(args, split, start)
 
 
@@ -1675,18 +776,12 @@ def base_batches(args, tokenizer, split, B, T, ddp, device, start=0):
 def mid_batches(args, tokenizer, split, B, T, ddp, device, start=0):
     """Mid-training batches: conversations packed like documents (BOS-aligned best fit), with
     the loss on every token except the calculator's outputs, which are never trained on."""
-    output_start, output_end = tokenizer.special_tokens["<|output_start|>"], tokenizer.special_tokens["<|output_end|>"]
 
     def docs():
         for position, conversation in chat_examples(args, split, start):
             if position % ddp.world_size == ddp.rank:
-                ids, _ = render_conversation(tokenizer, conversation)
-                inside_output, pairs = False, []  # (token, trained on?)
-                for token in ids:
-                    inside_output = inside_output or token == output_start
-                    pairs.append((token, not inside_output))
-                    inside_output = inside_output and token != output_end
-                yield position, pairs
+                ids, mask = render_conversation(tokenizer, conversation, assistant_only=False)
+                yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
 
     for rows, position in pack_rows(docs(), B, T):
         ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)  # (B, T+1)
@@ -1940,9 +1035,9 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
-        ids = render_for_completion(tokenizer, multiple_choice_conversation(item["question"], item["choices"]))
+        ids = render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
-        letters = [tokenizer.encode_ordinary(LETTERS[i])[0] for i in range(len(item["choices"]))]
+        letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         correct += int(logits[letters].argmax().item() == item["answer"])
     correct, total = all_reduce_counts(correct, len(mine), ddp.device)
     return correct / max(total, 1)
@@ -1969,9 +1064,9 @@ def evaluate_chat(model, tokenizer, ddp, n=200):
     """The TinyWorld chat report card on held-out (test split) items: accuracy per task."""
     model.eval()
     results = dict(
-        multiple_choice=evaluate_multiple_choice(model, tokenizer, tinyworld_eval_items("multiple_choice", n=n), ddp),
-        fact=evaluate_generative(model, tokenizer, tinyworld_eval_items("fact", n=n), ddp, "fact"),
-        word_problem=evaluate_generative(model, tokenizer, tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
+        multiple_choice=evaluate_multiple_choice(model, tokenizer, tinyworld.tinyworld_eval_items("multiple_choice", n=n), ddp),
+        fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
+        word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
     )
     return results
 
@@ -2481,58 +1576,6 @@ def record_wall_time(stage, seconds):
     write_report("wall", times)
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of this GPU by name, or None (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
-
-# -----------------------------------------------------------------------------------------------
-# Stage tok: train the tokenizer
-
-def stage_tok(args, ddp):
-    prepare_base_data(args, ddp)
-    if ddp.is_master:
-        t0 = time.time()
-        texts, n_chars = [], 0
-        for _, text in document_stream(args, "train"):
-            texts.append(text)
-            n_chars += len(text)
-            if n_chars >= args.tok_chars:
-                break
-        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} characters "
-               f"of {args.data} text...")
-        tokenizer = bpe.Tokenizer.train(texts, args.vocab_size, special_tokens=SPECIAL_TOKENS)
-        train_seconds = time.time() - t0
-        if tokenizer.vocab_size < args.vocab_size:
-            print0(f"note: the text ran out of pairs to merge; the vocabulary has {tokenizer.vocab_size} tokens")
-        tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(tokenizer_path())
-        val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
-        n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
-        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
-        example = "The capital of France is Paris."
-        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
-        print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
-               f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
-        print0(f"example: {pieces}")
-        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND, train_chars=n_chars,
-                                 train_seconds=round(train_seconds, 2), val_bytes_per_token=round(n_bytes / n_tokens, 3)))
-    if ddp.is_ddp:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------------------------
 # Training: the loop shared by base, mid and sft
 
@@ -2596,6 +1639,23 @@ def grad_accum_steps(args, world_size):
                         f"sequence length x processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
                         f"= {tokens_per_micro_step}")
     return args.total_batch_size // tokens_per_micro_step
+
+
+GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of this GPU by name, or None (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
 
 
 def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
@@ -2697,6 +1757,41 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE,
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
                 metrics=metrics, history=history, train_loss=train_curve)
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage tok: train the tokenizer
+
+def stage_tok(args, ddp):
+    prepare_base_data(args, ddp)
+    if ddp.is_master:
+        t0 = time.time()
+        texts, n_chars = [], 0
+        for _, text in document_stream(args, "train"):
+            texts.append(text)
+            n_chars += len(text)
+            if n_chars >= args.tok_chars:
+                break
+        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} characters "
+               f"of {args.data} text...")
+        tokenizer = bpe.Tokenizer.train(texts, args.vocab_size, special_tokens=SPECIAL_TOKENS)
+        train_seconds = time.time() - t0
+        if tokenizer.vocab_size < args.vocab_size:
+            print0(f"note: the text ran out of pairs to merge; the vocabulary has {tokenizer.vocab_size} tokens")
+        tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tokenizer_path())
+        val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
+        n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
+        example = "The capital of France is Paris."
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
+        print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
+               f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
+        print0(f"example: {pieces}")
+        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND, train_chars=n_chars,
+                                 train_seconds=round(train_seconds, 2), val_bytes_per_token=round(n_bytes / n_tokens, 3)))
+    if ddp.is_ddp:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2803,7 +1898,7 @@ def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=
     is the mean fraction of correct samples and pass@k the fraction of problems with any correct."""
     engine, fractions = Engine(model, tokenizer), []
     for i, problem in enumerate(shard(problems, ddp)):
-        prompt = render_for_completion(tokenizer, word_problem_conversation(problem["question"]))
+        prompt = render_for_completion(tokenizer, tinyworld.word_problem_conversation(problem["question"]))
         answers, _ = engine.generate_batch(prompt, k, max_tokens, temperature, seed=seed + i)
         fractions.append(sum(answer_is_correct(tokenizer.decode(a), problem["answer"]) for a in answers) / k)
     stats = torch.tensor([sum(fractions), sum(f * f for f in fractions), sum(f > 0 for f in fractions), len(fractions)],
@@ -2848,12 +1943,9 @@ def rl_problems(args, rng):
     with rng, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
     if args.data == "tinyworld":
         def next_problem():
-            while True:
-                problem = tinyworld_word_problem(rng)
-                if tinyworld_split(problem["key"]) == "train":
-                    return problem
+            return tinyworld.train_item(tinyworld.tinyworld_word_problem, rng)
 
-        return next_problem, tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
+        return next_problem, tinyworld.tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
     train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
 
     def next_problem():
@@ -2862,6 +1954,27 @@ def rl_problems(args, rng):
 
     held_out = test.select(range(min(args.pass_k_problems, len(test))))
     return next_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
+
+
+def plot_reward_curve(summary, path):
+    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
+    except ImportError:
+        return
+    fig = Figure(figsize=(6, 3.5), dpi=80)
+    ax = fig.add_subplot()
+    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
+            alpha=0.5, label="train mean reward")
+    steps = [h["step"] for h in summary["history"]]
+    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
+                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
+    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def stage_rl(args, ddp):
@@ -2907,7 +2020,7 @@ def stage_rl(args, ddp):
                 problem = next_problem()
                 if i % ddp.world_size != ddp.rank:
                     continue
-                prompt = render_for_completion(tokenizer, word_problem_conversation(problem["question"]))
+                prompt = render_for_completion(tokenizer, tinyworld.word_problem_conversation(problem["question"]))
                 answers, sampled = engine.generate_batch(prompt, G, args.max_new_tokens, args.temperature,
                                                          seed=hash((args.seed, step, i)) % 2**31, keep_stop_token=True)
                 rewards = [float(answer_is_correct(tokenizer.decode(a), problem["answer"])) for a in answers]
@@ -2918,17 +2031,16 @@ def stage_rl(args, ddp):
             # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
             model.train()
             counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets),
-                                   (len(rows) + args.device_batch_size - 1) // args.device_batch_size,
                                    sum(rewards_all), len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
+            most_rows = torch.tensor(len(rows), device=ddp.device)
             if dist.is_initialized():
-                micro_steps = counts[1:2].clone()
-                dist.all_reduce(counts)
-                dist.all_reduce(micro_steps, op=dist.ReduceOp.MAX)
-                counts[1] = micro_steps[0]
-            num_tokens, micro_steps, reward_sum, num_samples, zero_groups = counts.tolist()
+                dist.all_reduce(counts)  # summed over ranks
+                dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)  # the busiest rank's rows
+            num_tokens, reward_sum, num_samples, zero_groups = counts.tolist()
+            micro_steps = (most_rows.item() + args.device_batch_size - 1) // args.device_batch_size
             chunks = [rows[j:j + args.device_batch_size] for j in range(0, len(rows), args.device_batch_size)]
-            for j in range(int(micro_steps)):  # every rank runs the same number of micro-steps (DDP)
-                sync = j == int(micro_steps) - 1 or not ddp.is_ddp
+            for j in range(micro_steps):  # every rank runs the same number of micro-steps (DDP)
+                sync = j == micro_steps - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     if j < len(chunks):
                         loss = grpo_loss(ddp_model, chunks[j], num_tokens, ddp.device, pad_id)
@@ -2959,27 +2071,6 @@ def stage_rl(args, ddp):
         write_report("rl", summary)
         plot_reward_curve(summary, base_dir() / "report" / "rl.png")
     return summary
-
-
-def plot_reward_curve(summary, path):
-    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
-    except ImportError:
-        return
-    fig = Figure(figsize=(6, 3.5), dpi=80)
-    ax = fig.add_subplot()
-    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
-            alpha=0.5, label="train mean reward")
-    steps = [h["step"] for h in summary["history"]]
-    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
-                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
-    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
-    ax.set_xlabel("RL step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3125,7 +2216,7 @@ def stage_report(args, ddp):
         model.eval()
         engine = Engine(model, tokenizer)
         lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
-        for question in ("What is the capital of Japan?", tinyworld_eval_items("word_problem", n=1)[0]["question"]):
+        for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
             lines += [f"**user:** {question}", "", "**assistant:**", "", "```", tokenizer.decode(reply), "```", ""]

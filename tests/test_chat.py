@@ -8,12 +8,13 @@ import torch
 
 import bpe
 import nanochat_one as nc
+import tinyworld
 from test_pipeline import TINY, run_stage
 
 
 @pytest.fixture(scope="module")
 def tok():
-    text = " ".join(nc.tinyworld_document(random.Random(i)) for i in range(200))
+    text = " ".join(tinyworld.tinyworld_document(random.Random(i)) for i in range(200))
     return bpe.Tokenizer.train([text], 600, special_tokens=nc.SPECIAL_TOKENS)
 
 
@@ -31,6 +32,10 @@ def test_render_worked_example(tok):
                 [(s["<|output_start|>"], 0)] + [(t, 0) for t in e("2")] + [(s["<|output_end|>"], 0)] +
                 [(t, 1) for t in e("2")] + [(s["<|assistant_end|>"], 1)])
     assert list(zip(ids, mask)) == expected
+    # mid-training's mask: every token but the tool's output
+    _, mid_mask = nc.render_conversation(tok, conversation, assistant_only=False)
+    start, end = ids.index(s["<|output_start|>"]), ids.index(s["<|output_end|>"])
+    assert mid_mask == [0 if start <= i <= end else 1 for i in range(len(ids))]
 
 
 def test_system_message_merges_and_roles_must_alternate(tok):
@@ -79,7 +84,7 @@ def test_calculator_refuses(expr):
 
 
 def test_calculator_parts_from_gsm8k():
-    parts = nc.calculator_parts("It costs 4*9 = <<4*9=36>>36 dollars.\n#### 36")
+    parts = tinyworld.calculator_parts("It costs 4*9 = <<4*9=36>>36 dollars.\n#### 36")
     assert parts == [dict(type="text", text="It costs 4*9 = "), dict(type="python", text="4*9"),
                      dict(type="python_output", text="36"), dict(type="text", text="36 dollars.\n#### 36")]
 
@@ -182,8 +187,8 @@ def test_sft_loader_supervises_only_assistant(tok):
 
 
 def test_tinyworld_splits_are_disjoint():
-    train = {c["key"] for _, c in zip(range(300), (c for _, c in nc.tinyworld_chat_examples("train")))}
-    test_items = nc.tinyworld_eval_items("fact", "test", n=50)
+    train = {c["key"] for _, c in zip(range(300), (c for _, c in tinyworld.tinyworld_chat_examples("train")))}
+    test_items = tinyworld.tinyworld_eval_items("fact", "test", n=50)
     assert len(test_items) == 50
     assert not {item["key"] for item in test_items} & train
 

@@ -1,21 +1,27 @@
 """TinyWorld: deterministic, self-consistent, and its splits never leak into training text."""
+import ast
+import hashlib
+import itertools
+import json
 import random
 import re
+from pathlib import Path
 
 import nanochat_one as nc
+import tinyworld
 
 
 def test_documents_are_deterministic():
-    assert nc.tinyworld_document(random.Random(42)) == nc.tinyworld_document(random.Random(42))
-    first = [text for _, text in zip(range(5), (t for _, t in nc.tinyworld_documents("train")))]
-    again = [text for _, text in zip(range(5), (t for _, t in nc.tinyworld_documents("train")))]
+    assert tinyworld.tinyworld_document(random.Random(42)) == tinyworld.tinyworld_document(random.Random(42))
+    first = [text for _, text in zip(range(5), (t for _, t in tinyworld.tinyworld_documents("train")))]
+    again = [text for _, text in zip(range(5), (t for _, t in tinyworld.tinyworld_documents("train")))]
     assert first == again
 
 
 def test_word_problems_check_out_with_the_calculator():
     rng = random.Random(1)
     for _ in range(500):
-        wp = nc.tinyworld_word_problem(rng)
+        wp = tinyworld.tinyworld_word_problem(rng)
         spans = re.findall(r"<<([^=]+)=(\d+)>>", wp["answer_text"])
         assert len(spans) == len(wp["steps"])
         for (expr, result), (span_expr, span_result) in zip(wp["steps"], spans):
@@ -27,27 +33,61 @@ def test_word_problems_check_out_with_the_calculator():
 def test_multiple_choice_items_are_well_formed():
     rng = random.Random(2)
     for _ in range(500):
-        mc = nc.tinyworld_multiple_choice(rng)
+        mc = tinyworld.tinyworld_multiple_choice(rng)
         assert len(mc["choices"]) == 4 == len(set(mc["choices"])) and 0 <= mc["answer"] < 4
 
 
 def test_conversations_alternate_roles():
     rng = random.Random(3)
     for _ in range(300):
-        roles = [m["role"] for m in nc.tinyworld_conversation(rng)["messages"]]
+        roles = [m["role"] for m in tinyworld.tinyworld_conversation(rng)["messages"]]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
 
 
 def test_split_fractions():
     keys = [f"k{i}" for i in range(10_000)]
-    counts = {s: sum(nc.tinyworld_split(k) == s for k in keys) for s in ("train", "val", "test")}
+    counts = {s: sum(tinyworld.tinyworld_split(k) == s for k in keys) for s in ("train", "val", "test")}
     assert 7600 < counts["train"] < 8400 and 800 < counts["val"] < 1200 and 800 < counts["test"] < 1200
 
 
 def test_held_out_questions_never_appear_in_pretraining_text():
-    held_out = [item["question"] for item in nc.tinyworld_eval_items("multiple_choice", "test", n=100)]
-    held_out += [item["question"] for item in nc.tinyworld_eval_items("fact", "test", n=100)]
-    text = "\n".join(t for _, t in zip(range(3000), (t for _, t in nc.tinyworld_documents("train"))))
+    held_out = [item["question"] for item in tinyworld.tinyworld_eval_items("multiple_choice", "test", n=100)]
+    held_out += [item["question"] for item in tinyworld.tinyworld_eval_items("fact", "test", n=100)]
+    text = "\n".join(t for _, t in zip(range(3000), (t for _, t in tinyworld.tinyworld_documents("train"))))
     quizzed = set(re.findall(r'asked the class, "(.*?)"', text))
     assert len(quizzed) > 50  # the documents do quote questions...
     assert not quizzed & set(held_out)  # ...but never held-out ones
+
+
+def digest(items):
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
+# sha256 of the first items of every TinyWorld stream, recorded once. Any change to a table, a
+# template, a seed or the split moves a digest: if the change is meant, record the new digests.
+DIGESTS = {
+    ("documents", "train"): "d84d55eaae735018dd4e3f1b82bc302a56587da0decce1d8be442240a0407027",
+    ("documents", "val"): "e35f39eab3d0628f42936a6c54ec2a6d8b1394e5e18f12fc37834b0f82a961e4",
+    ("documents", "test"): "6f3c91e0d24ae872c9d8ec2afd0a614c5447feba501d5362a2e2351da361549d",
+    ("chat", "train"): "0817db8673a149ee4826811e9320011d22d2afd0aa75e874f15aa58cb0e6473c",
+    ("chat", "val"): "fcc0b1362ba9f93bc80db4395ecdc6e10e020f699adfe691d481dfbe46c49bd3",
+    ("chat", "test"): "2cfa1caf55c18199397fc77338826be76edf7c8d2ee5894facc1d01d1a6e00eb",
+    ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
+    ("eval", "multiple_choice"): "ab387a2b0017c0647114f85b6a16fb60b6346224d6f8e0b057487fa14f7cc1c5",
+    ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
+}
+
+
+def test_generated_data_is_unchanged():
+    for split in ("train", "val", "test"):
+        assert digest(list(itertools.islice(tinyworld.tinyworld_documents(split), 200))) == DIGESTS["documents", split]
+        assert digest(list(itertools.islice(tinyworld.tinyworld_chat_examples(split), 100))) == DIGESTS["chat", split]
+    for task in ("fact", "multiple_choice", "word_problem"):
+        assert digest(tinyworld.tinyworld_eval_items(task, "test", n=100)) == DIGESTS["eval", task]
+
+
+def test_tinyworld_imports_only_the_standard_library():
+    tree = ast.parse(Path(tinyworld.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"random", "re", "zlib"}  # nothing from nanochat_one.py: the arrow goes one way
