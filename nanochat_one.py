@@ -722,16 +722,29 @@ def apply_schedules(optimizers, step, num_steps, args):
 # -----------------------------------------------------------------------------------------------
 # Loaders
 
-def pack_rows(docs, B, T, buffer_size=256):
-    """BOS-aligned best-fit packing. docs yields (position, token list starting with BOS).
-    Yields (rows, position): rows is B lists of exactly T + 1 tokens, position the stream
-    position of the last document drawn (to resume from).
+def pack_rows(docs_from, B, T, state=None, buffer_size=256):
+    """BOS-aligned best-fit packing. docs_from(start) yields (position, token list starting with
+    BOS) from stream position `start` on. Yields (rows, state): rows is B lists of exactly T + 1
+    tokens; state = dict(last=position of the last document drawn, buffer=positions of the
+    documents waiting in the buffer, in order) is all the packer remembers, so
+    pack_rows(docs_from, B, T, state) continues exactly where that batch left off.
 
     Each row starts with the longest document in a buffer, then repeatedly takes the largest
     one that still fits; when none fits, the shortest document is cropped to fill the row
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
-    buffer, position = [], 0
+    buffer, last = [], -1  # buffer: (position, tokens)
+    if state is None:
+        docs = docs_from(0)
+    else:  # resume: read the stream again from the oldest waiting document, keep the waiting ones
+        last, waiting = state["last"], state["buffer"]
+        docs = docs_from(min(waiting, default=last + 1))
+        found = {}
+        for position, doc in (docs if waiting else ()):
+            found[position] = doc
+            if position == last:
+                break
+        buffer = [(position, found[position]) for position in waiting]
     while True:
         rows = []
         for _ in range(B):
@@ -739,65 +752,68 @@ def pack_rows(docs, B, T, buffer_size=256):
             while len(row) < T + 1:
                 while len(buffer) < buffer_size:
                     try:
-                        position, doc = next(docs)
+                        last, doc = next(docs)
                     except StopIteration:  # only a finite (validation) stream ends
                         raise UserError("the validation documents ran out before an evaluation was complete: "
                                         "lower --eval-batches or --device-batch-size, or use a larger validation shard") from None
-                    buffer.append(doc)
+                    buffer.append((last, doc))
                 space = T + 1 - len(row)
-                fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
+                lengths = [len(doc) for _, doc in buffer]
+                fitting = [i for i, n in enumerate(lengths) if n <= space]
                 if not row:  # a new row starts with the longest document (cropped if longer than a row)
-                    i = max(range(len(buffer)), key=lambda i: len(buffer[i]))
+                    i = max(range(len(buffer)), key=lambda i: lengths[i])
                 elif fitting:  # then the largest document that still fits
-                    i = max(fitting, key=lambda i: len(buffer[i]))
+                    i = max(fitting, key=lambda i: lengths[i])
                 else:  # the gap at the end is filled with a crop of the shortest document
-                    i = min(range(len(buffer)), key=lambda i: len(buffer[i]))
-                row.extend(buffer.pop(i)[:space])
+                    i = min(range(len(buffer)), key=lambda i: lengths[i])
+                row.extend(buffer.pop(i)[1][:space])
             rows.append(row)
-        yield rows, position
+        yield rows, dict(last=last, buffer=[position for position, _ in buffer])
 
 
-def base_batches(args, tokenizer, split, B, T, ddp, device, start=0):
-    """Yield (inputs, targets, position) for pretraining: (B, T) tensors, targets = inputs
-    shifted left by one. Documents are sharded across ranks by position."""
+def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
+    """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted
+    left by one, and the packer's state to resume from. Documents are sharded across ranks by position."""
     bos = tokenizer.special_tokens["<|bos|>"]
 
-    def docs():
+    def docs_from(start):
         for position, text in document_stream(args, split, start):
             if position % ddp.world_size == ddp.rank:
                 yield position, [bos] + tokenizer.encode_ordinary(text)
 
-    for rows, position in pack_rows(docs(), B, T):
+    for rows, state in pack_rows(docs_from, B, T, state):
         batch = torch.tensor(rows, dtype=torch.long)
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), position
+        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), state
 
 
-def mid_batches(args, tokenizer, split, B, T, ddp, device, start=0):
+def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     """Mid-training batches: conversations packed like documents (BOS-aligned best fit), with
     the loss on every token except the calculator's outputs, which are never trained on."""
 
-    def docs():
+    def docs_from(start):
         for position, conversation in chat_examples(args, split, start):
             if position % ddp.world_size == ddp.rank:
                 ids, mask = render_conversation(tokenizer, conversation, assistant_only=False)
                 yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
 
-    for rows, position in pack_rows(docs(), B, T):
+    for rows, state in pack_rows(docs_from, B, T, state):
         ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)  # (B, T+1)
         trained = torch.tensor([[flag for _, flag in row] for row in rows], dtype=torch.bool)
         inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].masked_fill(~trained[:, 1:], -1)
-        yield inputs.to(device), targets.to(device), position
+        yield inputs.to(device), targets.to(device), state
 
 
-def sft_batches(args, tokenizer, split, B, T, ddp, device, start=0):
+def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     """SFT batches: one conversation per row, cropped to T + 1 tokens and padded on the right;
-    targets are -1 (ignored) wherever the render mask is 0 and on the padding."""
+    targets are -1 (ignored) wherever the render mask is 0 and on the padding. The state to
+    resume from is the position of the last conversation used."""
     bos = tokenizer.special_tokens["<|bos|>"]
-    examples = ((p, c) for p, c in chat_examples(args, split, start) if p % ddp.world_size == ddp.rank)
+    last = -1 if state is None else state["last"]
+    examples = ((p, c) for p, c in chat_examples(args, split, last + 1) if p % ddp.world_size == ddp.rank)
     while True:
-        rows, position = [], start
-        for position, conversation in itertools.islice(examples, B):
+        rows = []
+        for last, conversation in itertools.islice(examples, B):
             rows.append(render_conversation(tokenizer, conversation, max_tokens=T + 1))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((B, width), bos, dtype=torch.long)
@@ -805,7 +821,7 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, start=0):
         for i, (row_ids, mask) in enumerate(rows):
             ids[i, :len(row_ids)] = torch.tensor(row_ids)
             targets[i, :len(row_ids)] = torch.tensor(row_ids).masked_fill(torch.tensor(mask) == 0, -1)
-        yield ids[:, :-1].contiguous().to(device), targets[:, 1:].contiguous().to(device), position
+        yield ids[:, :-1].contiguous().to(device), targets[:, 1:].contiguous().to(device), dict(last=last)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1518,6 +1534,13 @@ def save_checkpoint(directory, step, model, optimizers, meta):
             old.unlink(missing_ok=True)
 
 
+def interrupted(step, directory):
+    """The error for Ctrl-C during training: where the last complete checkpoint is."""
+    last = last_checkpoint_step(directory) if directory.is_dir() else None
+    return UserError(f"interrupted at step {step}; " + (f"the last checkpoint (step {last}) is in {directory}: continue "
+                     "with --resume" if last is not None else "no checkpoint was written yet"))
+
+
 def torch_load(path, device):
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -1658,14 +1681,35 @@ def peak_flops(device):
     return None
 
 
+def gather_data_states(state, ddp):
+    """Every rank's loader state, in rank order (for the checkpoint's metadata)."""
+    if not ddp.is_ddp:
+        return [state]
+    states = [None] * ddp.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def resume_data_state(meta, ddp):
+    """This rank's loader state from a checkpoint's metadata."""
+    states = meta.get("data_state")
+    if states is None or len(states) != ddp.world_size:
+        raise UserError(f"the checkpoint's data position was saved by {len(states or [])} process(es), not "
+                        f"{ddp.world_size}: resume with the same number of processes")
+    return states[ddp.rank]
+
+
 def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
           lr_scale=1.0):
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
 
-    make_batches(split, start) yields (inputs, targets, position) micro-batches of
-    (device_batch_size, max_seq_len); evaluate(model) returns a dict of validation metrics
-    (run every --eval-every steps and at the end). Checkpoints go to
-    <base_dir>/checkpoints/<stage>/<tag>. Returns a summary dict for the report."""
+    make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
+    (device_batch_size, max_seq_len), where state (a small JSON-able value) makes
+    make_batches(split, state) continue right after that micro-batch; evaluate(model) returns a
+    dict of validation metrics (run at the start, every --eval-every steps and at the end).
+    Checkpoints go to <base_dir>/checkpoints/<stage>/<tag> with every rank's loader state, so a
+    resumed run sees exactly the data the uninterrupted run would have seen. Returns a summary
+    dict for the report."""
     B, T = args.device_batch_size, args.max_seq_len
     config, tag = model.config, args.model_tag or f"d{args.depth}"
     out_dir = checkpoint_dir(stage, tag)
@@ -1681,16 +1725,15 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
            f"({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
     optimizers = stage_optimizers(args, model, lr_scale, optim_states)
-    start_step, position = 0, -1
+    start_step, data_state = 0, None
     if optim_states is not None:
-        start_step, position = meta["step"], meta["data_position"]
-        print0(f"resuming from step {start_step} (data position {position})")
+        start_step, data_state = meta["step"], resume_data_state(meta, ddp)
+        print0(f"resuming from step {start_step}")
         if start_step > num_steps:
             raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_steps}")
     ddp_model = wrap_ddp(model, ddp)
     train_model = torch.compile(ddp_model) if compile_setting(args) else ddp_model
-    # resuming skips the documents that were waiting in the packing buffer: a small, harmless gap
-    train_batches = make_batches("train", position + 1)
+    train_batches = make_batches("train", data_state)
     peak = peak_flops(ddp.device)
 
     def run_eval(step):
@@ -1702,9 +1745,10 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         return result
 
     def save(step, metrics):
+        data_states = gather_data_states(data_state, ddp)  # every rank takes part
         if ddp.is_master:
             save_checkpoint(out_dir, step, model, optimizers, dict(
-                stage=stage, step=step, num_steps=num_steps, data_position=position, model_config=dataclasses.asdict(config),
+                stage=stage, step=step, num_steps=num_steps, data_state=data_states, model_config=dataclasses.asdict(config),
                 tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=metrics))
 
     metrics, history, train_curve, smooth_loss, t_train, tokens_timed = {}, [], [], None, 0.0, 0
@@ -1722,7 +1766,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the last
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
-                x, y, position = next(train_batches)
+                x, y, data_state = next(train_batches)
                 step_tokens += x.numel() * ddp.world_size  # SFT rows are shorter than T: count what ran
                 sync = micro == grad_accum - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
@@ -1748,9 +1792,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 print0(f"step {step:5d}/{num_steps} | loss {smooth_loss:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f}ms "
                        f"| {tok_per_s:,.0f} tok/s{mfu} | eta {eta}")
     except KeyboardInterrupt:
-        last_saved = last_checkpoint_step(out_dir) if out_dir.exists() else None
-        raise UserError(f"interrupted at step {step}; " + (f"the last checkpoint (step {last_saved}) is in {out_dir}: "
-                        "continue with --resume" if last_saved else "no checkpoint was written yet")) from None
+        raise interrupted(step, out_dir) from None
     # throughput over the timed steps (all but the first, which includes warm-up)
     tok_per_s = tokens_timed / t_train if t_train else 0.0
     return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps, tokens=num_steps * args.total_batch_size,
@@ -1811,8 +1853,8 @@ def stage_base(args, ddp):
     B, T = args.device_batch_size, args.max_seq_len
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
-    def make_batches(split, start=0):
-        return base_batches(args, tokenizer, split, B, T, ddp, ddp.device, start)
+    def make_batches(split, state=None):
+        return base_batches(args, tokenizer, split, B, T, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes))
@@ -1845,8 +1887,8 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
     B, T = args.device_batch_size, args.max_seq_len
 
-    def make_batches(split, start=0):
-        return make_loader(args, tokenizer, split, B, T, ddp, ddp.device, start)
+    def make_batches(split, state=None):
+        return make_loader(args, tokenizer, split, B, T, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
@@ -1938,22 +1980,22 @@ def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
     return (nll * advantages[:, None]).sum() / num_sampled_tokens
 
 
-def rl_problems(args, rng):
-    """(next_problem, held_out): a function drawing training problems {"question", "answer"}
-    with rng, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
+def rl_problems(args):
+    """(draw_problem, held_out): a function drawing a training problem {"question", "answer"}
+    with a random.Random, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
     if args.data == "tinyworld":
-        def next_problem():
+        def draw_problem(rng):
             return tinyworld.train_item(tinyworld.tinyworld_word_problem, rng)
 
-        return next_problem, tinyworld.tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
+        return draw_problem, tinyworld.tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
     train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
 
-    def next_problem():
+    def draw_problem(rng):
         row = train[rng.randrange(len(train))]
         return dict(question=row["question"], answer=extract_answer(row["answer"]))
 
     held_out = test.select(range(min(args.pass_k_problems, len(test))))
-    return next_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
+    return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
 
 
 def plot_reward_curve(summary, path):
@@ -1987,7 +2029,7 @@ def stage_rl(args, ddp):
     start_step = meta["step"] if optim_states is not None else 0
     ddp_model = wrap_ddp(model, ddp)
     num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 60, args.num_samples, args.prompts_per_step
-    next_problem, held_out = rl_problems(args, random.Random(args.seed + start_step))
+    draw_problem, held_out = rl_problems(args)
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
     history, curve = [], []
@@ -2008,7 +2050,7 @@ def stage_rl(args, ddp):
                 evaluate(step)
             if step > start_step and (step == num_steps or (args.save_every > 0 and step % args.save_every == 0)) and ddp.is_master:
                 save_checkpoint(out_dir, step, model, optimizers, dict(
-                    stage="rl", step=step, num_steps=num_steps, data_position=step, model_config=dataclasses.asdict(model.config),
+                    stage="rl", step=step, num_steps=num_steps, model_config=dataclasses.asdict(model.config),
                     tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=history[-1] if history else {}))
             if step == num_steps:
                 break
@@ -2016,8 +2058,9 @@ def stage_rl(args, ddp):
             # 1) sample G answers for each of this rank's problems with the current policy
             model.eval()
             rows, rewards_all, zero_signal = [], [], 0
+            rng = random.Random(f"rl-{args.seed}-{step}")  # a step's problems depend on the step alone: resumable
             for i in range(P):
-                problem = next_problem()
+                problem = draw_problem(rng)
                 if i % ddp.world_size != ddp.rank:
                     continue
                 prompt = render_for_completion(tokenizer, tinyworld.word_problem_conversation(problem["question"]))
@@ -2063,7 +2106,7 @@ def stage_rl(args, ddp):
             print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
                    f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
     except KeyboardInterrupt:
-        raise UserError(f"interrupted at step {step}; the last rl checkpoint is in {out_dir}: continue with --resume") from None
+        raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
                    held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
                    chat_eval=evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {})

@@ -189,8 +189,8 @@ def main(out, with_stage=False):
     model.init_weights()
     tokenizer = bpe.Tokenizer.train(["tiny text for a tokenizer id " * 20], 280, special_tokens=nc.SPECIAL_TOKENS)
 
-    def make_batches(split, start=0):
-        return synthetic_batches(ddp, args.device_batch_size, args.max_seq_len, split, start)
+    def make_batches(split, state=None):  # state: the last global micro-batch used
+        return synthetic_batches(ddp, args.device_batch_size, args.max_seq_len, split, 0 if state is None else state + 1)
 
     def evaluate(model):  # validation batches 0..3 in all, whatever the number of ranks
         return dict(val_loss=nc.evaluate_loss(model, make_batches("val"), 4 // ddp.world_size))

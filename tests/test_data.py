@@ -1,4 +1,6 @@
 """The packing loader's invariants, bits-per-byte against a hand computation, and the real-data path."""
+import itertools
+import json
 import math
 import random
 import types
@@ -13,11 +15,11 @@ BOS = 999
 
 
 def fake_docs(seed=0):
-    rng = random.Random(seed)
-    i = 0
-    while True:
-        yield i, [BOS] + [i] * rng.randint(1, 40)  # document i is BOS then its own index repeated
-        i += 1
+    """docs_from(start) for pack_rows: document i is BOS then its own index repeated 1-40 times."""
+    def docs_from(start):
+        for i in itertools.count(start):
+            yield i, [BOS] + [i] * random.Random(seed * 100_003 + i).randint(1, 40)
+    return docs_from
 
 
 def test_pack_rows_invariants():
@@ -41,11 +43,24 @@ def test_pack_rows_invariants():
                 assert len(set(d)) <= 1  # tokens of one document only, in one piece
             seen += [d[0] for d in docs if d]
     assert len(seen) == len(set(seen))  # no document is used twice
-    assert position >= max(seen)
+    assert position["last"] >= max(seen)
+
+
+def test_pack_rows_resumes_exactly_from_its_state():
+    """Packing from a batch's state gives the batches that followed it, as if never stopped."""
+    B, T = 4, 32
+    straight = [rows for (rows, _), _ in zip(nc.pack_rows(fake_docs(), B, T, buffer_size=16), range(12))]
+    packer = nc.pack_rows(fake_docs(), B, T, buffer_size=16)
+    for _ in range(5):
+        _, state = next(packer)
+    assert len(state["buffer"]) == 15 and state["last"] >= max(state["buffer"])
+    state = json.loads(json.dumps(state))  # as it travels through a checkpoint's metadata
+    resumed = [rows for (rows, _), _ in zip(nc.pack_rows(fake_docs(), B, T, state, buffer_size=16), range(7))]
+    assert resumed == straight[5:]
 
 
 def test_pack_rows_crops_little():
-    body_length = {i: len(doc) - 1 for (i, doc), _ in zip(fake_docs(1), range(10_000))}  # minus BOS
+    body_length = {i: len(doc) - 1 for (i, doc), _ in zip(fake_docs(1)(0), range(10_000))}  # minus BOS
     kept = {}  # document id -> how many of its tokens made it into rows
     for (rows, _), _ in zip(nc.pack_rows(fake_docs(1), 8, 64), range(30)):
         for row in rows:

@@ -6,6 +6,7 @@ the gradient averaged over 2 ranks x 2 micro-steps must be the gradient of 1 pro
 micro-steps up to the rounding of adding 4 terms in another order, and the step must move the
 weights where one process would, within the bound that the optimizers' formulas put on that
 gradient difference; DDP must all-reduce only on the last micro-step; only rank 0 may write."""
+import json
 import os
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def test_two_ranks_match_one_process_with_double_accumulation(tmp_path):
     checkpoint = tmp_path / "ddp" / "rank0" / "checkpoints" / "base" / "t" / "model_000004.pt"
     for name, w in torch.load(checkpoint, weights_only=True).items():
         assert torch.equal(w, rank0["state"][name]), name
-    assert (tmp_path / "ddp" / "rank0" / "checkpoints" / "base" / "s" / "meta_000002.json").exists()
+    meta = json.loads((tmp_path / "ddp" / "rank0" / "checkpoints" / "base" / "s" / "meta_000002.json").read_text())
+    # each rank's packer state, to resume exactly: rank r holds only documents at positions r mod 2
+    assert [{p % 2 for p in state["buffer"]} for state in meta["data_state"]] == [{0}, {1}]
     assert (tmp_path / "ddp" / "rank0" / "report" / "base.json").exists()
     assert sorted(p.name for p in (tmp_path / "ddp" / "rank1").iterdir()) == ["result.pt", "tokenizer"]
     # the real base stage: val bits-per-byte is all-reduced, so both ranks report the same number
