@@ -552,6 +552,42 @@ class Block(nn.Module):
         return x
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap),
+    0 where the target is -1; logits: (N, V) fp32, targets: (N,). Returns (N,).
+
+    The same arithmetic as F.cross_entropy(cap * torch.tanh(logits / cap), targets, reduction="none",
+    ignore_index=-1), written out because the vocabulary-wide (N, V) tensors are most of a small
+    model's step: autograd through those plain ops makes about nine of them (the division, tanh,
+    scaling and log-softmax, a gradient for each, and the zeros that the nll gradient scatters into).
+    Here the forward makes two and keeps one (the tanh), and the backward makes one, using
+        d loss / d z      = softmax(z) - onehot(target)
+        d z / d logits    = 1 - tanh(logits / cap)^2
+    Since |z| <= cap, sum(exp(z)) needs no max subtracted first: it is at most V * e^cap, about
+    2e11 for V = 65536 and cap = 15, far inside fp32's range.
+    tests/test_model.py checks it against the plain ops, values and gradients."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap):
+        squashed = torch.div(logits, cap).tanh_()  # (N, V) tanh(logits / cap), kept for the backward
+        sum_exp = squashed.mul(cap).exp_().sum(dim=-1)  # (N,) sum of exp(z)
+        valid = targets >= 0
+        safe_targets = targets.clamp_min(0)
+        loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
+        ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
+        grad = squashed.mul(ctx.cap).exp_().div_(sum_exp[:, None])  # (N, V) softmax(z)
+        grad.scatter_add_(1, safe_targets[:, None], -valid[:, None].to(grad.dtype))  # - onehot(target)
+        grad.mul_((grad_loss * valid)[:, None])
+        grad.mul_(squashed.square_().neg_().add_(1))  # 1 - tanh^2, in place in the saved tensor
+        return grad, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -612,11 +648,15 @@ class GPT(nn.Module):
             x = norm(x)
             logits = self.lm_head(x)  # (B, T, vocab)
         logits = logits.float()  # the softcap and the loss in fp32
-        logits = 15 * torch.tanh(logits / 15)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+            return 15 * torch.tanh(logits / 15)
+        targets = targets.reshape(-1)
+        loss = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, 15.0)  # (B*T,)
+        if loss_reduction == "none":
+            return loss
+        if loss_reduction == "sum":
+            return loss.sum()
+        return loss.sum() / (targets >= 0).sum()  # the mean over the tokens that have a target
 
 
 # -----------------------------------------------------------------------------------------------

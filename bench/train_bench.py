@@ -1,29 +1,38 @@
 """Training throughput of nanochat_one's GPT: tokens/s, MFU and peak memory for one device.
 
     python bench/train_bench.py --depth 20 --device-batch-size 32 --seq-len 2048          # one GPU
-    python bench/train_bench.py --depth 2 --device-batch-size 4 --seq-len 256 \\
-        --head-dim 32 --aspect-ratio 32 --vocab-size 4096                                # laptop CPU
+    python bench/train_bench.py --depth 4 --device-batch-size 16 --seq-len 256 \\
+        --head-dim 32 --aspect-ratio 32 --vocab-size 4096                                # the laptop tier
 
 Builds the model with the depth dial (nanochat's defaults: aspect ratio 64, head dim 128) and
 the real optimizers (Muon + AdamW), runs --warmup full training steps (forward, backward,
 optimizer step) on random tokens, the first of which includes torch.compile's compilation, then
-times --steps more. The device is synchronised only before and after the timed steps. Prints one
-JSON line: tok_per_s, mfu (percent of the GPU's bf16 peak, from model.estimate_flops(); null
-without a known peak, e.g. on CPU), peak_memory_mb (torch.cuda.max_memory_allocated on a GPU,
-the process's peak RSS elsewhere), compile_s, and the settings.
+times --steps more. The device is synchronised only before and after the timed steps.
+
+It also times a large square matmul on the same device and threads (--matmul-size, fp32 on a CPU,
+COMPUTE_DTYPE on a GPU): what this machine really does, as opposed to a datasheet. Prints one JSON
+line: tok_per_s, mfu (percent of the GPU's bf16 datasheet peak, from model.estimate_flops(); null
+without a known peak, e.g. on CPU), matmul_gflops and matmul_mfu (the step's FLOP/s as a percent of
+that measured matmul rate: the "CPU MFU", a ratio that travels between machines), peak_memory_mb
+(torch.cuda.max_memory_allocated on a GPU, the process's peak RSS elsewhere), compile_s, and the
+settings. --repo DIR imports nanochat_one from another checkout, to compare two versions in one run.
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+if "--repo" in sys.argv[:-1]:  # before the import: which nanochat_one.py to measure
+    REPO = sys.argv[sys.argv.index("--repo") + 1]
+sys.path.insert(0, REPO)
 import nanochat_one as nc  # noqa: E402
 
 
@@ -32,6 +41,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def matmul_flops_per_second(device, n, dtype, repeats=10):
+    """FLOP/s of an (n, n) @ (n, n) matmul on this device: the median of `repeats` timings."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])
 
 
 def main():
@@ -45,6 +67,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (nanochat: 65536)")
     p.add_argument("--aspect-ratio", type=int, default=64, help="width per layer of depth (nanochat: 64)")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension (nanochat: 128)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the device")
+    p.add_argument("--repo", default=REPO, help="the checkout whose nanochat_one.py is measured")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
@@ -83,6 +107,7 @@ def main():
     synchronize(device)
     seconds = time.perf_counter() - t0
 
+    matmul_rate = matmul_flops_per_second(device, args.matmul_size, torch.float32 if device.type == "cpu" else nc.COMPUTE_DTYPE)
     step_seconds = seconds / args.steps
     tok_per_s = B * T / step_seconds
     flops_per_token = model.estimate_flops()
@@ -95,6 +120,7 @@ def main():
     print(json.dumps(dict(
         tok_per_s=round(tok_per_s, 1), step_ms=round(1000 * step_seconds, 2),
         mfu=round(100 * flops_per_token * tok_per_s / peak, 2) if peak else None,
+        matmul_gflops=round(matmul_rate / 1e9, 1), matmul_mfu=round(100 * flops_per_token * tok_per_s / matmul_rate, 2),
         peak_memory_mb=round(peak_memory / 2**20, 1), memory=memory_kind,
         compile_s=round(first_step - step_seconds, 2) if use_compile else None, first_step_s=round(first_step, 3),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
