@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import sandbox
 import tinyworld
 
 
@@ -1403,122 +1404,6 @@ def chat_eval_item(task, row):
     return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
 
 
-# HumanEval runs code that a model wrote, so it runs in a sandbox: bubblewrap (bwrap, the sandbox
-# tool under Flatpak, packaged by every major distribution) builds it from Linux namespaces, and a
-# seccomp filter closes what the namespaces leave open. What the sandbox shows, read-only, besides
-# the Python installation: the system's programs and libraries. Home folders, /etc, /tmp, /var, the
-# data and the checkpoints are absent, whatever their permissions.
-SANDBOX_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
-
-SANDBOX_DENIED_CALLS = {  # system call -> its number on x86_64, on aarch64 (which has no fork or vfork)
-    "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "vfork": (58, None),  # processes, threads
-    "unshare": (272, 97),  # a nested user namespace would let it mount a memory file system of its own
-    "shmget": (29, 194), "msgget": (68, 186), "semget": (64, 190),  # System V IPC: memory outside RLIMIT_AS
-    "io_uring_setup": (425, 425), "bpf": (321, 280),  # kernel worker threads; kernel-memory maps
-}
-
-
-def sandbox_seccomp_filter():
-    """The seccomp filter of the sandbox, as bwrap --seccomp reads it: a classic BPF program that the
-    kernel runs on every system call of the sandboxed process. It makes the calls in
-    SANDBOX_DENIED_CALLS, calls of another architecture (x86_64's x32 calls, numbered from
-    0x40000000, and 32-bit ones) fail with EPERM, and lets the rest through. So the program stays
-    one process with one thread, a limit that RLIMIT_NPROC cannot set: the kernel does not apply it
-    to root. Each instruction is (operation, jump if true, jump if false, operand); a jump skips
-    that many instructions."""
-    import errno
-    import platform
-    import struct
-    audit_arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
-    if audit_arch is None:
-        raise OSError(f"the sandbox's seccomp filter knows x86_64 and aarch64, not {platform.machine()}")
-    column = 1 if platform.machine() == "aarch64" else 0
-    numbers = [pair[column] for pair in SANDBOX_DENIED_CALLS.values() if pair[column] is not None]
-    LOAD, JUMP_IF_EQUAL, JUMP_IF_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ...
-    ALLOW, DENY = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
-    program = [(LOAD, 0, 0, 4),  # the call's architecture (struct seccomp_data: nr at 0, arch at 4)
-               (JUMP_IF_EQUAL, 1, 0, audit_arch),  # ours: skip the DENY below
-               (RETURN, 0, 0, DENY),
-               (LOAD, 0, 0, 0)]  # the call's number
-    checks = [(JUMP_IF_AT_LEAST, 0x40000000)] + [(JUMP_IF_EQUAL, number) for number in numbers]
-    program += [(operation, len(checks) - i, 0, value) for i, (operation, value) in enumerate(checks)]  # to DENY
-    program += [(RETURN, 0, 0, ALLOW), (RETURN, 0, 0, DENY)]
-    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
-
-
-def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None):
-    """Run untrusted Python code; True when it exits with status 0 in time.
-
-    The code runs under bwrap with the interpreter of the Python that runs this file (`python -I`,
-    its standard library, an empty environment) and gets
-      - files: SANDBOX_READ_ONLY and the Python installation (sys.base_prefix), read-only; nothing
-        else exists, and nothing is writable (the code arrives on standard input);
-      - processes: only itself, as PID 1 of a new PID namespace, with no capabilities; the seccomp
-        filter above refuses it any new process or thread;
-      - no network (a new network namespace: not even the host's localhost), IPC or host name;
-      - limits on address space, CPU seconds, file size (what it may write to a file it was given,
-        such as error_file) and open files.
-    Without bwrap the code is not run and this raises; when bwrap cannot build the sandbox it runs
-    nothing and this returns False (sandbox_problem() says why). At the timeout, or if this process
-    dies, bwrap is killed and takes the sandbox with it (--die-with-parent).
-    error_file: a file that receives bwrap's and the code's error output (default: discarded)."""
-    import resource
-    import shutil
-    import signal
-    import subprocess
-    import tempfile
-    if sys.platform != "linux":
-        raise OSError("the sandbox needs Linux (namespaces and seccomp, through bubblewrap)")
-    bwrap = shutil.which("bwrap")
-    if not bwrap:
-        raise OSError("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap; "
-                      "Fedora: sudo dnf install bubblewrap; Arch: sudo pacman -S bubblewrap)")
-    for private in (Path.home(), Path.cwd()):  # e.g. a Python installed in /
-        if private.is_relative_to(sys.base_prefix):
-            raise OSError(f"the Python installation {sys.base_prefix} holds {private}, which the sandbox would show")
-    seccomp_filter = sandbox_seccomp_filter()
-
-    def limit():  # runs in the child between fork and exec; bwrap and the code inherit the limits
-        for which, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, math.ceil(timeout_s)),
-                             (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(which, (value, value))
-
-    with tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
-        code.write(program.encode())
-        rules.write(seccomp_filter)
-        code.seek(0)
-        rules.seek(0)
-        command = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL",  # as root too: no capabilities
-                   "--die-with-parent", "--new-session", "--as-pid-1"]  # setsid: no way to the terminal
-        for path in (*SANDBOX_READ_ONLY, sys.base_prefix):
-            command += ["--ro-bind-try", path, path]
-        command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/",
-                    "--seccomp", str(rules.fileno()), os.path.realpath(sys.executable), "-I", "-"]
-        with subprocess.Popen(command, env={}, stdin=code, stdout=subprocess.DEVNULL,
-                              stderr=error_file or subprocess.DEVNULL, pass_fds=[rules.fileno()],
-                              preexec_fn=limit, start_new_session=True) as process:
-            try:
-                return process.wait(timeout=timeout_s) == 0
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                return False
-
-
-def sandbox_problem():
-    """None when run_sandboxed works on this machine, else one line: what is missing and how to get it."""
-    import tempfile
-    with tempfile.TemporaryFile() as errors:
-        try:
-            if run_sandboxed("import os\nassert os.getpid() == 1\n", error_file=errors):
-                return None
-        except (ImportError, OSError) as e:  # ImportError: no `resource` module (Windows)
-            return str(e)
-        errors.seek(0)
-        lines = errors.read().decode(errors="replace").strip().splitlines() or ["no message"]
-    return f"bwrap could not build the sandbox ({lines[-1]}); see the README's note on HumanEval"
-
-
 def humaneval_program(item, reply):
     """The program that checks one HumanEval answer: the prompt's imports, the model's code (the
     first ``` block if it wrote one; appended to the prompt if it only wrote the function's
@@ -1538,7 +1423,7 @@ def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        passed += run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
+        passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
     passed, total = all_reduce_counts(passed, len(mine), ddp.device)
     return passed / max(total, 1)
 
@@ -1549,7 +1434,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
     tasks = {}
     for task, (_, _, _, chance) in CHAT_EVAL_TASKS.items():
         if task == "HumanEval":
-            problem = sandbox_problem() if args.humaneval else None
+            problem = sandbox.sandbox_problem() if args.humaneval else None
             if not args.humaneval or problem:
                 print0("HumanEval skipped: " + (f"no sandbox on this machine ({problem})" if problem else
                        "it runs model-written code; pass --humaneval to run it in a sandbox (bubblewrap)"))
@@ -1713,8 +1598,21 @@ def record_wall_time(stage, seconds):
 # -----------------------------------------------------------------------------------------------
 # Training: the loop shared by base, mid and sft
 
-def compile_setting(args):
-    return DEVICE_TYPE == "cuda" if args.compile == "auto" else args.compile == "on"
+CPU_COMPILE_MIN_STEPS = 300  # where compiling pays for itself on a CPU (see compile_setting)
+
+
+def compile_setting(args, num_steps=0, fixed_shapes=True):
+    """(compile?, why) for torch.compile of the training model. --compile auto: on for CUDA; on a
+    CPU only for a run of at least CPU_COMPILE_MIN_STEPS steps whose batches all have one shape.
+    Measured at the tiny tier on 2 cores: compiling takes ~30 s and then saves ~0.1 s a step, so
+    it pays back after ~300 steps; each new batch shape (SFT's padded rows) would compile again."""
+    if args.compile != "auto":
+        return args.compile == "on", f"--compile {args.compile}"
+    if DEVICE_TYPE == "cuda":
+        return True, "auto: on CUDA"
+    if not fixed_shapes or num_steps < CPU_COMPILE_MIN_STEPS:
+        return False, f"auto: not worth its compile time for {num_steps} steps on {DEVICE_TYPE}"
+    return True, f"auto: {num_steps} steps on {DEVICE_TYPE} pay back the compile time (--compile off to skip)"
 
 
 def load_trained(args, ddp, stage, tokenizer):
@@ -1843,7 +1741,9 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         if start_step > num_steps:
             raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_steps}")
     ddp_model = wrap_ddp(model, ddp)
-    train_model = torch.compile(ddp_model) if compile_setting(args) else ddp_model
+    use_compile, why = compile_setting(args, num_steps - start_step, fixed_shapes=stage != "sft")
+    print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
+    train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     peak = peak_flops(ddp.device)
 
@@ -1863,6 +1763,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=metrics))
 
     metrics, history, train_curve, smooth_loss, t_train, tokens_timed = {}, [], [], None, 0.0, 0
+    first_step_seconds = None
     step = start_step
     model.train()
     try:
@@ -1893,6 +1794,9 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             if step > start_step + 1:
                 t_train += dt  # the first step includes warm-up and compilation
                 tokens_timed += step_tokens
+            elif use_compile:
+                first_step_seconds = dt
+                print0(f"first step {dt:.1f}s, most of it compiling (counted in this stage's wall time)")
             smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
             train_curve.append((step, train_loss))
             tok_per_s = step_tokens / dt
@@ -1907,7 +1811,8 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     # throughput over the timed steps (all but the first, which includes warm-up)
     tok_per_s = tokens_timed / t_train if t_train else 0.0
     return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps, tokens=num_steps * args.total_batch_size,
-                tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE,
+                tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE, compiled=use_compile,
+                first_step_seconds=first_step_seconds and round(first_step_seconds, 1),
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
                 metrics=metrics, history=history, train_loss=train_curve)
 

@@ -25,7 +25,6 @@ import resource
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -63,7 +62,7 @@ def main():
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (also the model's context)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on for CUDA)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on for CUDA only)")
     p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (nanochat: 65536)")
     p.add_argument("--aspect-ratio", type=int, default=64, help="width per layer of depth (nanochat: 64)")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension (nanochat: 128)")
@@ -80,7 +79,7 @@ def main():
         model = nc.GPT(config)
     model.init_weights()
     optimizers = nc.setup_optimizers(model)
-    use_compile = nc.compile_setting(SimpleNamespace(compile=args.compile))
+    use_compile = args.compile == "on" or (args.compile == "auto" and nc.DEVICE_TYPE == "cuda")
     train_model = torch.compile(model) if use_compile else model
     tokens = torch.randint(0, args.vocab_size, (B, T + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import bpe
 import nanochat_one as nc
+import sandbox
 
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
@@ -272,19 +273,19 @@ def test_real_chat_evaluation_with_a_missing_dataset(tmp_path, monkeypatch, caps
 
 
 def test_sandbox_runs_humaneval_programs_without_network_or_runaway():
-    if nc.sandbox_problem():
-        pytest.skip(f"no sandbox here: {nc.sandbox_problem()}")
+    if sandbox.sandbox_problem():
+        pytest.skip(f"no sandbox here: {sandbox.sandbox_problem()}")
     item = dict(prompt='import math\n\n\ndef hyp(a, b):\n    """Hypotenuse."""\n',
                 test="def check(f):\n    assert f(3, 4) == 5\n", entry_point="hyp")
-    assert nc.run_sandboxed(nc.humaneval_program(item, "    return math.hypot(a, b)\n"))  # the body only
-    assert nc.run_sandboxed(nc.humaneval_program(item, "```python\ndef hyp(a, b):\n    return math.sqrt(a*a + b*b)\n```"))
-    assert not nc.run_sandboxed(nc.humaneval_program(item, "    return a + b\n"))
-    assert not nc.run_sandboxed("while True:\n    pass\n", timeout_s=1)
-    assert not nc.run_sandboxed("x = bytearray(4 << 30)\n")
+    assert sandbox.run_sandboxed(nc.humaneval_program(item, "    return math.hypot(a, b)\n"))  # the body only
+    assert sandbox.run_sandboxed(nc.humaneval_program(item, "```python\ndef hyp(a, b):\n    return math.sqrt(a*a + b*b)\n```"))
+    assert not sandbox.run_sandboxed(nc.humaneval_program(item, "    return a + b\n"))
+    assert not sandbox.run_sandboxed("while True:\n    pass\n", timeout_s=1)
+    assert not sandbox.run_sandboxed("x = bytearray(4 << 30)\n")
     with socket.socket() as server:  # reachable from here, not from inside the sandbox
         server.bind(("127.0.0.1", 0))
         server.listen()
-        assert not nc.run_sandboxed(f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), 2)\n")
+        assert not sandbox.run_sandboxed(f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), 2)\n")
 
 
 def test_report_table_per_stage():

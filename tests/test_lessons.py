@@ -20,7 +20,7 @@ NOTEBOOKS = sorted((ROOT / "lessons").glob("*.ipynb"))
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_lesson_runs(notebook, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the kernel process
-    for name in ("nanochat_one.py", "bpe.py", "tinyworld.py", "speedrun.sh"):
+    for name in ("nanochat_one.py", "bpe.py", "tinyworld.py", "sandbox.py", "speedrun.sh"):
         shutil.copy(ROOT / name, tmp_path / name)
     for built in ROOT.glob("_bpe*.so"):  # an in-place build of the C extension, if there is one
         shutil.copy(built, tmp_path / built.name)

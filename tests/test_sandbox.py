@@ -19,8 +19,9 @@ import pytest
 
 import bpe
 import nanochat_one as nc
+import sandbox
 
-PROBLEM = nc.sandbox_problem()
+PROBLEM = sandbox.sandbox_problem()
 needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=f"no HumanEval sandbox here: {PROBLEM}")
 
 
@@ -43,7 +44,7 @@ def sandboxed_pythons():
 
 def run_timed(program, **limits):
     start = time.monotonic()
-    passed = nc.run_sandboxed(program, **limits)
+    passed = sandbox.run_sandboxed(program, **limits)
     return passed, time.monotonic() - start
 
 
@@ -55,7 +56,7 @@ def test_writes_deletes_and_renames_outside_leave_no_trace(tmp_path, monkeypatch
     shown.parent.mkdir()
     shown.write_text("original")
     modes = {path: path.stat().st_mode for path in (hidden, shown)}
-    monkeypatch.setattr(nc, "SANDBOX_READ_ONLY", (*nc.SANDBOX_READ_ONLY, str(shown.parent)))
+    monkeypatch.setattr(sandbox, "SANDBOX_READ_ONLY", (*sandbox.SANDBOX_READ_ONLY, str(shown.parent)))
     probe = f"nanochat-sandbox-probe-{os.getpid()}"
     new_files = [Path("/tmp") / probe, Path.home() / probe, Path(sys.base_prefix) / probe, Path("/") / probe,
                  tmp_path / probe, shown.parent / probe]
@@ -252,15 +253,15 @@ assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 0  # no capabil
 @needs_sandbox
 def test_output_to_a_given_file_is_limited_in_size(tmp_path):
     with open(tmp_path / "errors.txt", "w+b") as errors:
-        assert not nc.run_sandboxed("import sys\nsys.stderr.write('x' * (4 << 20))\n", error_file=errors)
+        assert not sandbox.run_sandboxed("import sys\nsys.stderr.write('x' * (4 << 20))\n", error_file=errors)
     assert (tmp_path / "errors.txt").stat().st_size <= 1 << 20
 
 
 def test_without_bubblewrap_humaneval_refuses_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
-    assert nc.sandbox_problem().startswith("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap")
+    assert sandbox.sandbox_problem().startswith("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap")
     with pytest.raises(OSError):
-        nc.run_sandboxed("print('never')")
+        sandbox.run_sandboxed("print('never')")
 
 
 def test_a_bwrap_that_cannot_build_the_sandbox_is_reported(tmp_path, monkeypatch):
@@ -268,7 +269,7 @@ def test_a_bwrap_that_cannot_build_the_sandbox_is_reported(tmp_path, monkeypatch
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create a new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    problem = nc.sandbox_problem()
+    problem = sandbox.sandbox_problem()
     assert problem == ("bwrap could not build the sandbox (bwrap: No permissions to create a new namespace); "
                        "see the README's note on HumanEval")
 

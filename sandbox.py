@@ -1,0 +1,128 @@
+"""Run untrusted Python code (HumanEval answers that a model wrote) in a sandbox, on Linux.
+
+    import sandbox
+    sandbox.sandbox_problem()                        # None, or one line saying what is missing
+    sandbox.run_sandboxed("assert 1 + 1 == 2\n")     # True: it exited with status 0 in time
+
+bubblewrap (bwrap, the sandbox tool under Flatpak, packaged by every major distribution) builds
+the sandbox from Linux namespaces, and a seccomp filter closes what the namespaces leave open; see
+run_sandboxed for exactly what the code can and cannot reach, and the README for the guarantees.
+nanochat_one.py's HumanEval evaluation is the only user; this imports nothing from it.
+"""
+import math
+import os
+import sys
+from pathlib import Path
+
+# What the sandbox shows, read-only, besides the Python installation: the system's programs and
+# libraries. Home folders, /etc, /tmp, /var, the data and the checkpoints are absent, whatever
+# their permissions.
+SANDBOX_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+
+SANDBOX_DENIED_CALLS = {  # system call -> its number on x86_64, on aarch64 (which has no fork or vfork)
+    "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "vfork": (58, None),  # processes, threads
+    "unshare": (272, 97),  # a nested user namespace would let it mount a memory file system of its own
+    "shmget": (29, 194), "msgget": (68, 186), "semget": (64, 190),  # System V IPC: memory outside RLIMIT_AS
+    "io_uring_setup": (425, 425), "bpf": (321, 280),  # kernel worker threads; kernel-memory maps
+}
+
+
+def sandbox_seccomp_filter():
+    """The seccomp filter of the sandbox, as bwrap --seccomp reads it: a classic BPF program that the
+    kernel runs on every system call of the sandboxed process. It makes the calls in
+    SANDBOX_DENIED_CALLS, calls of another architecture (x86_64's x32 calls, numbered from
+    0x40000000, and 32-bit ones) fail with EPERM, and lets the rest through. So the program stays
+    one process with one thread, a limit that RLIMIT_NPROC cannot set: the kernel does not apply it
+    to root. Each instruction is (operation, jump if true, jump if false, operand); a jump skips
+    that many instructions."""
+    import errno
+    import platform
+    import struct
+    audit_arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
+    if audit_arch is None:
+        raise OSError(f"the sandbox's seccomp filter knows x86_64 and aarch64, not {platform.machine()}")
+    column = 1 if platform.machine() == "aarch64" else 0
+    numbers = [pair[column] for pair in SANDBOX_DENIED_CALLS.values() if pair[column] is not None]
+    LOAD, JUMP_IF_EQUAL, JUMP_IF_AT_LEAST, RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ...
+    ALLOW, DENY = 0x7FFF0000, 0x00050000 | errno.EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+    program = [(LOAD, 0, 0, 4),  # the call's architecture (struct seccomp_data: nr at 0, arch at 4)
+               (JUMP_IF_EQUAL, 1, 0, audit_arch),  # ours: skip the DENY below
+               (RETURN, 0, 0, DENY),
+               (LOAD, 0, 0, 0)]  # the call's number
+    checks = [(JUMP_IF_AT_LEAST, 0x40000000)] + [(JUMP_IF_EQUAL, number) for number in numbers]
+    program += [(operation, len(checks) - i, 0, value) for i, (operation, value) in enumerate(checks)]  # to DENY
+    program += [(RETURN, 0, 0, ALLOW), (RETURN, 0, 0, DENY)]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
+def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None):
+    """Run untrusted Python code; True when it exits with status 0 in time.
+
+    The code runs under bwrap with the interpreter of the Python that runs this file (`python -I`,
+    its standard library, an empty environment) and gets
+      - files: SANDBOX_READ_ONLY and the Python installation (sys.base_prefix), read-only; nothing
+        else exists, and nothing is writable (the code arrives on standard input);
+      - processes: only itself, as PID 1 of a new PID namespace, with no capabilities; the seccomp
+        filter above refuses it any new process or thread;
+      - no network (a new network namespace: not even the host's localhost), IPC or host name;
+      - limits on address space, CPU seconds, file size (what it may write to a file it was given,
+        such as error_file) and open files.
+    Without bwrap the code is not run and this raises; when bwrap cannot build the sandbox it runs
+    nothing and this returns False (sandbox_problem() says why). At the timeout, or if this process
+    dies, bwrap is killed and takes the sandbox with it (--die-with-parent).
+    error_file: a file that receives bwrap's and the code's error output (default: discarded)."""
+    import resource
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    if sys.platform != "linux":
+        raise OSError("the sandbox needs Linux (namespaces and seccomp, through bubblewrap)")
+    bwrap = shutil.which("bwrap")
+    if not bwrap:
+        raise OSError("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap; "
+                      "Fedora: sudo dnf install bubblewrap; Arch: sudo pacman -S bubblewrap)")
+    for private in (Path.home(), Path.cwd()):  # e.g. a Python installed in /
+        if private.is_relative_to(sys.base_prefix):
+            raise OSError(f"the Python installation {sys.base_prefix} holds {private}, which the sandbox would show")
+    seccomp_filter = sandbox_seccomp_filter()
+
+    def limit():  # runs in the child between fork and exec; bwrap and the code inherit the limits
+        for which, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, math.ceil(timeout_s)),
+                             (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(which, (value, value))
+
+    with tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
+        code.write(program.encode())
+        rules.write(seccomp_filter)
+        code.seek(0)
+        rules.seek(0)
+        command = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL",  # as root too: no capabilities
+                   "--die-with-parent", "--new-session", "--as-pid-1"]  # setsid: no way to the terminal
+        for path in (*SANDBOX_READ_ONLY, sys.base_prefix):
+            command += ["--ro-bind-try", path, path]
+        command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/",
+                    "--seccomp", str(rules.fileno()), os.path.realpath(sys.executable), "-I", "-"]
+        with subprocess.Popen(command, env={}, stdin=code, stdout=subprocess.DEVNULL,
+                              stderr=error_file or subprocess.DEVNULL, pass_fds=[rules.fileno()],
+                              preexec_fn=limit, start_new_session=True) as process:
+            try:
+                return process.wait(timeout=timeout_s) == 0
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                return False
+
+
+def sandbox_problem():
+    """None when run_sandboxed works on this machine, else one line: what is missing and how to get it."""
+    import tempfile
+    with tempfile.TemporaryFile() as errors:
+        try:
+            if run_sandboxed("import os\nassert os.getpid() == 1\n", error_file=errors):
+                return None
+        except (ImportError, OSError) as e:  # ImportError: no `resource` module (Windows)
+            return str(e)
+        errors.seek(0)
+        lines = errors.read().decode(errors="replace").strip().splitlines() or ["no message"]
+    return f"bwrap could not build the sandbox ({lines[-1]}); see the README's note on HumanEval"
