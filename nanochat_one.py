@@ -40,6 +40,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -312,7 +313,6 @@ def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINE
     Shards already there are skipped. Each new one is written under a temporary name (not
     *.parquet) and renamed when complete, so an interrupted download never leaves a truncated
     shard. A failed request is retried after 1, 2, 4, 8 s (exponential backoff)."""
-    import shutil
     import urllib.request  # the standard library is enough for plain HTTPS downloads
     if num_shards < 2:
         raise UserError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
@@ -561,17 +561,28 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     ignore_index=-1), written out because the vocabulary-wide (N, V) tensors are most of a small
     model's step: autograd through those plain ops makes about nine of them (the division, tanh,
     scaling and log-softmax, a gradient for each, and the zeros that the nll gradient scatters into).
-    Here the forward makes two and keeps one (the tanh), and the backward makes one, using
+    Here the forward makes one, tanh(logits / cap), and keeps it; the backward overwrites it with
+    the gradient, using
         d loss / d z      = softmax(z) - onehot(target)
         d z / d logits    = 1 - tanh(logits / cap)^2
-    Since |z| <= cap, sum(exp(z)) needs no max subtracted first: it is at most V * e^cap, about
-    2e11 for V = 65536 and cap = 15, far inside fp32's range.
+    On a CPU the work goes in blocks of rows that stay in the cache (each new tensor of N x V floats
+    also costs a page fault per 4 KiB); under torch.compile, or on a GPU, in one block. Since
+    |z| <= cap, sum(exp(z)) needs no max subtracted first: it is at most V * e^cap, about 2e11 for
+    V = 65536 and cap = 15, far inside fp32's range.
     tests/test_model.py checks it against the plain ops, values and gradients."""
 
     @staticmethod
+    def blocks(n_rows, n_cols, device):
+        rows = n_rows if device.type != "cpu" or torch.compiler.is_compiling() else max(1, 2 ** 18 // n_cols)
+        return [slice(r, r + rows) for r in range(0, n_rows, rows)]
+
+    @staticmethod
     def forward(ctx, logits, targets, cap):
-        squashed = torch.div(logits, cap).tanh_()  # (N, V) tanh(logits / cap), kept for the backward
-        sum_exp = squashed.mul(cap).exp_().sum(dim=-1)  # (N,) sum of exp(z)
+        squashed = torch.empty_like(logits)  # (N, V) tanh(logits / cap)
+        sum_exp = logits.new_empty(logits.size(0))  # (N,) sum of exp(z) over the vocabulary
+        for rows in SoftcapCrossEntropy.blocks(*logits.shape, logits.device):
+            block = torch.div(logits[rows], cap, out=squashed[rows]).tanh_()
+            sum_exp[rows] = block.mul(cap).exp_().sum(dim=-1)
         valid = targets >= 0
         safe_targets = targets.clamp_min(0)
         loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
@@ -582,11 +593,14 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
-        grad = squashed.mul(ctx.cap).exp_().div_(sum_exp[:, None])  # (N, V) softmax(z)
-        grad.scatter_add_(1, safe_targets[:, None], -valid[:, None].to(grad.dtype))  # - onehot(target)
-        grad.mul_((grad_loss * valid)[:, None])
-        grad.mul_(squashed.square_().neg_().add_(1))  # 1 - tanh^2, in place in the saved tensor
-        return grad, None, None
+        scale = (grad_loss * valid)[:, None]  # (N, 1)
+        at_target = squashed.gather(1, safe_targets[:, None])  # (N, 1) tanh at the target, before it is overwritten
+        for rows in SoftcapCrossEntropy.blocks(*squashed.shape, squashed.device):
+            block = squashed[rows]
+            softmax = block.mul(ctx.cap).exp_().div_(sum_exp[rows, None])
+            block.square_().neg_().add_(1).mul_(softmax).mul_(scale[rows])  # (1 - tanh^2) softmax(z), in place
+        squashed.scatter_add_(1, safe_targets[:, None], -(1 - at_target.square()) * scale)  # - (1 - tanh^2) onehot
+        return squashed, None, None  # the gradient, in the memory of the saved tanh
 
 
 class GPT(nn.Module):
@@ -702,18 +716,23 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
-                update = p.grad.lerp(buf, group["momentum"])  # Nesterov: look one step ahead
-                update = newton_schulz_orthogonalize(update, group["ns_steps"])
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(update, alpha=-group["lr"] * scale)
+            params = [p for p in group["params"] if p.grad is not None]
+            # matrices of one shape are orthogonalised together, as one batch: a few large matmuls
+            # instead of many small ones (the same arithmetic, matrix by matrix)
+            for shape in dict.fromkeys(p.shape for p in params):
+                same = [p for p in params if p.shape == shape]
+                updates = []
+                for p in same:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
+                    updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
+                updates = newton_schulz_orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+                for p, update in zip(same, updates):
+                    p.add_(update, alpha=-group["lr"] * scale)
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0):
@@ -1297,7 +1316,6 @@ def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_
     folder that is renamed into place when complete, so an interrupted run leaves no half bundle.
     The archive's sha256 is kept in <directory>/SOURCE for the record (there is no published one)."""
     import hashlib
-    import shutil
     import tempfile
     import urllib.request
     import zipfile
@@ -1612,6 +1630,8 @@ def compile_setting(args, num_steps=0, fixed_shapes=True):
         return True, "auto: on CUDA"
     if not fixed_shapes or num_steps < CPU_COMPILE_MIN_STEPS:
         return False, f"auto: not worth its compile time for {num_steps} steps on {DEVICE_TYPE}"
+    if DEVICE_TYPE == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return False, "auto: no C++ compiler for torch.compile's CPU code"
     return True, f"auto: {num_steps} steps on {DEVICE_TYPE} pay back the compile time (--compile off to skip)"
 
 
