@@ -266,7 +266,7 @@ def parquet_files(data_dir):
 
 def parquet_documents(data_dir, split, start=0):
     """Yield (position, text) from parquet shards: every shard but the last is train, the last
-    is val (and test). Position counts documents, so a resumed run skips what it has seen."""
+    is val (and test). Position counts documents, so a stream can restart at any document."""
     import pyarrow.parquet as pq  # installed with `datasets`; only needed for real data
     files = parquet_files(data_dir)
     files = files[:-1] if split == "train" else files[-1:]
