@@ -3,9 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import nanochat_one as nc  # noqa: E402
 
 
 @pytest.fixture
@@ -13,3 +15,12 @@ def base_dir(tmp_path, monkeypatch):
     """A fresh artifacts directory for one test."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "runs"))
     return tmp_path / "runs"
+
+
+def run_stage(*argv):
+    """Run one stage in this process as the CLI does (parse, check the flags, seed) and return
+    its summary; tests import it: `from conftest import run_stage`."""
+    args = nc.build_parser().parse_args(list(argv))
+    nc.finalize_args(args)
+    torch.manual_seed(args.seed)
+    return nc.STAGES[args.stage](args, nc.Dist())

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import bpe
 import nanochat_one as nc
+from conftest import run_stage
 import sandbox
 
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
@@ -77,13 +78,6 @@ class BigramModel(nn.Module):
 
 
 FORCED = BigramModel([(" ", "y"), ("y", "e"), ("e", "s"), ("k", "!"), ("=", "7")])
-
-
-def run_stage(*argv):
-    args = nc.build_parser().parse_args(list(argv))
-    nc.finalize_args(args)
-    torch.manual_seed(args.seed)
-    return nc.STAGES[args.stage](args, nc.Dist())
 
 
 def core_task(spec, baseline, items):

@@ -8,6 +8,7 @@ import torch
 
 import bpe
 import nanochat_one as nc
+from conftest import run_stage
 
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
@@ -84,13 +85,6 @@ BAD_FLAGS = [
 def test_bad_flag_is_one_line_before_any_work(argv, words, base_dir, capsys):
     assert words in one_line_error(capsys, *argv)
     assert not base_dir.exists()  # nothing was written: no tokenizer, no checkpoint, no report
-
-
-def run_stage(*argv):
-    args = nc.build_parser().parse_args(list(argv))
-    nc.finalize_args(args)
-    torch.manual_seed(args.seed)
-    return nc.STAGES[args.stage](args, nc.Dist())
 
 
 @pytest.fixture

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 import nanochat_one as nc
+from conftest import run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
         "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
-
-
-def run_stage(*argv):
-    args = nc.build_parser().parse_args(list(argv))
-    nc.finalize_args(args)
-    torch.manual_seed(args.seed)
-    return nc.STAGES[args.stage](args, nc.Dist())
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nanochat_one as nc
+from conftest import run_stage
 
 WORKER = Path(__file__).resolve().parent / "kill_worker.py"
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
@@ -32,13 +33,6 @@ def fake_reward(text, reference):
     """A reward that a tiny untrained model earns on some samples and not others, so that every RL
     step has groups with signal (the real grader would give all zeros here and no update)."""
     return len(text) % 3 == 0
-
-
-def run_stage(*argv):
-    args = nc.build_parser().parse_args(list(argv))
-    nc.finalize_args(args)
-    torch.manual_seed(args.seed)
-    return nc.STAGES[args.stage](args, nc.Dist())
 
 
 @pytest.fixture(scope="module")
