@@ -73,6 +73,8 @@ def main():
         p.error("--steps and --warmup must be at least 1")
 
     device = torch.device("cuda", 0) if nc.DEVICE_TYPE == "cuda" else torch.device(nc.DEVICE_TYPE)
+    if hasattr(nc, "keep_freed_memory"):  # as the CLI does (older versions, measured with --repo, lack it)
+        nc.keep_freed_memory()
     B, T = args.device_batch_size, args.seq_len
     config = nc.config_from_depth(args.depth, args.vocab_size, T, args.aspect_ratio, args.head_dim)
     with torch.device(device):
