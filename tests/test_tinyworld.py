@@ -69,11 +69,11 @@ DIGESTS = {
     ("documents", "train"): "d84d55eaae735018dd4e3f1b82bc302a56587da0decce1d8be442240a0407027",
     ("documents", "val"): "e35f39eab3d0628f42936a6c54ec2a6d8b1394e5e18f12fc37834b0f82a961e4",
     ("documents", "test"): "6f3c91e0d24ae872c9d8ec2afd0a614c5447feba501d5362a2e2351da361549d",
-    ("chat", "train"): "0817db8673a149ee4826811e9320011d22d2afd0aa75e874f15aa58cb0e6473c",
-    ("chat", "val"): "fcc0b1362ba9f93bc80db4395ecdc6e10e020f699adfe691d481dfbe46c49bd3",
+    ("chat", "train"): "74e6febf40c697300c310c2fcc9286a72083abfb320f499d7819cd81473a0c1a",
+    ("chat", "val"): "ad969bec8b33ccb9cfa9e44d65a152b175edf3e5dc17f77ef4189165f1ddd280",
     ("chat", "test"): "2cfa1caf55c18199397fc77338826be76edf7c8d2ee5894facc1d01d1a6e00eb",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
-    ("eval", "multiple_choice"): "ab387a2b0017c0647114f85b6a16fb60b6346224d6f8e0b057487fa14f7cc1c5",
+    ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
 }
 
