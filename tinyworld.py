@@ -25,8 +25,9 @@ Splits by hash. Every item has a key that names what it is about, never its word
 ("capital:France", "wp:share:3,4"; document i has the key "doc:i"), and tinyworld_split(key)
 puts it in train, val or test (about 80/10/10) by a CRC32 of the key. So every phrasing of a
 question lands in the same split, and stories that quote a question quote only training ones
-(train_item). A conversation of two or three questions is split by their joined keys
-("capital:France|colour:snow"), so a held-out question can still be asked inside one of those.
+(train_item). A conversation of two or three questions joins their keys
+("capital:France|colour:snow") and belongs to a split only when every one of its questions does,
+so no training conversation asks a held-out question.
 
 How to extend it:
 - a fact table: a list of tuples beside the others; to ask about it, a kind in FACT_KINDS with
@@ -939,15 +940,15 @@ CHAT_TASKS = {tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tiny
 
 def tinyworld_chat_examples(split, start=0):
     """Yield (position, conversation) forever: a weighted mixture of the chat tasks. Example i
-    comes from its own seed; it is kept only if its key hashes into `split`, so a question of
-    the test split is never asked on its own in training (it may appear in pretraining text,
-    and inside a training conversation of several questions, whose key joins their keys)."""
+    comes from its own seed; it is kept only if its key hashes into `split`, and a conversation
+    of several questions (keys joined by "|") only if every one of its keys does, so a question
+    of the test split is never asked in training (it may appear in pretraining text)."""
     makers, weights = list(CHAT_TASKS), list(CHAT_TASKS.values())
     i = start
     while True:
         rng = random.Random(f"chat-{i}")
         conversation = rng.choices(makers, weights)[0](rng)
-        if tinyworld_split(conversation["key"]) == split:
+        if all(tinyworld_split(key) == split for key in conversation["key"].split("|")):
             yield i, conversation
         i += 1
 

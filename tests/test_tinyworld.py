@@ -69,9 +69,9 @@ DIGESTS = {
     ("documents", "train"): "d84d55eaae735018dd4e3f1b82bc302a56587da0decce1d8be442240a0407027",
     ("documents", "val"): "e35f39eab3d0628f42936a6c54ec2a6d8b1394e5e18f12fc37834b0f82a961e4",
     ("documents", "test"): "6f3c91e0d24ae872c9d8ec2afd0a614c5447feba501d5362a2e2351da361549d",
-    ("chat", "train"): "74e6febf40c697300c310c2fcc9286a72083abfb320f499d7819cd81473a0c1a",
-    ("chat", "val"): "ad969bec8b33ccb9cfa9e44d65a152b175edf3e5dc17f77ef4189165f1ddd280",
-    ("chat", "test"): "2cfa1caf55c18199397fc77338826be76edf7c8d2ee5894facc1d01d1a6e00eb",
+    ("chat", "train"): "9f138825313ecbf28a5b4e92416b732f6b1e4d1cbec98664a8298ff8e6f39a13",
+    ("chat", "val"): "1e94c31dce63b7d4d5264b343572c7a4df9d7056932e70b2d5758205dde7a2cf",
+    ("chat", "test"): "b87393c0e3ba7d2cd0a54dc10d5b06c33c3eaad2e3ddda02c5118e62330f51c1",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
     ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
@@ -91,3 +91,17 @@ def test_tinyworld_imports_only_the_standard_library():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"random", "re", "zlib"}  # nothing from nanochat_one.py: the arrow goes one way
+
+
+def test_training_conversations_never_ask_a_held_out_question():
+    rng, held_out = random.Random(0), set()
+    for _ in range(200_000):  # nearly every phrasing of every fact question
+        fact = tinyworld.tinyworld_fact_question(rng)
+        if tinyworld.tinyworld_split(fact["key"]) != "train":
+            held_out.add(fact["question"])
+    asked, several = set(), 0
+    for _, conversation in itertools.islice(tinyworld.tinyworld_chat_examples("train"), 4000):
+        questions = [m["content"].split("\n")[0] for m in conversation["messages"] if m["role"] == "user"]
+        asked.update(questions)
+        several += len(questions) > 1
+    assert several > 300 and len(asked & held_out) == 0, sorted(asked & held_out)[:5]
