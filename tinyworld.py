@@ -953,12 +953,15 @@ def tinyworld_chat_examples(split, start=0):
         i += 1
 
 
-def tinyworld_eval_items(task, split="test", n=200, seed=0):
-    """n distinct held-out items of one task ("fact", "multiple_choice" or "word_problem")."""
+def tinyworld_eval_items(task, split="test", n=400, seed=0):
+    """n held-out items of one task ("fact", "multiple_choice" or "word_problem"), no two with the
+    same question; fewer if the split runs out. The test split asks 415 fact questions (a few
+    phrasings of each of 116 facts), so up to 415 fact or multiple-choice items, and thousands
+    of word problems."""
     make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
                 word_problem=tinyworld_word_problem)[task]
     rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
-    for _ in range(100 * n):
+    for _ in range(1000 * n):  # the rarest questions take ~100,000 draws to meet
         item = make(rng)
         if tinyworld_split(item["key"]) == split and item["question"] not in seen:
             seen.add(item["question"])

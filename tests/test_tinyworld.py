@@ -105,3 +105,10 @@ def test_training_conversations_never_ask_a_held_out_question():
         asked.update(questions)
         several += len(questions) > 1
     assert several > 300 and len(asked & held_out) == 0, sorted(asked & held_out)[:5]
+
+
+def test_400_distinct_held_out_items_per_task():
+    for task in ("fact", "multiple_choice", "word_problem"):
+        items = tinyworld.tinyworld_eval_items(task, "test", n=400)
+        assert len(items) == 400 == len({item["question"] for item in items})
+        assert {tinyworld.tinyworld_split(item["key"]) for item in items} == {"test"}
