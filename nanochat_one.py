@@ -1073,10 +1073,12 @@ def evaluate_loss(model, batches, num_batches):
 # Evaluation: chat tasks (multiple choice, factual questions, word problems with the tool)
 
 def extract_answer(text):
-    """The number after the last '####', with thousands separators removed, or None:
-    "... so 15 apples.\\n#### 1,015" -> "1015"."""
-    matches = re.findall(r"(?<!#)####(?!#)\s*([-+]?[\d, ]*\.?\d+)", text)
-    return matches[-1].replace(",", "").replace(" ", "") if matches else None
+    """The number after the last '####', with thousands separators removed, or None when that
+    '####' has no number after it or a second one on its line: "... so 15 apples.\\n#### 1,015"
+    -> "1015"; "#### 3\\n#### 4" -> "4" (only the last line counts); "#### 18 or 19" -> None."""
+    lines = re.findall(r"(?<!#)####(?!#)(.*)", text)  # what follows each '####' on its line
+    match = re.match(r"\s*([-+]?[\d, ]*\.?\d+)(?!.*\d)", lines[-1]) if lines else None
+    return match.group(1).replace(",", "").replace(" ", "") if match else None
 
 
 def answer_is_correct(text, reference):
@@ -1089,6 +1091,29 @@ def answer_is_correct(text, reference):
         return abs(float(got) - float(str(reference).replace(",", "").strip())) < 1e-6
     except ValueError:
         return False
+
+
+def fact_is_correct(reply, item):
+    """Grade a reply to a TinyWorld fact question on its answer alone. In the reply's first sentence
+    we find the names of possible answers (those of the question's kind in tinyworld.FACT_ANSWERS,
+    any whole number) and of the question's subject, as whole words, case aside, longest first.
+    The reply is right when the last name is the answer and every other is the answer or the
+    subject. For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
+        "The day before Sunday is Saturday."  right: Sunday is the subject, Saturday comes last
+        "Saturday"                            right
+        "The day before Saturday is Friday."  wrong: it ends on another day
+        "Friday or Saturday."                 wrong: it names another day
+        "Saturdays."                          wrong: no day as a whole word
+    Every reply TinyWorld trains on names its answer last: "A young cat is called a kitten.",
+    "A dog has four legs.", "3 plus 4 is 7." (the operands 3 and 4 are that question's subject)."""
+    kind, subject = item["key"].split(":", 1)
+    subjects = re.split(r"[-+]", subject) if kind in ("add", "sub") else [subject]  # "add:3+4": 3 and 4
+    names = sorted({item["answer"], *subjects, *tinyworld.FACT_ANSWERS.get(kind, [])}, key=len, reverse=True)
+    pattern = r"(?<!\w)(" + "|".join(re.escape(name.lower()) for name in names) + r"|\d+)(?!\w)"
+    sentence = " ".join(re.split(r"[.!?](?:\s|$)|\n", reply.strip(), maxsplit=1)[0].lower().split())
+    said = re.findall(pattern, sentence)
+    allowed = {item["answer"].lower(), *(s.lower() for s in subjects)}
+    return bool(said) and said[-1] == item["answer"].lower() and all(name in allowed for name in said)
 
 
 def shard(items, ddp):
@@ -1120,8 +1145,8 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
 
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
-    """Accuracy of greedy answers: factual questions count as right when the reply contains the
-    answer; word problems when the '####' number is right (the calculator tool is available)."""
+    """Accuracy of greedy answers: factual questions graded by fact_is_correct, word problems by
+    their '####' number (answer_is_correct; the calculator tool is available)."""
     engine, correct = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1131,7 +1156,7 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
         if task == "word_problem":
             correct += answer_is_correct(reply, item["answer"])
         else:
-            correct += item["answer"].lower() in reply.lower()
+            correct += fact_is_correct(reply, item)
     correct, total = all_reduce_counts(correct, len(mine), ddp.device)
     return correct / max(total, 1)
 

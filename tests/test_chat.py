@@ -89,14 +89,6 @@ def test_calculator_parts_from_gsm8k():
                      dict(type="python_output", text="36"), dict(type="text", text="36 dollars.\n#### 36")]
 
 
-@pytest.mark.parametrize("text,reference,expected", [
-    ("so 18\n#### 18", 18, True), ("#### 18.0", "18", True), ("#### 18.00", 18, True), ("#### 1,000", 1000, True),
-    ("#### 1 000", "1000", True), ("#### -5", -5, True), ("#### 17", 18, False), ("the answer is 18", 18, False),
-    ("#### 3\n#### 4", 4, True), ("####", 1, False), ("##### 18", 18, False)])
-def test_answer_checking(text, reference, expected):
-    assert nc.answer_is_correct(text, reference) is expected
-
-
 class ScriptedModel(torch.nn.Module):
     """A stand-in model that strongly prefers a scripted next token depending on how many tokens
     it has seen; used to drive the engine's tool state machine deterministically."""
