@@ -1129,6 +1129,27 @@ def all_reduce_counts(correct, total, device):
 
 
 @torch.no_grad()
+def forward_padded(model, rows, spans, pad_id, device):
+    """One forward over token rows of different lengths, right-padded with pad_id (never scored).
+    A row longer than the model's context loses tokens from the left, and its [start, end) span
+    moves with it. Returns ids (N, L), logits (N, L, vocab) and the spans."""
+    T = model.config.sequence_len
+    crops = [max(0, len(row) - T) for row in rows]
+    rows = [row[crop:] for row, crop in zip(rows, crops)]
+    spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
+    ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)  # (N, L)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, device=device)
+    return ids, model(ids), spans  # logits (N, L, vocab): position t predicts token t+1
+
+
+def mean_span_losses(ids, logits, spans):
+    """The mean loss of each row's tokens [start, end), (N,): how unlikely the model finds them."""
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
+    return torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
+
+
+@torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
     """Accuracy on MMLU-style items: the model reads the question and the lettered choices, and
     its answer is whichever choice letter gets the highest logit as the first assistant token
@@ -1140,6 +1161,24 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         correct += int(logits[letters].argmax().item() == item["answer"])
+    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
+    """Accuracy on the same items scored the way CORE scores multiple choice: each choice's text
+    follows the bare question as the assistant's answer (no letters, no list of choices), and the
+    choice with the lowest mean loss per token wins; its options are one batch. This shows what
+    the model knows before it can answer in letter form. Chance is 1 / number of choices."""
+    correct = 0
+    mine = shard(items, ddp)
+    for item in mine:
+        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+        rows = [prompt + tokenizer.encode_ordinary(choice) for choice in item["choices"]]
+        spans = [(len(prompt), len(row)) for row in rows]
+        ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
+        correct += int(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
     correct, total = all_reduce_counts(correct, len(mine), ddp.device)
     return correct / max(total, 1)
 
@@ -1162,14 +1201,16 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
 
 
 def evaluate_chat(model, tokenizer, ddp, n=200):
-    """The TinyWorld chat report card on held-out (test split) items: accuracy per task."""
+    """The TinyWorld chat report card on held-out (test split) items: accuracy per task, with
+    multiple choice scored twice, by the letter and by cloze."""
     model.eval()
-    results = dict(
-        multiple_choice=evaluate_multiple_choice(model, tokenizer, tinyworld.tinyworld_eval_items("multiple_choice", n=n), ddp),
+    multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
+    return dict(
+        multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
+        multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
         fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
     )
-    return results
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1253,23 +1294,12 @@ def score_core_item(model, tokenizer, task, data, index, device):
     item = data[index]
     texts = core_texts(item, task["type"], task["delimiter"], core_fewshot(data, index, task["num_fewshot"]))
     rows, spans = core_spans(tokenizer, texts, task["type"])
-    # longer than the model's context: drop tokens from the left (the oldest few-shot text first)
-    T = model.config.sequence_len
-    crops = [max(0, len(row) - T) for row in rows]
-    rows = [row[crop:] for row, crop in zip(rows, crops)]
-    spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
-    # all the candidates of one item in one forward, padded on the right with BOS (never scored)
-    ids = torch.full((len(rows), max(len(row) for row in rows)), tokenizer.special_tokens["<|bos|>"],
-                     dtype=torch.long, device=device)  # (N, L)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, device=device)
-    logits = model(ids)  # (N, L, vocab); position t predicts token t+1
+    # all the candidates of one item in one forward; too long a row loses its oldest few-shot text
+    ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], device)
     if task["type"] == "language_modeling":
         (start, end), = spans
         return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), ids[0, start:end])
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
-    mean_losses = torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
-    return mean_losses.argmin().item() == item["gold"]
+    return mean_span_losses(ids, logits, spans).argmin().item() == item["gold"]
 
 
 def evaluate_core_task(model, tokenizer, task, data, ddp):
@@ -2290,12 +2320,13 @@ def stage_report(args, ddp):
     rows = [(name, reports[key]) for name, key in (("base", "eval_base"), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
             if key in reports]
     rows = [(name, r.get("chat_eval", r)) for name, r in rows]
-    rows = [(name, r) for name, r in rows if "multiple_choice" in r]
+    rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
         lines += ["", "## Chat evaluations (held-out TinyWorld items)", "",
-                  "| after stage | multiple choice (chance 25%) | factual questions | word problems (with calculator) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {r['multiple_choice']:.1%} | {r['fact']:.1%} | {r['word_problem']:.1%} |" for name, r in rows]
+                  "| after stage | multiple choice, letter (chance 25%) | multiple choice, cloze (chance 25%) "
+                  "| factual questions | word problems (with calculator) |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {r['multiple_choice_letter']:.1%} | {r['multiple_choice_cloze']:.1%} | {r['fact']:.1%} "
+                  f"| {r['word_problem']:.1%} |" for name, r in rows]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]

@@ -150,6 +150,24 @@ def test_engine_seeded_determinism_and_independent_first_tokens(tok):
     assert greedy[0] == greedy[1] == greedy[2]
 
 
+def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
+    """Each option scored in its own forward, by the model's own loss (oracle), against one padded batch."""
+    model = tiny_chat_model(tok)
+    picks = []
+    for item in tinyworld.tinyworld_eval_items("multiple_choice", n=12):
+        prompt = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
+        losses = []
+        for choice in item["choices"]:
+            ids = prompt + tok.encode_ordinary(choice)
+            targets = [-1] * (len(prompt) - 1) + ids[len(prompt):]
+            with torch.no_grad():
+                losses.append(model(torch.tensor([ids[:-1]]), torch.tensor([targets])).item())
+        right = min(range(len(losses)), key=losses.__getitem__) == item["answer"]
+        assert nc.evaluate_multiple_choice_cloze(model, tok, [item], nc.Dist()) == float(right)
+        picks.append(right)
+    assert 0 < sum(picks) < len(picks)  # the test sees both outcomes
+
+
 def test_mid_loader_masks_only_tool_outputs(tok):
     args = types.SimpleNamespace(data="tinyworld", data_dir=None)
     x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
@@ -231,4 +249,4 @@ def test_tiny_mid_and_sft_reduce_loss(base_dir):
     sft = run_stage("--stage", "sft", *common, "--num-iterations", "20", "--lr-scale", "0.5")
     losses = [h["val_loss"] for h in sft["history"]]
     assert losses[-1] < losses[0]
-    assert set(sft["chat_eval"]) == {"multiple_choice", "fact", "word_problem"}
+    assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem"}
