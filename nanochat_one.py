@@ -1128,6 +1128,19 @@ def all_reduce_counts(correct, total, device):
     return counts[0].item(), counts[1].item()
 
 
+def accuracy_stats(correct, total):
+    """An accuracy with its number of items and its standard error sqrt(p(1-p)/N), the spread
+    of the accuracy of N items drawn at random: accuracy_stats(3, 4) -> accuracy 0.75, items 4,
+    stderr 0.2165. Two accuracies differ beyond noise when they are several stderrs apart."""
+    accuracy = correct / max(total, 1)
+    return dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)))
+
+
+def format_accuracy(stats):
+    """accuracy_stats(222, 400) -> "55.5% +- 2.5 (N=400)" (the standard error in percentage points)"""
+    return f"{stats['accuracy']:.1%} +- {100 * stats['stderr']:.1f} (N={stats['items']})"
+
+
 @torch.no_grad()
 def forward_padded(model, rows, spans, pad_id, device):
     """One forward over token rows of different lengths, right-padded with pad_id (never scored).
@@ -1151,9 +1164,10 @@ def mean_span_losses(ids, logits, spans):
 
 @torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
-    """Accuracy on MMLU-style items: the model reads the question and the lettered choices, and
-    its answer is whichever choice letter gets the highest logit as the first assistant token
-    (no sampling, so small models are measured fairly). Chance is 1 / number of choices."""
+    """Accuracy (accuracy_stats) on MMLU-style items: the model reads the question and the
+    lettered choices, and its answer is whichever choice letter gets the highest logit as the
+    first assistant token (no sampling, so small models are measured fairly). Chance is
+    1 / number of choices."""
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1161,16 +1175,16 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         correct += int(logits[letters].argmax().item() == item["answer"])
-    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
-    return correct / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
 @torch.no_grad()
 def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
-    """Accuracy on the same items scored the way CORE scores multiple choice: each choice's text
-    follows the bare question as the assistant's answer (no letters, no list of choices), and the
-    choice with the lowest mean loss per token wins; its options are one batch. This shows what
-    the model knows before it can answer in letter form. Chance is 1 / number of choices."""
+    """Accuracy (accuracy_stats) on the same items scored as CORE scores multiple choice: each
+    choice's text follows the bare question as the assistant's answer (no letters, no list of
+    choices), and the choice with the lowest mean loss per token wins; an item's choices are one
+    batch. This shows what the model knows before it can answer in letter form. Chance is
+    1 / number of choices."""
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1179,13 +1193,12 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
         spans = [(len(prompt), len(row)) for row in rows]
         ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
         correct += int(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
-    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
-    return correct / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
-    """Accuracy of greedy answers: factual questions graded by fact_is_correct, word problems by
-    their '####' number (answer_is_correct; the calculator tool is available)."""
+    """Accuracy (accuracy_stats) of greedy answers: factual questions graded by fact_is_correct,
+    word problems by their '####' number (answer_is_correct; the calculator tool is available)."""
     engine, correct = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1196,13 +1209,12 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
             correct += answer_is_correct(reply, item["answer"])
         else:
             correct += fact_is_correct(reply, item)
-    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
-    return correct / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
-def evaluate_chat(model, tokenizer, ddp, n=200):
-    """The TinyWorld chat report card on held-out (test split) items: accuracy per task, with
-    multiple choice scored twice, by the letter and by cloze."""
+def evaluate_chat(model, tokenizer, ddp, n=400):
+    """The TinyWorld chat report card on held-out (test split) items: accuracy_stats per task,
+    with multiple choice scored twice, by the letter and by cloze."""
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
     return dict(
@@ -1211,6 +1223,12 @@ def evaluate_chat(model, tokenizer, ddp, n=200):
         fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
     )
+
+
+def print_chat_eval(heading, results):
+    print0(f"{heading} (+- one standard error):")
+    for task, stats in results.items():
+        print0(f"  {task:22s} {format_accuracy(stats)}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1490,15 +1508,14 @@ def humaneval_program(item, reply):
 
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
-    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox."""
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats)."""
     engine, passed = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
         passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
-    passed, total = all_reduce_counts(passed, len(mine), ddp.device)
-    return passed / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
 
 
 def evaluate_real_chat(args, model, tokenizer, ddp):
@@ -1521,13 +1538,13 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
             rows = rows.select(range(min(args.max_per_task, len(rows))))
         items = [chat_eval_item(task, row) for row in rows]
         if task == "GSM8K":
-            accuracy = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
+            stats = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
         elif task == "HumanEval":
-            accuracy = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
+            stats = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
         else:
-            accuracy = evaluate_multiple_choice(model, tokenizer, items, ddp)
-        tasks[task] = dict(items=len(items), accuracy=accuracy, centered=centered_accuracy(accuracy, chance))
-        print0(f"  {task:14s} N={len(items):<6d} accuracy {accuracy:7.2%}  centered {tasks[task]['centered']:.4f}")
+            stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
+        tasks[task] = dict(stats, centered=centered_accuracy(stats["accuracy"], chance))
+        print0(f"  {task:14s} {format_accuracy(stats):26s} centered {tasks[task]['centered']:.4f}")
     if not tasks:
         return {}
     chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
@@ -1553,7 +1570,7 @@ def real_eval_report_lines(reports):
         lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
                   "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
         for stage, r in stages:
-            cells = [f"{r['chat_tasks'][t]['accuracy']:.1%}" if t in r["chat_tasks"] else "-" for t in names]
+            cells = [format_accuracy(r["chat_tasks"][t]) if t in r["chat_tasks"] else "-" for t in names]
             lines.append(f"| {stage} | " + " | ".join(cells) + f" | {r['ChatCORE']:.4f} |")
     return lines
 
@@ -1990,8 +2007,7 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     summary["chat_eval"] = {}
     if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
         summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-        print0(f"{stage} held-out accuracy (N={args.eval_items} each): "
-               + ", ".join(f"{k} {v:.1%}" for k, v in summary["chat_eval"].items()))
+        print_chat_eval(f"{stage} held-out accuracy", summary["chat_eval"])
     if ddp.is_master:
         write_report(stage, summary)
     return summary
@@ -2199,8 +2215,10 @@ def stage_rl(args, ddp):
     except KeyboardInterrupt:
         raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
-                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
-                   chat_eval=evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {})
+                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
+    if args.data == "tinyworld":
+        summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+        print_chat_eval("rl held-out accuracy", summary["chat_eval"])
     if ddp.is_master:
         write_report("rl", summary)
         plot_reward_curve(summary, base_dir() / "report" / "rl.png")
@@ -2226,11 +2244,12 @@ def stage_eval(args, ddp):
         real = evaluate_real_chat(args, model, tokenizer, ddp)
     else:
         real = {}
+    print0(f"{args.source} checkpoint {tag} (step {meta['step']})"
+           + (f": validation bits per byte {results['val_bpb']:.4f}" if "val_bpb" in results else ""))
     if args.data == "tinyworld":
-        results |= evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-    print0(f"{args.source} checkpoint {tag} (step {meta['step']}), held-out N={args.eval_items} per task:")
-    for name, value in results.items():
-        print0(f"  {name:16s} {value:.4f}" if name == "val_bpb" else f"  {name:16s} {value:.1%}")
+        chat = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+        print_chat_eval("held-out accuracy", chat)
+        results |= chat
     if ddp.is_master:
         write_report(f"eval_{args.source}", results | real)
     return results | real
@@ -2325,8 +2344,9 @@ def stage_report(args, ddp):
         lines += ["", "## Chat evaluations (held-out TinyWorld items)", "",
                   "| after stage | multiple choice, letter (chance 25%) | multiple choice, cloze (chance 25%) "
                   "| factual questions | word problems (with calculator) |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {r['multiple_choice_letter']:.1%} | {r['multiple_choice_cloze']:.1%} | {r['fact']:.1%} "
-                  f"| {r['word_problem']:.1%} |" for name, r in rows]
+        tasks = ("multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem")
+        lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in tasks) + " |" for name, r in rows]
+        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]
@@ -2436,7 +2456,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
-    g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
+    g.add_argument("--eval-items", type=int, default=400,
+                   help="held-out items per task in chat evaluations (TinyWorld's test split has 415 fact questions)")
     g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
                    "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
     g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")

@@ -163,9 +163,16 @@ def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
             with torch.no_grad():
                 losses.append(model(torch.tensor([ids[:-1]]), torch.tensor([targets])).item())
         right = min(range(len(losses)), key=losses.__getitem__) == item["answer"]
-        assert nc.evaluate_multiple_choice_cloze(model, tok, [item], nc.Dist()) == float(right)
+        assert nc.evaluate_multiple_choice_cloze(model, tok, [item], nc.Dist())["accuracy"] == float(right)
         picks.append(right)
     assert 0 < sum(picks) < len(picks)  # the test sees both outcomes
+
+
+def test_chat_report_card_gives_each_accuracy_with_its_items_and_error(tok):
+    results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=3)
+    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem"]
+    for stats in results.values():
+        assert stats == nc.accuracy_stats(round(stats["accuracy"] * 3), 3)
 
 
 def test_mid_loader_masks_only_tool_outputs(tok):

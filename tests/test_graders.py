@@ -1,5 +1,6 @@
 """Graders: a fact reply is right on its answer alone, a word problem on its last '####' line."""
 import itertools
+import json
 import random
 
 import pytest
@@ -84,3 +85,28 @@ def test_fact_grader_on_every_trained_reply():
     ("#### 18 or 19", 18, False), ("#### 18 or 19", 19, False), ("####\n18", 18, False)])
 def test_word_problem_grader(text, reference, expected):
     assert nc.answer_is_correct(text, reference) is expected
+
+
+def test_accuracy_with_its_standard_error():
+    stats = nc.accuracy_stats(3, 4)
+    assert stats["accuracy"] == 0.75 and stats["items"] == 4 and stats["stderr"] == pytest.approx(0.2165, abs=1e-4)
+    assert nc.format_accuracy(nc.accuracy_stats(222, 400)) == "55.5% +- 2.5 (N=400)"
+    assert nc.accuracy_stats(0, 0) == dict(accuracy=0.0, items=0, stderr=0.0)
+    # the standard error is the spread of the accuracy over many draws of N items
+    rng = random.Random(0)
+    draws = [sum(rng.random() < 0.3 for _ in range(400)) / 400 for _ in range(2000)]
+    mean = sum(draws) / len(draws)
+    spread = (sum((d - mean) ** 2 for d in draws) / len(draws)) ** 0.5
+    assert spread == pytest.approx(nc.accuracy_stats(120, 400)["stderr"], rel=0.1)
+
+
+def test_report_table_shows_each_accuracy_with_its_error(base_dir, tmp_path):
+    chat_eval = dict(multiple_choice_letter=nc.accuracy_stats(100, 400), multiple_choice_cloze=nc.accuracy_stats(222, 400),
+                     fact=nc.accuracy_stats(300, 400), word_problem=nc.accuracy_stats(40, 400))
+    (base_dir / "report").mkdir(parents=True)
+    (base_dir / "report" / "mid.json").write_text(json.dumps(dict(chat_eval=chat_eval)))
+    args = nc.build_parser().parse_args(["--stage", "report", "--report-path", str(tmp_path / "report.md")])
+    nc.finalize_args(args)
+    nc.stage_report(args, nc.Dist())
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| mid | 25.0% +- 2.2 (N=400) | 55.5% +- 2.5 (N=400) | 75.0% +- 2.2 (N=400) | 10.0% +- 1.5 (N=400) |" in markdown
