@@ -1094,11 +1094,11 @@ def answer_is_correct(text, reference):
 
 
 def fact_is_correct(reply, item):
-    """Grade a reply to a TinyWorld fact question on its answer alone. In the reply's first sentence
-    we find the names of possible answers (those of the question's kind in tinyworld.FACT_ANSWERS,
-    any whole number) and of the question's subject, as whole words, case aside, longest first.
-    The reply is right when the last name is the answer and every other is the answer or the
-    subject. For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
+    """A reply to a TinyWorld fact question is right when the last possible answer its first sentence
+    names is the answer, and every other one it names is the answer or the question's subject.
+    Possible answers are those of the question's kind in tinyworld.FACT_ANSWERS and any whole
+    number, found as whole words, case aside, longest first; the subject is in the item's key.
+    For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
         "The day before Sunday is Saturday."  right: Sunday is the subject, Saturday comes last
         "Saturday"                            right
         "The day before Saturday is Friday."  wrong: it ends on another day
@@ -1141,7 +1141,6 @@ def format_accuracy(stats):
     return f"{stats['accuracy']:.1%} +- {100 * stats['stderr']:.1f} (N={stats['items']})"
 
 
-@torch.no_grad()
 def forward_padded(model, rows, spans, pad_id, device):
     """One forward over token rows of different lengths, right-padded with pad_id (never scored).
     A row longer than the model's context loses tokens from the left, and its [start, end) span
