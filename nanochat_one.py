@@ -1091,10 +1091,12 @@ def evaluate_loss(model, batches, num_batches):
 # Evaluation: chat tasks (multiple choice, factual questions, word problems with the tool)
 
 def extract_answer(text):
-    """The number after the last '####', with thousands separators removed, or None:
-    "... so 15 apples.\\n#### 1,015" -> "1015"."""
-    matches = re.findall(r"(?<!#)####(?!#)\s*([-+]?[\d, ]*\.?\d+)", text)
-    return matches[-1].replace(",", "").replace(" ", "") if matches else None
+    """The number after the last '####', with thousands separators removed, or None when that
+    '####' has no number after it or a second one on its line: "... so 15 apples.\\n#### 1,015"
+    -> "1015"; "#### 3\\n#### 4" -> "4" (only the last line counts); "#### 18 or 19" -> None."""
+    lines = re.findall(r"(?<!#)####(?!#)(.*)", text)  # what follows each '####' on its line
+    match = re.match(r"\s*([-+]?[\d, ]*\.?\d+)(?!.*\d)", lines[-1]) if lines else None
+    return match.group(1).replace(",", "").replace(" ", "") if match else None
 
 
 def answer_is_correct(text, reference):
@@ -1109,6 +1111,29 @@ def answer_is_correct(text, reference):
         return False
 
 
+def fact_is_correct(reply, item):
+    """A reply to a TinyWorld fact question is right when the last possible answer its first sentence
+    names is the answer, and every other one it names is the answer or the question's subject.
+    Possible answers are those of the question's kind in tinyworld.FACT_ANSWERS and any whole
+    number, found as whole words, case aside, longest first; the subject is in the item's key.
+    For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
+        "The day before Sunday is Saturday."  right: Sunday is the subject, Saturday comes last
+        "Saturday"                            right
+        "The day before Saturday is Friday."  wrong: it ends on another day
+        "Friday or Saturday."                 wrong: it names another day
+        "Saturdays."                          wrong: no day as a whole word
+    Every reply TinyWorld trains on names its answer last: "A young cat is called a kitten.",
+    "A dog has four legs.", "3 plus 4 is 7." (the operands 3 and 4 are that question's subject)."""
+    kind, subject = item["key"].split(":", 1)
+    subjects = re.split(r"[-+]", subject) if kind in ("add", "sub") else [subject]  # "add:3+4": 3 and 4
+    names = sorted({item["answer"], *subjects, *tinyworld.FACT_ANSWERS.get(kind, [])}, key=len, reverse=True)
+    pattern = r"(?<!\w)(" + "|".join(re.escape(name.lower()) for name in names) + r"|\d+)(?!\w)"
+    sentence = " ".join(re.split(r"[.!?](?:\s|$)|\n", reply.strip(), maxsplit=1)[0].lower().split())
+    said = re.findall(pattern, sentence)
+    allowed = {item["answer"].lower(), *(s.lower() for s in subjects)}
+    return bool(said) and said[-1] == item["answer"].lower() and all(name in allowed for name in said)
+
+
 def shard(items, ddp):
     """This rank's share of a list of evaluation items (every world_size-th item)."""
     return items[ddp.rank::ddp.world_size]
@@ -1121,11 +1146,45 @@ def all_reduce_counts(correct, total, device):
     return counts[0].item(), counts[1].item()
 
 
+def accuracy_stats(correct, total):
+    """An accuracy with its number of items and its standard error sqrt(p(1-p)/N), the spread
+    of the accuracy of N items drawn at random: accuracy_stats(3, 4) -> accuracy 0.75, items 4,
+    stderr 0.2165. Two accuracies differ beyond noise when they are several stderrs apart."""
+    accuracy = correct / max(total, 1)
+    return dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)))
+
+
+def format_accuracy(stats):
+    """accuracy_stats(222, 400) -> "55.5% +- 2.5 (N=400)" (the standard error in percentage points)"""
+    return f"{stats['accuracy']:.1%} +- {100 * stats['stderr']:.1f} (N={stats['items']})"
+
+
+def forward_padded(model, rows, spans, pad_id, device):
+    """One forward over token rows of different lengths, right-padded with pad_id (never scored).
+    A row longer than the model's context loses tokens from the left, and its [start, end) span
+    moves with it. Returns ids (N, L), logits (N, L, vocab) and the spans."""
+    T = model.config.sequence_len
+    crops = [max(0, len(row) - T) for row in rows]
+    rows = [row[crop:] for row, crop in zip(rows, crops)]
+    spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
+    ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)  # (N, L)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, device=device)
+    return ids, model(ids), spans  # logits (N, L, vocab): position t predicts token t+1
+
+
+def mean_span_losses(ids, logits, spans):
+    """The mean loss of each row's tokens [start, end), (N,): how unlikely the model finds them."""
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
+    return torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
+
+
 @torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
-    """Accuracy on MMLU-style items: the model reads the question and the lettered choices, and
-    its answer is whichever choice letter gets the highest logit as the first assistant token
-    (no sampling, so small models are measured fairly). Chance is 1 / number of choices."""
+    """Accuracy (accuracy_stats) on MMLU-style items: the model reads the question and the
+    lettered choices, and its answer is whichever choice letter gets the highest logit as the
+    first assistant token (no sampling, so small models are measured fairly). Chance is
+    1 / number of choices."""
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1133,13 +1192,30 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         correct += int(logits[letters].argmax().item() == item["answer"])
-    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
-    return correct / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
+
+
+@torch.no_grad()
+def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
+    """Accuracy (accuracy_stats) on the same items scored as CORE scores multiple choice: each
+    choice's text follows the bare question as the assistant's answer (no letters, no list of
+    choices), and the choice with the lowest mean loss per token wins; an item's choices are one
+    batch. This shows what the model knows before it can answer in letter form. Chance is
+    1 / number of choices."""
+    correct = 0
+    mine = shard(items, ddp)
+    for item in mine:
+        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+        rows = [prompt + tokenizer.encode_ordinary(choice) for choice in item["choices"]]
+        spans = [(len(prompt), len(row)) for row in rows]
+        ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
+        correct += int(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
-    """Accuracy of greedy answers: factual questions count as right when the reply contains the
-    answer; word problems when the '####' number is right (the calculator tool is available)."""
+    """Accuracy (accuracy_stats) of greedy answers: factual questions graded by fact_is_correct,
+    word problems by their '####' number (answer_is_correct; the calculator tool is available)."""
     engine, correct = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1149,20 +1225,27 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
         if task == "word_problem":
             correct += answer_is_correct(reply, item["answer"])
         else:
-            correct += item["answer"].lower() in reply.lower()
-    correct, total = all_reduce_counts(correct, len(mine), ddp.device)
-    return correct / max(total, 1)
+            correct += fact_is_correct(reply, item)
+    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
-def evaluate_chat(model, tokenizer, ddp, n=200):
-    """The TinyWorld chat report card on held-out (test split) items: accuracy per task."""
+def evaluate_chat(model, tokenizer, ddp, n=400):
+    """The TinyWorld chat report card on held-out (test split) items: accuracy_stats per task,
+    with multiple choice scored twice, by the letter and by cloze."""
     model.eval()
-    results = dict(
-        multiple_choice=evaluate_multiple_choice(model, tokenizer, tinyworld.tinyworld_eval_items("multiple_choice", n=n), ddp),
+    multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
+    return dict(
+        multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
+        multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
         fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
     )
-    return results
+
+
+def print_chat_eval(heading, results):
+    print0(f"{heading} (+- one standard error):")
+    for task, stats in results.items():
+        print0(f"  {task:22s} {format_accuracy(stats)}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1246,23 +1329,12 @@ def score_core_item(model, tokenizer, task, data, index, device):
     item = data[index]
     texts = core_texts(item, task["type"], task["delimiter"], core_fewshot(data, index, task["num_fewshot"]))
     rows, spans = core_spans(tokenizer, texts, task["type"])
-    # longer than the model's context: drop tokens from the left (the oldest few-shot text first)
-    T = model.config.sequence_len
-    crops = [max(0, len(row) - T) for row in rows]
-    rows = [row[crop:] for row, crop in zip(rows, crops)]
-    spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
-    # all the candidates of one item in one forward, padded on the right with BOS (never scored)
-    ids = torch.full((len(rows), max(len(row) for row in rows)), tokenizer.special_tokens["<|bos|>"],
-                     dtype=torch.long, device=device)  # (N, L)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, device=device)
-    logits = model(ids)  # (N, L, vocab); position t predicts token t+1
+    # all the candidates of one item in one forward; too long a row loses its oldest few-shot text
+    ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], device)
     if task["type"] == "language_modeling":
         (start, end), = spans
         return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), ids[0, start:end])
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
-    mean_losses = torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
-    return mean_losses.argmin().item() == item["gold"]
+    return mean_span_losses(ids, logits, spans).argmin().item() == item["gold"]
 
 
 def evaluate_core_task(model, tokenizer, task, data, ddp):
@@ -1453,15 +1525,14 @@ def humaneval_program(item, reply):
 
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
-    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox."""
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats)."""
     engine, passed = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
         passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
-    passed, total = all_reduce_counts(passed, len(mine), ddp.device)
-    return passed / max(total, 1)
+    return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
 
 
 def evaluate_real_chat(args, model, tokenizer, ddp):
@@ -1484,13 +1555,13 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
             rows = rows.select(range(min(args.max_per_task, len(rows))))
         items = [chat_eval_item(task, row) for row in rows]
         if task == "GSM8K":
-            accuracy = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
+            stats = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
         elif task == "HumanEval":
-            accuracy = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
+            stats = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
         else:
-            accuracy = evaluate_multiple_choice(model, tokenizer, items, ddp)
-        tasks[task] = dict(items=len(items), accuracy=accuracy, centered=centered_accuracy(accuracy, chance))
-        print0(f"  {task:14s} N={len(items):<6d} accuracy {accuracy:7.2%}  centered {tasks[task]['centered']:.4f}")
+            stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
+        tasks[task] = dict(stats, centered=centered_accuracy(stats["accuracy"], chance))
+        print0(f"  {task:14s} {format_accuracy(stats):26s} centered {tasks[task]['centered']:.4f}")
     if not tasks:
         return {}
     chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
@@ -1516,7 +1587,7 @@ def real_eval_report_lines(reports):
         lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
                   "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
         for stage, r in stages:
-            cells = [f"{r['chat_tasks'][t]['accuracy']:.1%}" if t in r["chat_tasks"] else "-" for t in names]
+            cells = [format_accuracy(r["chat_tasks"][t]) if t in r["chat_tasks"] else "-" for t in names]
             lines.append(f"| {stage} | " + " | ".join(cells) + f" | {r['ChatCORE']:.4f} |")
     return lines
 
@@ -1953,8 +2024,7 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     summary["chat_eval"] = {}
     if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
         summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-        print0(f"{stage} held-out accuracy (N={args.eval_items} each): "
-               + ", ".join(f"{k} {v:.1%}" for k, v in summary["chat_eval"].items()))
+        print_chat_eval(f"{stage} held-out accuracy", summary["chat_eval"])
     if ddp.is_master:
         write_report(stage, summary)
     return summary
@@ -2162,8 +2232,10 @@ def stage_rl(args, ddp):
     except KeyboardInterrupt:
         raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
-                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
-                   chat_eval=evaluate_chat(model, tokenizer, ddp, n=args.eval_items) if args.data == "tinyworld" else {})
+                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
+    if args.data == "tinyworld":
+        summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+        print_chat_eval("rl held-out accuracy", summary["chat_eval"])
     if ddp.is_master:
         write_report("rl", summary)
         plot_reward_curve(summary, base_dir() / "report" / "rl.png")
@@ -2189,11 +2261,12 @@ def stage_eval(args, ddp):
         real = evaluate_real_chat(args, model, tokenizer, ddp)
     else:
         real = {}
+    print0(f"{args.source} checkpoint {tag} (step {meta['step']})"
+           + (f": validation bits per byte {results['val_bpb']:.4f}" if "val_bpb" in results else ""))
     if args.data == "tinyworld":
-        results |= evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-    print0(f"{args.source} checkpoint {tag} (step {meta['step']}), held-out N={args.eval_items} per task:")
-    for name, value in results.items():
-        print0(f"  {name:16s} {value:.4f}" if name == "val_bpb" else f"  {name:16s} {value:.1%}")
+        chat = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
+        print_chat_eval("held-out accuracy", chat)
+        results |= chat
     if ddp.is_master:
         write_report(f"eval_{args.source}", results | real)
     return results | real
@@ -2283,12 +2356,14 @@ def stage_report(args, ddp):
     rows = [(name, reports[key]) for name, key in (("base", "eval_base"), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
             if key in reports]
     rows = [(name, r.get("chat_eval", r)) for name, r in rows]
-    rows = [(name, r) for name, r in rows if "multiple_choice" in r]
+    rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
         lines += ["", "## Chat evaluations (held-out TinyWorld items)", "",
-                  "| after stage | multiple choice (chance 25%) | factual questions | word problems (with calculator) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {r['multiple_choice']:.1%} | {r['fact']:.1%} | {r['word_problem']:.1%} |" for name, r in rows]
+                  "| after stage | multiple choice, letter (chance 25%) | multiple choice, cloze (chance 25%) "
+                  "| factual questions | word problems (with calculator) |", "|---|---|---|---|---|"]
+        tasks = ("multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem")
+        lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in tasks) + " |" for name, r in rows]
+        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]
@@ -2398,7 +2473,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
-    g.add_argument("--eval-items", type=int, default=200, help="held-out items per task in chat evaluations")
+    g.add_argument("--eval-items", type=int, default=400,
+                   help="held-out items per task in chat evaluations (TinyWorld's test split has 415 fact questions)")
     g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
                    "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
     g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")

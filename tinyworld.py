@@ -25,8 +25,9 @@ Splits by hash. Every item has a key that names what it is about, never its word
 ("capital:France", "wp:share:3,4"; document i has the key "doc:i"), and tinyworld_split(key)
 puts it in train, val or test (about 80/10/10) by a CRC32 of the key. So every phrasing of a
 question lands in the same split, and stories that quote a question quote only training ones
-(train_item). A conversation of two or three questions is split by their joined keys
-("capital:France|colour:snow"), so a held-out question can still be asked inside one of those.
+(train_item). A conversation of two or three questions joins their keys
+("capital:France|colour:snow") and belongs to a split only when every one of its questions does,
+so no training conversation asks a held-out question.
 
 How to extend it:
 - a fact table: a list of tuples beside the others; to ask about it, a kind in FACT_KINDS with
@@ -332,8 +333,13 @@ def sound_past(sound):
     return sound[:-1] + ("d" if sound.endswith("les") else "ed")
 
 
+def legs_word(legs):
+    """How the world says a number of legs: 4 -> "four", 0 -> "no" (as in "A snake has no legs.")."""
+    return ONES[legs] if legs else "no"
+
+
 def legs_sentence(animal, legs):
-    return f"{cap(a_an(animal))} has {ONES[legs] if legs else 'no'} legs."
+    return f"{cap(a_an(animal))} has {legs_word(legs)} legs."
 
 
 # -----------------------------------------------------------------------------------------------
@@ -364,13 +370,18 @@ ALL_COUNTRIES = [c for c, _, _ in COUNTRIES]
 ALL_SOUNDS = sorted({a[2] for a in ANIMALS})
 ALL_YOUNG = sorted({a[6] for a in ANIMALS})
 ALL_WORDS_WITH_OPPOSITES = sorted(OPPOSITE_OF)
-LEG_WORDS = ["zero", "two", "four", "six", "eight"]
+LEG_WORDS = [legs_word(n) for n in (0, 2, 4, 6, 8)]
 FACT_KINDS = ["capital", "continent", "country", "sound", "legs", "young", "colour", "opposite", "day_after",
               "day_before", "month_after", "add", "sub"]
+# The possible answers of each kind of question: multiple choice draws its wrong choices from them,
+# and nanochat_one.py's grader looks for them in a reply. Sums and differences are whole numbers.
+FACT_ANSWERS = dict(capital=ALL_CAPITALS, continent=CONTINENTS, country=ALL_COUNTRIES, sound=ALL_SOUNDS,
+                    legs=LEG_WORDS, young=ALL_YOUNG, colour=COLOURS, opposite=ALL_WORDS_WITH_OPPOSITES,
+                    day_after=DAYS, day_before=DAYS, month_after=MONTHS)
 
 
 def _fact(rng, kind):
-    def item(key, templates, subject, answer, reply, pool):
+    def item(key, templates, subject, answer, reply, pool=FACT_ANSWERS.get(kind)):
         return {"key": key, "question": rng.choice(templates).format(subject), "answer": answer, "reply": reply}, pool
 
     if kind in ("capital", "continent", "country"):
@@ -378,44 +389,43 @@ def _fact(rng, kind):
         if kind == "capital":
             return item(f"capital:{c}", ["What is the capital of {}?", "Which city is the capital of {}?",
                                          "Name the capital of {}.", "What city is the capital of {}?"],
-                        c, k, f"The capital of {c} is {k}.", ALL_CAPITALS)
+                        c, k, f"The capital of {c} is {k}.")
         if kind == "continent":
             return item(f"continent:{c}", ["On which continent is {}?", "Which continent is {} in?",
-                                           "{} is on which continent?"], c, m, f"{c} is in {m}.", CONTINENTS)
+                                           "{} is on which continent?"], c, m, f"{c} is in {m}.")
         return item(f"country:{k}", ["{} is the capital of which country?", "Which country has {} as its capital?",
-                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.",
-                    ALL_COUNTRIES)
+                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.")
     if kind in ("sound", "legs", "young"):
         name, _, sound, legs, _, _, young = rng.choice(ANIMALS)
         if kind == "sound":
             return item(f"sound:{name}", ["What sound does {} make?", "What noise does {} make?", "How does {} sound?"],
-                        a_an(name), sound, f"{cap(a_an(name))} {sound}.", ALL_SOUNDS)
+                        a_an(name), sound, f"{cap(a_an(name))} {sound}.")
         if kind == "legs":
             return item(f"legs:{name}", ["How many legs does {} have?", "How many legs has {}?"], a_an(name),
-                        ONES[legs], legs_sentence(name, legs), LEG_WORDS)
+                        legs_word(legs), legs_sentence(name, legs))
         return item(f"young:{name}", ["What is a young {} called?", "What do we call a baby {}?"], name, young,
-                    f"A young {name} is called {a_an(young)}.", ALL_YOUNG)
+                    f"A young {name} is called {a_an(young)}.")
     if kind == "colour":
         thing, colour = rng.choice(COLOURS_OF_THINGS)
         return item(f"colour:{thing}", ["What colour is {}?", "What is the colour of {}?", "Which colour is {}?"],
-                    thing, colour, f"{cap(thing)} is {colour}.", COLOURS)
+                    thing, colour, f"{cap(thing)} is {colour}.")
     if kind == "opposite":
         word = rng.choice(ALL_WORDS_WITH_OPPOSITES)
         return item(f"opposite:{word}", ["What is the opposite of {}?", "What is the opposite of the word \"{}\"?",
                                          "Tell me the opposite of {}."], word, OPPOSITE_OF[word],
-                    f"The opposite of {word} is {OPPOSITE_OF[word]}.", ALL_WORDS_WITH_OPPOSITES)
+                    f"The opposite of {word} is {OPPOSITE_OF[word]}.")
     if kind == "day_after":
         i = rng.randrange(7)
         return item(f"day_after:{DAYS[i]}", ["What day comes after {}?", "Which day is after {}?"], DAYS[i],
-                    DAYS[(i + 1) % 7], f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}.", DAYS)
+                    DAYS[(i + 1) % 7], f"After {DAYS[i]} comes {DAYS[(i + 1) % 7]}.")
     if kind == "day_before":
         i = rng.randrange(7)
         return item(f"day_before:{DAYS[i]}", ["What day comes before {}?", "Which day is before {}?"], DAYS[i],
-                    DAYS[i - 1], f"The day before {DAYS[i]} is {DAYS[i - 1]}.", DAYS)
+                    DAYS[i - 1], f"The day before {DAYS[i]} is {DAYS[i - 1]}.")
     if kind == "month_after":
         i = rng.randrange(12)
         return item(f"month_after:{MONTHS[i]}", ["What month comes after {}?", "Which month is after {}?"], MONTHS[i],
-                    MONTHS[(i + 1) % 12], f"After {MONTHS[i]} comes {MONTHS[(i + 1) % 12]}.", MONTHS)
+                    MONTHS[(i + 1) % 12], f"After {MONTHS[i]} comes {MONTHS[(i + 1) % 12]}.")
     # "add" / "sub": small numbers, answered in digits; differences never go below zero
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     if kind == "sub":
@@ -930,25 +940,28 @@ CHAT_TASKS = {tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tiny
 
 def tinyworld_chat_examples(split, start=0):
     """Yield (position, conversation) forever: a weighted mixture of the chat tasks. Example i
-    comes from its own seed; it is kept only if its key hashes into `split`, so a question of
-    the test split is never asked on its own in training (it may appear in pretraining text,
-    and inside a training conversation of several questions, whose key joins their keys)."""
+    comes from its own seed; it is kept only if its key hashes into `split`, and a conversation
+    of several questions (keys joined by "|") only if every one of its keys does, so a question
+    of the test split is never asked in training (it may appear in pretraining text)."""
     makers, weights = list(CHAT_TASKS), list(CHAT_TASKS.values())
     i = start
     while True:
         rng = random.Random(f"chat-{i}")
         conversation = rng.choices(makers, weights)[0](rng)
-        if tinyworld_split(conversation["key"]) == split:
+        if all(tinyworld_split(key) == split for key in conversation["key"].split("|")):
             yield i, conversation
         i += 1
 
 
-def tinyworld_eval_items(task, split="test", n=200, seed=0):
-    """n distinct held-out items of one task ("fact", "multiple_choice" or "word_problem")."""
+def tinyworld_eval_items(task, split="test", n=400, seed=0):
+    """n held-out items of one task ("fact", "multiple_choice" or "word_problem"), no two with the
+    same question; fewer if the split runs out. The test split asks 415 fact questions (a few
+    phrasings of each of 116 facts), so up to 415 fact or multiple-choice items, and thousands
+    of word problems."""
     make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
                 word_problem=tinyworld_word_problem)[task]
     rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
-    for _ in range(100 * n):
+    for _ in range(1000 * n):  # the rarest questions take ~100,000 draws to meet
         item = make(rng)
         if tinyworld_split(item["key"]) == split and item["question"] not in seen:
             seen.add(item["question"])

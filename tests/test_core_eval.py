@@ -283,12 +283,12 @@ def test_sandbox_runs_humaneval_programs_without_network_or_runaway():
 
 
 def test_report_table_per_stage():
-    row = lambda accuracy: dict(items=10, accuracy=accuracy, centered=0.0)
-    reports = dict(eval_sft=dict(chat_tasks={"ARC-Easy": row(0.5), "GSM8K": row(0.1)}, ChatCORE=0.2),
-                   eval_rl=dict(chat_tasks={"ARC-Easy": row(0.5), "MMLU": row(0.3), "GSM8K": row(0.2)}, ChatCORE=0.25),
+    row = lambda correct: dict(nc.accuracy_stats(correct, 10), centered=0.0)
+    reports = dict(eval_sft=dict(chat_tasks={"ARC-Easy": row(5), "GSM8K": row(1)}, ChatCORE=0.2),
+                   eval_rl=dict(chat_tasks={"ARC-Easy": row(5), "MMLU": row(3), "GSM8K": row(2)}, ChatCORE=0.25),
                    eval_mid=dict(val_loss=1.0))
     lines = nc.real_eval_report_lines(reports)
     assert "| after stage | ARC-Easy | MMLU | GSM8K | ChatCORE |" in lines
-    assert "| sft | 50.0% | - | 10.0% | 0.2000 |" in lines
-    assert "| rl | 50.0% | 30.0% | 20.0% | 0.2500 |" in lines
+    assert "| sft | 50.0% +- 15.8 (N=10) | - | 10.0% +- 9.5 (N=10) | 0.2000 |" in lines
+    assert "| rl | 50.0% +- 15.8 (N=10) | 30.0% +- 14.5 (N=10) | 20.0% +- 12.6 (N=10) | 0.2500 |" in lines
     assert not any(line.startswith("| mid") for line in lines)

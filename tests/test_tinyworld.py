@@ -69,11 +69,11 @@ DIGESTS = {
     ("documents", "train"): "d84d55eaae735018dd4e3f1b82bc302a56587da0decce1d8be442240a0407027",
     ("documents", "val"): "e35f39eab3d0628f42936a6c54ec2a6d8b1394e5e18f12fc37834b0f82a961e4",
     ("documents", "test"): "6f3c91e0d24ae872c9d8ec2afd0a614c5447feba501d5362a2e2351da361549d",
-    ("chat", "train"): "0817db8673a149ee4826811e9320011d22d2afd0aa75e874f15aa58cb0e6473c",
-    ("chat", "val"): "fcc0b1362ba9f93bc80db4395ecdc6e10e020f699adfe691d481dfbe46c49bd3",
-    ("chat", "test"): "2cfa1caf55c18199397fc77338826be76edf7c8d2ee5894facc1d01d1a6e00eb",
+    ("chat", "train"): "9f138825313ecbf28a5b4e92416b732f6b1e4d1cbec98664a8298ff8e6f39a13",
+    ("chat", "val"): "1e94c31dce63b7d4d5264b343572c7a4df9d7056932e70b2d5758205dde7a2cf",
+    ("chat", "test"): "b87393c0e3ba7d2cd0a54dc10d5b06c33c3eaad2e3ddda02c5118e62330f51c1",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
-    ("eval", "multiple_choice"): "ab387a2b0017c0647114f85b6a16fb60b6346224d6f8e0b057487fa14f7cc1c5",
+    ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
 }
 
@@ -91,3 +91,24 @@ def test_tinyworld_imports_only_the_standard_library():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"random", "re", "zlib"}  # nothing from nanochat_one.py: the arrow goes one way
+
+
+def test_training_conversations_never_ask_a_held_out_question():
+    rng, held_out = random.Random(0), set()
+    for _ in range(200_000):  # nearly every phrasing of every fact question
+        fact = tinyworld.tinyworld_fact_question(rng)
+        if tinyworld.tinyworld_split(fact["key"]) != "train":
+            held_out.add(fact["question"])
+    asked, several = set(), 0
+    for _, conversation in itertools.islice(tinyworld.tinyworld_chat_examples("train"), 4000):
+        questions = [m["content"].split("\n")[0] for m in conversation["messages"] if m["role"] == "user"]
+        asked.update(questions)
+        several += len(questions) > 1
+    assert several > 300 and len(asked & held_out) == 0, sorted(asked & held_out)[:5]
+
+
+def test_400_distinct_held_out_items_per_task():
+    for task in ("fact", "multiple_choice", "word_problem"):
+        items = tinyworld.tinyworld_eval_items(task, "test", n=400)
+        assert len(items) == 400 == len({item["question"] for item in items})
+        assert {tinyworld.tinyworld_split(item["key"]) for item in items} == {"test"}
