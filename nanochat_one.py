@@ -28,8 +28,8 @@ Any training stage continues from its last checkpoint with --resume. The laptop 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
 optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
-companion modules are bpe.py (the tokenizer) and tinyworld.py (the synthetic data); neither
-imports this file.
+companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data) and sandbox.py
+(for HumanEval's model-written code); none imports this file.
 """
 import argparse
 import contextlib
@@ -131,20 +131,15 @@ def init_distributed():
 
 
 def keep_freed_memory():
-    """On a CPU under Linux, make glibc's malloc keep freed memory for the next allocation instead
-    of returning every large block to the kernel: a new (B, T, vocab) tensor of 64 MB then costs no
-    page faults. Measured on 2 cores: torch.tanh of a 4096 x 4096 tensor 29-58 ms -> 8-11 ms, a
-    (4096, 128) x (128, 4096) matmul 49-51 ms -> 29-35 ms. The price: the process keeps its peak
-    memory until it exits, which is what a training run does anyway."""
+    """On a CPU under Linux, make glibc's malloc keep freed memory for reuse instead of returning
+    large blocks to the kernel, so a new (B, T, vocab) tensor costs no page faults (2 cores: a tanh
+    of 4096 x 4096 floats 29-58 ms -> 8-11 ms). The process then keeps its peak memory until exit."""
     if DEVICE_TYPE != "cpu" or sys.platform != "linux":
         return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
-    libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none from mmap
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and never give the heap's top back
+    libc = ctypes.CDLL(None)  # this process's C library
+    if hasattr(libc, "mallopt"):  # glibc's; M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1 in its malloc.h
+        libc.mallopt(-4, 0)  # every block from the heap, none from mmap
+        libc.mallopt(-1, 2 ** 31 - 1)  # and never give the heap's top back
 
 
 def print0(*args, **kwargs):
@@ -323,15 +318,33 @@ def base_data_dir(args):
     return Path(args.data_dir) if args.data_dir else base_dir() / "base_data"
 
 
-def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):
-    """Download training shards 0 .. num_shards-2 and the validation shard into directory.
-
-    The validation shard is pinned to the dataset's last one, so runs with any number of shards
-    validate on the same text; its name also sorts last, which is how parquet_files finds it.
-    Shards already there are skipped. Each new one is written under a temporary name (not
-    *.parquet) and renamed when complete, so an interrupted download never leaves a truncated
-    shard. A failed request is retried after 1, 2, 4, 8 s (exponential backoff)."""
+def download(url, path, attempts=5, first_wait_s=1.0, hint=""):
+    """Download url to path, retrying a failed request after 1, 2, 4, 8 s (exponential backoff).
+    The bytes go to a temporary name that is renamed to path when complete, so an interrupted
+    download never leaves a truncated file. hint ends the error after the last attempt."""
     import urllib.request  # the standard library is enough for plain HTTPS downloads
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            os.replace(tmp, path)
+            return
+        except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
+            tmp.unlink(missing_ok=True)
+            reason = getattr(e, "reason", None) or e
+            if attempt == attempts - 1:
+                raise UserError(f"could not download {url} after {attempts} attempts ({reason}){hint}") from None
+            wait = first_wait_s * 2 ** attempt
+            print0(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s")
+            time.sleep(wait)
+
+
+def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):
+    """Download training shards 0 .. num_shards-2 and the validation shard into directory; shards
+    already there are skipped. The validation shard is pinned to the dataset's last one, so runs
+    with any number of shards validate on the same text; its name also sorts last, which is how
+    parquet_files finds it."""
     if num_shards < 2:
         raise UserError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
     directory = Path(directory)
@@ -339,24 +352,10 @@ def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINE
     indices = list(range(min(num_shards - 1, val_shard))) + [val_shard]
     missing = [i for i in indices if not (directory / f"shard_{i:05d}.parquet").exists()]
     for n, index in enumerate(missing, 1):
-        path, source = directory / f"shard_{index:05d}.parquet", url.format(index=index)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        for attempt in range(attempts):
-            try:
-                with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as f:
-                    shutil.copyfileobj(response, f, 1 << 20)
-                os.replace(tmp, path)
-                break
-            except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
-                tmp.unlink(missing_ok=True)
-                reason = getattr(e, "reason", None) or e
-                if attempt == attempts - 1:
-                    raise UserError(f"could not download {source} after {attempts} attempts ({reason}); to train "
-                                    "without network, put FineWeb-EDU style parquet shards (a `text` column; the last "
-                                    "file by name is the validation shard) in a folder and pass --data-dir FOLDER") from None
-                wait = first_wait_s * 2 ** attempt
-                print0(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s")
-                time.sleep(wait)
+        path = directory / f"shard_{index:05d}.parquet"
+        download(url.format(index=index), path, attempts, first_wait_s, hint="; to train without network, put "
+                 "FineWeb-EDU style parquet shards (a `text` column; the last file by name is the validation shard) "
+                 "in a folder and pass --data-dir FOLDER")
         print0(f"downloaded {path} ({n}/{len(missing)})")
 
 
@@ -573,24 +572,17 @@ class Block(nn.Module):
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap),
-    0 where the target is -1; logits: (N, V) fp32, targets: (N,). Returns (N,).
-
-    The same arithmetic as F.cross_entropy(cap * torch.tanh(logits / cap), targets, reduction="none",
-    ignore_index=-1), written out because the vocabulary-wide (N, V) tensors are most of a small
-    model's step: autograd through those plain ops makes about nine of them (the division, tanh,
-    scaling and log-softmax, a gradient for each, and the zeros that the nll gradient scatters into).
-    Here the forward makes one, tanh(logits / cap), and keeps it; the backward overwrites it with
-    the gradient, using
-        d loss / d z      = softmax(z) - onehot(target)
-        d z / d logits    = 1 - tanh(logits / cap)^2
-    On a CPU the work goes in blocks of rows that stay in the cache (each new tensor of N x V floats
-    also costs a page fault per 4 KiB); under torch.compile, or on a GPU, in one block. Since
-    |z| <= cap, sum(exp(z)) needs no max subtracted first: it is at most V * e^cap, about 2e11 for
-    V = 65536 and cap = 15, far inside fp32's range.
-    tests/test_model.py checks it against the plain ops, values and gradients."""
+    0 where the target is -1; logits (N, V) fp32, targets (N,) -> (N,). The arithmetic of
+    F.cross_entropy(cap * torch.tanh(logits / cap), targets, ignore_index=-1, reduction="none"),
+    written out because the (N, V) tensors are most of a small model's step: autograd through the
+    plain ops makes about nine, this makes one (the tanh, kept, then overwritten by the gradient):
+        d loss / d z = softmax(z) - onehot(target),     d z / d logits = 1 - tanh(logits / cap)^2
+    On a CPU it works in blocks of rows that stay in the cache (in one block on a GPU or under
+    torch.compile). As |z| <= cap, sum(exp(z)) <= V e^cap (2e11 at V = 65536) needs no max
+    subtracted first. tests/test_model.py checks it against the plain ops."""
 
     @staticmethod
-    def blocks(n_rows, n_cols, device):
+    def blocks(n_rows, n_cols, device):  # slices of at most 2^18 floats on a CPU
         rows = n_rows if device.type != "cpu" or torch.compiler.is_compiling() else max(1, 2 ** 18 // n_cols)
         return [slice(r, r + rows) for r in range(0, n_rows, rows)]
 
@@ -601,8 +593,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         for rows in SoftcapCrossEntropy.blocks(*logits.shape, logits.device):
             block = torch.div(logits[rows], cap, out=squashed[rows]).tanh_()
             sum_exp[rows] = block.mul(cap).exp_().sum(dim=-1)
-        valid = targets >= 0
-        safe_targets = targets.clamp_min(0)
+        valid, safe_targets = targets >= 0, targets.clamp_min(0)
         loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
         ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
         ctx.cap = cap
@@ -1111,29 +1102,6 @@ def answer_is_correct(text, reference):
         return False
 
 
-def fact_is_correct(reply, item):
-    """A reply to a TinyWorld fact question is right when the last possible answer its first sentence
-    names is the answer, and every other one it names is the answer or the question's subject.
-    Possible answers are those of the question's kind in tinyworld.FACT_ANSWERS and any whole
-    number, found as whole words, case aside, longest first; the subject is in the item's key.
-    For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
-        "The day before Sunday is Saturday."  right: Sunday is the subject, Saturday comes last
-        "Saturday"                            right
-        "The day before Saturday is Friday."  wrong: it ends on another day
-        "Friday or Saturday."                 wrong: it names another day
-        "Saturdays."                          wrong: no day as a whole word
-    Every reply TinyWorld trains on names its answer last: "A young cat is called a kitten.",
-    "A dog has four legs.", "3 plus 4 is 7." (the operands 3 and 4 are that question's subject)."""
-    kind, subject = item["key"].split(":", 1)
-    subjects = re.split(r"[-+]", subject) if kind in ("add", "sub") else [subject]  # "add:3+4": 3 and 4
-    names = sorted({item["answer"], *subjects, *tinyworld.FACT_ANSWERS.get(kind, [])}, key=len, reverse=True)
-    pattern = r"(?<!\w)(" + "|".join(re.escape(name.lower()) for name in names) + r"|\d+)(?!\w)"
-    sentence = " ".join(re.split(r"[.!?](?:\s|$)|\n", reply.strip(), maxsplit=1)[0].lower().split())
-    said = re.findall(pattern, sentence)
-    allowed = {item["answer"].lower(), *(s.lower() for s in subjects)}
-    return bool(said) and said[-1] == item["answer"].lower() and all(name in allowed for name in said)
-
-
 def shard(items, ddp):
     """This rank's share of a list of evaluation items (every world_size-th item)."""
     return items[ddp.rank::ddp.world_size]
@@ -1214,8 +1182,8 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
 
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
-    """Accuracy (accuracy_stats) of greedy answers: factual questions graded by fact_is_correct,
-    word problems by their '####' number (answer_is_correct; the calculator tool is available)."""
+    """Accuracy (accuracy_stats) of greedy answers: facts graded by tinyworld.fact_is_correct, word
+    problems by their '####' number (answer_is_correct; the calculator tool is available)."""
     engine, correct = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1225,7 +1193,7 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
         if task == "word_problem":
             correct += answer_is_correct(reply, item["answer"])
         else:
-            correct += fact_is_correct(reply, item)
+            correct += tinyworld.fact_is_correct(reply, item)
     return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
@@ -1401,29 +1369,17 @@ def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
 
 
 def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_s=1.0):
-    """Download the zipped bundle and unpack it as `directory`, retrying failed requests after
-    1, 2, 4, 8 s. The archive is written under a temporary name and unpacked into a temporary
-    folder that is renamed into place when complete, so an interrupted run leaves no half bundle.
+    """Download the zipped bundle and unpack it as `directory` (download() retries). The archive is
+    unpacked into a temporary folder that is renamed into place when complete, so an interrupted
+    run leaves no half bundle.
     The archive's sha256 is kept in <directory>/SOURCE for the record (there is no published one)."""
     import hashlib
     import tempfile
-    import urllib.request
     import zipfile
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    archive = directory.with_name(f".{directory.name}.zip.tmp{os.getpid()}")
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            break
-        except OSError as e:
-            archive.unlink(missing_ok=True)
-            reason = getattr(e, "reason", None) or e
-            if attempt == attempts - 1:
-                raise UserError(f"could not download {url} after {attempts} attempts ({reason})") from None
-            print0(f"download of the eval bundle failed ({reason}); retrying in {first_wait_s * 2 ** attempt:.0f}s")
-            time.sleep(first_wait_s * 2 ** attempt)
+    archive = directory.with_name(f".{directory.name}.zip")
+    download(url, archive, attempts, first_wait_s)
     try:
         sha256 = hashlib.sha256()
         with open(archive, "rb") as f:
@@ -1640,8 +1596,8 @@ def save_checkpoint(directory, step, model, optimizers, meta):
 def interrupted(step, directory):
     """The error for Ctrl-C during training: where the last complete checkpoint is."""
     last = last_checkpoint_step(directory) if directory.is_dir() else None
-    return UserError(f"interrupted at step {step}; " + (f"the last checkpoint (step {last}) is in {directory}: continue "
-                     "with --resume" if last is not None else "no checkpoint was written yet"))
+    where = f"the last checkpoint (step {last}) is in {directory}: continue with --resume" if last is not None else None
+    return UserError(f"interrupted at step {step}; {where or 'no checkpoint was written yet'}")
 
 
 def torch_load(path, device):
@@ -1709,10 +1665,9 @@ CPU_COMPILE_MIN_STEPS = 300  # where compiling pays for itself on a CPU (see com
 
 
 def compile_setting(args, num_steps=0, fixed_shapes=True):
-    """(compile?, why) for torch.compile of the training model. --compile auto: on for CUDA; on a
-    CPU only for a run of at least CPU_COMPILE_MIN_STEPS steps whose batches all have one shape.
-    Measured at the tiny tier on 2 cores: compiling takes ~30 s and then saves ~0.1 s a step, so
-    it pays back after ~300 steps; each new batch shape (SFT's padded rows) would compile again."""
+    """(compile?, why) for the training model. auto: on CUDA; on a CPU for runs of at least
+    CPU_COMPILE_MIN_STEPS steps of one batch shape (tiny tier, 2 cores: ~30 s to compile, then ~0.1 s
+    saved a step; each new shape, as SFT's padded rows, compiles again)."""
     if args.compile != "auto":
         return args.compile == "on", f"--compile {args.compile}"
     if DEVICE_TYPE == "cuda":
@@ -1799,15 +1754,6 @@ def peak_flops(device):
     return None
 
 
-def gather_data_states(state, ddp):
-    """Every rank's loader state, in rank order (for the checkpoint's metadata)."""
-    if not ddp.is_ddp:
-        return [state]
-    states = [None] * ddp.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def resume_data_state(meta, ddp):
     """This rank's loader state from a checkpoint's metadata."""
     states = meta.get("data_state")
@@ -1822,12 +1768,10 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
-    (device_batch_size, max_seq_len), where state (a small JSON-able value) makes
-    make_batches(split, state) continue right after that micro-batch; evaluate(model) returns a
-    dict of validation metrics (run at the start, every --eval-every steps and at the end).
-    Checkpoints go to <base_dir>/checkpoints/<stage>/<tag> with every rank's loader state, so a
-    resumed run sees exactly the data the uninterrupted run would have seen. Returns a summary
-    dict for the report."""
+    (device_batch_size, max_seq_len); make_batches(split, state) continues right after that one,
+    so checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
+    sees exactly the data of an uninterrupted one. evaluate(model) returns a dict of validation
+    metrics (at the start, every --eval-every steps and at the end). Returns the report's summary."""
     B, T = args.device_batch_size, args.max_seq_len
     config, tag = model.config, args.model_tag or f"d{args.depth}"
     out_dir = checkpoint_dir(stage, tag)
@@ -1865,7 +1809,10 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         return result
 
     def save(step, metrics):
-        data_states = gather_data_states(data_state, ddp)  # every rank takes part
+        data_states = [data_state]
+        if ddp.is_ddp:  # every rank's loader state, in rank order
+            data_states = [None] * ddp.world_size
+            dist.all_gather_object(data_states, data_state)
         if ddp.is_master:
             save_checkpoint(out_dir, step, model, optimizers, dict(
                 stage=stage, step=step, num_steps=num_steps, data_state=data_states, model_config=dataclasses.asdict(config),
@@ -2488,42 +2435,23 @@ def build_parser():
     return p
 
 
-# what each numeric flag must be: name -> (test, the words of the error); None always passes
-FLAG_RULES = {
-    "num_shards": (lambda v: v >= 2, "at least 2 (one train shard and the validation shard)"),
-    "vocab_size": (lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)} "
-                   f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"),
-    "tok_chars": (lambda v: v >= 1000, "at least 1000"),
-    "depth": (lambda v: v >= 1, "at least 1"),
-    "aspect_ratio": (lambda v: v >= 1, "at least 1"),
-    "head_dim": (lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)"),
-    "n_kv_head": (lambda v: v >= 1, "at least 1"),
-    "max_seq_len": (lambda v: v >= 2, "at least 2"),
-    "device_batch_size": (lambda v: v >= 1, "at least 1"),
-    "total_batch_size": (lambda v: v >= 1, "at least 1"),
-    "num_iterations": (lambda v: v >= 1 or v == -1, "at least 1, or -1 for the stage's default"),
-    "target_param_data_ratio": (lambda v: v > 0, "positive"),
-    "lr_scale": (lambda v: v > 0, "positive"),
-    "matrix_lr": (lambda v: v > 0, "positive"),
-    "embedding_lr": (lambda v: v > 0, "positive"),
-    "unembedding_lr": (lambda v: v > 0, "positive"),
-    "weight_decay": (lambda v: v >= 0, "0 or more"),
-    "warmup_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-    "warmdown_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-    "final_lr_frac": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-    "eval_every": (lambda v: v >= 0, "0 or more"),
-    "eval_batches": (lambda v: v >= 1, "at least 1"),
-    "save_every": (lambda v: v >= 0, "0 or more"),
-    "log_every": (lambda v: v >= 1, "at least 1"),
-    "num_samples": (lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)"),
-    "prompts_per_step": (lambda v: v >= 1, "at least 1"),
-    "pass_k_problems": (lambda v: v >= 1, "at least 1"),
-    "temperature": (lambda v: v >= 0, "0 (greedy) or more"),
-    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
-    "eval_items": (lambda v: v >= 1, "at least 1"),
-    "max_per_task": (lambda v: v >= 1 or v == -1, "at least 1, or -1 for all"),
-    "top_k": (lambda v: v >= 1, "at least 1"),
-}
+# what the numeric flags must be: (flags, test, the words of the error); a flag left at None passes
+FLAG_RULES = [
+    (("depth", "aspect_ratio", "n_kv_head", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
+      "prompts_per_step", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
+    (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
+    (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "unembedding_lr"), lambda v: v > 0, "positive"),
+    (("weight_decay", "eval_every", "save_every"), lambda v: v >= 0, "0 or more"),
+    (("warmup_ratio", "warmdown_ratio", "final_lr_frac"), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("num_shards",), lambda v: v >= 2, "at least 2 (one train shard and the validation shard)"),
+    (("vocab_size",), lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)} "
+     f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"),
+    (("tok_chars",), lambda v: v >= 1000, "at least 1000"),
+    (("head_dim",), lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)"),
+    (("max_seq_len",), lambda v: v >= 2, "at least 2"),
+    (("num_samples",), lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)"),
+    (("temperature",), lambda v: v >= 0, "0 (greedy) or more"),
+]
 
 
 def finalize_args(args):
@@ -2532,10 +2460,11 @@ def finalize_args(args):
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
         args.max_new_tokens = 128 if args.stage == "rl" else 256
-    for name, (ok, must) in FLAG_RULES.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be {must}, got {value}")
+    for names, ok, must in FLAG_RULES:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise UserError(f"--{name.replace('_', '-')} must be {must}, got {value}")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} must be at most 1")
     if args.stage in ("base", "mid", "sft"):  # the same check as train()'s, before any work starts

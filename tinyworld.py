@@ -969,3 +969,26 @@ def tinyworld_eval_items(task, split="test", n=400, seed=0):
             if len(items) == n:
                 break
     return items
+
+
+def fact_is_correct(reply, item):
+    """A reply to a TinyWorld fact question is right when the last possible answer its first sentence
+    names is the answer, and every other one it names is the answer or the question's subject.
+    Possible answers are those of the question's kind in FACT_ANSWERS and any whole
+    number, found as whole words, case aside, longest first; the subject is in the item's key.
+    For "What day comes before Sunday?" (key "day_before:Sunday", answer "Saturday"):
+        "The day before Sunday is Saturday."  right: Sunday is the subject, Saturday comes last
+        "Saturday"                            right
+        "The day before Saturday is Friday."  wrong: it ends on another day
+        "Friday or Saturday."                 wrong: it names another day
+        "Saturdays."                          wrong: no day as a whole word
+    Every reply TinyWorld trains on names its answer last: "A young cat is called a kitten.",
+    "A dog has four legs.", "3 plus 4 is 7." (the operands 3 and 4 are that question's subject)."""
+    kind, subject = item["key"].split(":", 1)
+    subjects = re.split(r"[-+]", subject) if kind in ("add", "sub") else [subject]  # "add:3+4": 3 and 4
+    names = sorted({item["answer"], *subjects, *FACT_ANSWERS.get(kind, [])}, key=len, reverse=True)
+    pattern = r"(?<!\w)(" + "|".join(re.escape(name.lower()) for name in names) + r"|\d+)(?!\w)"
+    sentence = " ".join(re.split(r"[.!?](?:\s|$)|\n", reply.strip(), maxsplit=1)[0].lower().split())
+    said = re.findall(pattern, sentence)
+    allowed = {item["answer"].lower(), *(s.lower() for s in subjects)}
+    return bool(said) and said[-1] == item["answer"].lower() and all(name in allowed for name in said)

@@ -55,7 +55,7 @@ FACT_REPLIES = [  # (key, answer, reply, right?)
 
 @pytest.mark.parametrize("key,answer,reply,expected", FACT_REPLIES)
 def test_fact_grader(key, answer, reply, expected):
-    assert nc.fact_is_correct(reply, dict(key=key, answer=answer)) is expected
+    assert tinyworld.fact_is_correct(reply, dict(key=key, answer=answer)) is expected
 
 
 def test_fact_grader_on_every_trained_reply():
@@ -66,13 +66,13 @@ def test_fact_grader_on_every_trained_reply():
         facts[fact["key"]] = fact
     assert len(facts) > 1000
     for fact in facts.values():
-        assert nc.fact_is_correct(fact["reply"], fact), fact
+        assert tinyworld.fact_is_correct(fact["reply"], fact), fact
     by_kind = itertools.groupby(sorted(facts.values(), key=lambda f: f["key"]), key=lambda f: f["key"].split(":")[0])
     for _, group in by_kind:
         group = list(group)
         for fact, other in zip(group, group[1:] + group[:1]):
             if other["answer"] != fact["answer"]:
-                assert not nc.fact_is_correct(other["reply"], fact), (fact, other["reply"])
+                assert not tinyworld.fact_is_correct(other["reply"], fact), (fact, other["reply"])
 
 
 @pytest.mark.parametrize("text,reference,expected", [
