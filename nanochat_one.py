@@ -435,9 +435,9 @@ def hf_chat_examples(args, split, start=0):
         position += 1
 
 
-def chat_examples(args, split, start=0):
+def chat_examples(args, split, start=0, stage="mid"):
     if args.data == "tinyworld":
-        return tinyworld.tinyworld_chat_examples(split, start)
+        return tinyworld.tinyworld_chat_examples(split, start, stage)
     return hf_chat_examples(args, split, start)
 
 
@@ -495,13 +495,16 @@ def apply_rotary(x, cos, sin):
 
 class KVCache:
     """Preallocated keys and values for every layer, filled as tokens are decoded.
-    k, v: (n_layer, B, n_kv_head, max_len, head_dim); pos = how many positions are filled."""
+    k, v: (n_layer, B, n_kv_head, max_len, head_dim); pos = how many positions are filled.
+    valid: None, or (B, max_len) bool, False where a row's prompt is padded on the left: prompts of
+    different lengths then share one batch, and no token attends to the padding. (Rotary
+    attention depends only on distances, so a row shifted right by its padding scores the same.)"""
 
-    def __init__(self, batch_size, n_kv_head, head_dim, max_len, n_layer, device, dtype):
+    def __init__(self, batch_size, n_kv_head, head_dim, max_len, n_layer, device, dtype, valid=None):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos, self.valid = 0, valid
 
     def insert(self, layer, k, v):
         """Store this step's k, v (B, H, T, D) for one layer; return all keys/values so far."""
@@ -539,11 +542,12 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D), all positions so far
             Tk = k.size(2)
-            if T == 1:  # one new token attends to everything before it
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # T new tokens after Tk - T cached ones: query i sees keys 0 .. Tk - T + i
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # T new tokens after Tk - T cached ones: query i sees keys 0 .. Tk - T + i
+            mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+            if kv_cache.valid is not None:  # and not the padding; a pad sees itself (a row of -inf gives NaN)
+                itself = torch.arange(Tk, device=q.device) == torch.arange(Tk - T, Tk, device=q.device)[:, None]
+                mask = (kv_cache.valid[:, None, None, :Tk] | itself) & (True if mask is None else mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -861,7 +865,7 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     the loss on every token except the calculator's outputs, which are never trained on."""
 
     def docs_from(start):
-        for position, conversation in chat_examples(args, split, start):
+        for position, conversation in chat_examples(args, split, start, "mid"):
             if position % ddp.world_size == ddp.rank:
                 ids, mask = render_conversation(tokenizer, conversation, assistant_only=False)
                 yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
@@ -879,7 +883,7 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     resume from is the position of the last conversation used."""
     bos = tokenizer.special_tokens["<|bos|>"]
     last = -1 if state is None else state["last"]
-    examples = ((p, c) for p, c in chat_examples(args, split, last + 1) if p % ddp.world_size == ddp.rank)
+    examples = ((p, c) for p, c in chat_examples(args, split, last + 1, "sft") if p % ddp.world_size == ddp.rank)
     while True:
         rows = []
         for last, conversation in itertools.islice(examples, B):
@@ -954,8 +958,11 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    # by the inverse CDF: one uniform draw per row (torch.multinomial draws one per vocabulary entry,
+    # and on a CPU that was 40% of generation time); right=True never lands on a zero-probability token
+    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
 
 class Engine:
@@ -978,18 +985,26 @@ class Engine:
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42):
         """Yield, step by step, (tokens, sampled): the next token of every row, and for each
         whether it was sampled (True) or forced by the tool (False). Stops when every row has
-        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens."""
+        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens. `prompt` is one
+        token list, or a list of them: then rows i*num_samples .. (i+1)*num_samples-1 answer
+        prompt i, the shorter prompts padded on the left (KVCache.valid)."""
         model, device = self.model, self.model.cos.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
         c = model.config
-        cache = KVCache(num_samples, c.n_kv_head, c.n_embd // c.n_head, len(prompt) + max_tokens,
-                        c.n_layer, device, COMPUTE_DTYPE)
-        ids = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
+        prompts = [p for p in ([prompt] if isinstance(prompt[0], int) else prompt) for _ in range(num_samples)]
+        B, width = len(prompts), max(len(p) for p in prompts)
+        valid = None
+        if any(len(p) < width for p in prompts):
+            valid = torch.ones(B, width + max_tokens, dtype=torch.bool, device=device)
+            for row, p in enumerate(prompts):
+                valid[row, :width - len(p)] = False
+        cache = KVCache(B, c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device, COMPUTE_DTYPE, valid)
+        ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # (B, T)
         logits = model(ids, kv_cache=cache)[:, -1, :]  # (B, vocab)
-        forced = [[] for _ in range(num_samples)]  # tokens queued by the tool, per row
-        expression = [None] * num_samples  # tokens of a calculator call being written, per row
-        done = [False] * num_samples
+        forced = [[] for _ in range(B)]  # tokens queued by the tool, per row
+        expression = [None] * B  # tokens of a calculator call being written, per row
+        done = [False] * B
         for _ in range(max_tokens):
             sampled_ids = sample_next(logits, rng, temperature, top_k).tolist()
             sampled = [not queue for queue in forced]
@@ -1016,9 +1031,8 @@ class Engine:
                        keep_stop_token=False):
         """Return (token lists, sampled masks), one per row, each ending before its stop token
         (or with it, if keep_stop_token: RL trains the model to stop)."""
-        results = [[] for _ in range(num_samples)]
-        masks = [[] for _ in range(num_samples)]
-        finished = [False] * num_samples
+        rows = num_samples * (1 if isinstance(prompt[0], int) else len(prompt))
+        results, masks, finished = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
         for tokens, sampled in self.generate(prompt, num_samples, max_tokens, temperature, top_k, seed):
             for row, (token, was_sampled) in enumerate(zip(tokens, sampled)):
                 if finished[row]:
@@ -1107,6 +1121,14 @@ def shard(items, ddp):
     return items[ddp.rank::ddp.world_size]
 
 
+GENERATE_ROWS = 128  # rows sampled together by evaluation: on a CPU 128 rows cost ~7x one row, not 128x
+
+
+def batched(items, n):
+    """[1, 2, 3, 4, 5], 2 -> [[1, 2], [3, 4], [5]]"""
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
 def all_reduce_counts(correct, total, device):
     counts = torch.tensor([correct, total], dtype=torch.int64, device=device)
     if dist.is_initialized():
@@ -1186,14 +1208,15 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
     problems by their '####' number (answer_is_correct; the calculator tool is available)."""
     engine, correct = Engine(model, tokenizer), 0
     mine = shard(items, ddp)
-    for item in mine:
-        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
-        (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        reply = tokenizer.decode(tokens)
-        if task == "word_problem":
-            correct += answer_is_correct(reply, item["answer"])
-        else:
-            correct += tinyworld.fact_is_correct(reply, item)
+    for chunk in batched(mine, GENERATE_ROWS):  # prompts of different lengths share a batch, padded on the left
+        prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+                   for item in chunk]
+        for item, tokens in zip(chunk, engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]):
+            reply = tokenizer.decode(tokens)
+            if task == "word_problem":
+                correct += answer_is_correct(reply, item["answer"])
+            else:
+                correct += tinyworld.fact_is_correct(reply, item)
     return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
@@ -1207,6 +1230,8 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
         fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
+        hard_word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("hard_word_problem", n=n),
+                                              ddp, "word_problem", max_tokens=160),
     )
 
 
@@ -2010,10 +2035,11 @@ def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=
     """Sample k answers per problem; return (pass@1, its standard error, pass@k), where pass@1
     is the mean fraction of correct samples and pass@k the fraction of problems with any correct."""
     engine, fractions = Engine(model, tokenizer), []
-    for i, problem in enumerate(shard(problems, ddp)):
-        prompt = render_for_completion(tokenizer, tinyworld.word_problem_conversation(problem["question"]))
-        answers, _ = engine.generate_batch(prompt, k, max_tokens, temperature, seed=seed + i)
-        fractions.append(sum(answer_is_correct(tokenizer.decode(a), problem["answer"]) for a in answers) / k)
+    for i, chunk in enumerate(batched(shard(problems, ddp), max(1, GENERATE_ROWS // k))):
+        prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
+        answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
+        for j, problem in enumerate(chunk):
+            fractions.append(sum(answer_is_correct(tokenizer.decode(a), problem["answer"]) for a in answers[j * k:(j + 1) * k]) / k)
     stats = torch.tensor([sum(fractions), sum(f * f for f in fractions), sum(f > 0 for f in fractions), len(fractions)],
                          dtype=torch.float64, device=ddp.device)
     if dist.is_initialized():
@@ -2056,9 +2082,9 @@ def rl_problems(args):
     with a random.Random, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
     if args.data == "tinyworld":
         def draw_problem(rng):
-            return tinyworld.train_item(tinyworld.tinyworld_word_problem, rng)
+            return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
 
-        return draw_problem, tinyworld.tinyworld_eval_items("word_problem", "test", n=args.pass_k_problems)
+        return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems)
     train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
 
     def draw_problem(rng):
@@ -2082,7 +2108,7 @@ def plot_reward_curve(summary, path):
     steps = [h["step"] for h in summary["history"]]
     ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
                 marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
-    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['num_samples']}")
+    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['pass_k']}")
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -2107,9 +2133,9 @@ def stage_rl(args, ddp):
 
     def evaluate(step):
         model.eval()
-        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, G, args.max_new_tokens, args.temperature, seed=10_000)
+        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature, seed=10_000)
         history.append(dict(step=step, pass1=p1, pass1_stderr=se, passk=pk))
-        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {p1:.3f} +- {se:.3f} | pass@{G} {pk:.3f}")
+        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {p1:.3f} +- {se:.3f} | pass@{args.pass_k} {pk:.3f}")
 
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.special_tokens["<|bos|>"]
@@ -2130,16 +2156,16 @@ def stage_rl(args, ddp):
             model.eval()
             rows, rewards_all, zero_signal = [], [], 0
             rng = random.Random(f"rl-{args.seed}-{step}")  # a step's problems depend on the step alone: resumable
-            for i in range(P):
-                problem = draw_problem(rng)
-                if i % ddp.world_size != ddp.rank:
-                    continue
-                prompt = render_for_completion(tokenizer, tinyworld.word_problem_conversation(problem["question"]))
-                answers, sampled = engine.generate_batch(prompt, G, args.max_new_tokens, args.temperature,
-                                                         seed=hash((args.seed, step, i)) % 2**31, keep_stop_token=True)
-                rewards = [float(answer_is_correct(tokenizer.decode(a), problem["answer"])) for a in answers]
+            problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
+            prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
+            answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature,  # all groups at once
+                                                     seed=args.seed * 100_003 + step * ddp.world_size + ddp.rank,
+                                                     keep_stop_token=True) if prompts else ([], [])
+            for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+                group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
+                rewards = [float(answer_is_correct(tokenizer.decode(a), problem["answer"])) for a in group_answers]
                 rewards_all += rewards
-                group = grpo_sequences(tokenizer, prompt, answers, sampled, rewards)
+                group = grpo_sequences(tokenizer, prompt, group_answers, group_sampled, rewards)
                 zero_signal += not group
                 rows += group
             # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
@@ -2178,7 +2204,7 @@ def stage_rl(args, ddp):
                    f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
     except KeyboardInterrupt:
         raise interrupted(step, out_dir) from None
-    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, prompts_per_step=P,
+    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
                    held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
     if args.data == "tinyworld":
         summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
@@ -2305,19 +2331,22 @@ def stage_report(args, ddp):
     rows = [(name, r.get("chat_eval", r)) for name, r in rows]
     rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
-        lines += ["", "## Chat evaluations (held-out TinyWorld items)", "",
-                  "| after stage | multiple choice, letter (chance 25%) | multiple choice, cloze (chance 25%) "
-                  "| factual questions | word problems (with calculator) |", "|---|---|---|---|---|"]
-        tasks = ("multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem")
-        lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in tasks) + " |" for name, r in rows]
+        columns = dict(multiple_choice_letter="multiple choice, letter (chance 25%)",
+                       multiple_choice_cloze="multiple choice, cloze (chance 25%)", fact="factual questions",
+                       word_problem="word problems (calculator)", hard_word_problem="harder word problems (SFT, RL)")
+        columns = {task: title for task, title in columns.items() if all(task in r for _, r in rows)}
+        lines += ["", "## Chat evaluations (held-out TinyWorld items, greedy)", "",
+                  "| after stage | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in columns) + " |" for name, r in rows]
         lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]
         first, last = r["history"][0], r["history"][-1]
-        k = r["num_samples"]
+        k = r["pass_k"]
         lines += ["", "## RL (GRPO) on word problems", "",
-                  f"{r['steps']} steps x {r['prompts_per_step']} problems x {k} samples; pass@k on {r['held_out']} held-out problems "
+                  f"{r['steps']} steps x {r['prompts_per_step']} problems x {r['num_samples']} samples; pass@1 and pass@{k} "
+                  f"from {k} samples of each of {r['held_out']} held-out problems "
                   f"(sampled at the RL temperature; +- one standard error).", "",
                   f"| | pass@1 | pass@{k} |", "|---|---|---|",
                   f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
@@ -2335,9 +2364,9 @@ def stage_report(args, ddp):
         model.eval()
         engine = Engine(model, tokenizer)
         lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
-        for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("word_problem", n=1)[0]["question"]):
+        for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
-            (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
+            (reply,), _ = engine.generate_batch(prompt, 1, 160, temperature=0.0)
             lines += [f"**user:** {question}", "", "**assistant:**", "", "```", tokenizer.decode(reply), "```", ""]
     lines += ["", "## Wall clock", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in reports.get("wall", {}).items()]
@@ -2411,13 +2440,14 @@ def build_parser():
     g.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="base: prompts to continue at the end of training")
     g = p.add_argument_group("rl (simplified GRPO)")
-    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per problem: the group size G, and the k of pass@k")
-    g.add_argument("--prompts-per-step", type=int, default=8, help="problems per optimizer step (split across ranks)")
+    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training problem: the group size G")
+    g.add_argument("--prompts-per-step", type=int, default=16, help="problems per optimizer step (split across ranks)")
+    g.add_argument("--pass-k", type=int, default=4, help="answers sampled per held-out problem: the k of pass@k")
     g.add_argument("--pass-k-problems", type=int, default=400,
                    help="held-out problems for pass@k before, during (--eval-every) and after RL; RL's gain is a few "
                    "points, so it is measured on more problems than the chat evaluations")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat (0: greedy; default: rl 1.0, chat 0.6)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 160, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
     g.add_argument("--eval-items", type=int, default=400,
@@ -2438,7 +2468,7 @@ def build_parser():
 # what the numeric flags must be: (flags, test, the words of the error); a flag left at None passes
 FLAG_RULES = [
     (("depth", "aspect_ratio", "n_kv_head", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
-      "prompts_per_step", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
+      "prompts_per_step", "pass_k", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
     (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
     (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "unembedding_lr"), lambda v: v > 0, "positive"),
     (("weight_decay", "eval_every", "save_every"), lambda v: v >= 0, "0 or more"),
@@ -2459,7 +2489,7 @@ def finalize_args(args):
     if args.temperature is None:
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
-        args.max_new_tokens = 128 if args.stage == "rl" else 256
+        args.max_new_tokens = 160 if args.stage == "rl" else 256
     for names, ok, must in FLAG_RULES:
         for name in names:
             value = getattr(args, name)

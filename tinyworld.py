@@ -882,6 +882,67 @@ def tinyworld_word_problem(rng):
             "steps": steps, "answer_text": f"{text}\n#### {answer}", "answer": answer}
 
 
+# Harder word problems, for SFT and RL: three events change what someone has, and each
+# event's wording decides its operation ("finds 5 more" adds, "gives 5 to Tom" subtracts, "buys 3
+# packs of 4" multiplies then adds, "gives half of them away" halves). Some numbers are written in
+# words, and one sentence gives a number that does not matter. 3 to 6 calculator calls, every
+# result a whole number in 0..1000.
+
+OBJECT_PRONOUN = {"she": "her", "he": "him"}
+
+
+def say_number(rng, n):
+    """n in digits, or (two times in five, up to 100) in words: the model must read both."""
+    return number_to_words(n) if n <= 100 and rng.random() < 0.4 else str(n)
+
+
+def hwp_event(rng, have, p, friend, items):
+    """One event: (sentence, solution text, the new amount, its kind)."""
+    kinds = ["gain", "lose", "packs"] + (["half"] if have % 2 == 0 and have >= 4 else [])
+    kind = rng.choice(kinds)
+    if kind == "gain":
+        n = rng.randint(2, 30)
+        sentence = rng.choice([f"{cap(p)} finds {{}} more.", f"{friend} gives {OBJECT_PRONOUN[p]} {{}} more.",
+                               f"{cap(p)} buys {{}} more."]).format(say_number(rng, n))
+        (_, r), text = calc(have, "+", n)
+        return sentence, f"{cap(p)} gets {n} more: {text}.", r, kind
+    if kind == "lose" and have >= 2:
+        n = rng.randint(1, min(have - 1, 30))
+        sentence = rng.choice([f"{cap(p)} gives {{}} to {friend}.", f"{cap(p)} loses {{}}.",
+                               f"{cap(p)} sells {{}}."]).format(say_number(rng, n))
+        (_, r), text = calc(have, "-", n)
+        return sentence, f"{cap(p)} has {n} fewer: {text}.", r, "lose"
+    if kind == "half":
+        (_, r), text = calc(have, "/", 2)
+        return f"{cap(p)} gives half of them to {friend}.", f"Half of {have} is {text}.", r, kind
+    k, n = rng.randint(2, 6), rng.randint(2, 10)
+    (_, m), t1 = calc(k, "*", n)
+    (_, r), t2 = calc(have, "+", m)
+    sentence = f"{cap(p)} buys {say_number(rng, k)} packs with {say_number(rng, n)} {items} in each pack."
+    return sentence, f"{k} packs of {n} make {t1}, so {p} has {t2}.", r, "packs"
+
+
+def tinyworld_hard_word_problem(rng):
+    """A word problem of tinyworld_word_problem's form, harder: see the section comment."""
+    name, friend, p = two_names(rng)
+    items, other = rng.sample(SMALL_ITEMS, 2)
+    have = start = rng.randint(5, 40)
+    sentences, texts, kinds = [], [f"{name} starts with {start} {items}."], []
+    for _ in range(3):
+        sentence, text, have, kind = hwp_event(rng, have, p, friend, items)
+        sentences.append(sentence)
+        texts.append(text)
+        kinds.append(kind)
+    distractor = rng.choice([f"{friend} has {{}} {other}.", f"{friend} is {{}} years old.",
+                             f"The shop is {{}} minutes away."]).format(say_number(rng, rng.randint(2, 60)))
+    sentences.insert(rng.randint(0, len(sentences)), distractor)
+    question = (f"{name} has {say_number(rng, start)} {items}. " + " ".join(sentences) +
+                f" How many {items} does {name} have now?")
+    steps = [(m.group(1), int(m.group(2))) for m in re.finditer(r"<<([^=]*)=(\d+)>>", " ".join(texts))]
+    return {"key": f"hwp:{question}", "question": question, "steps": steps,
+            "answer_text": " ".join(texts) + f"\n#### {have}", "answer": have}
+
+
 # -----------------------------------------------------------------------------------------------
 # Chat formats: a multiple-choice item and a word problem as conversations. The real MMLU and
 # GSM8K rows that nanochat_one.py loads take the same forms.
@@ -934,19 +995,30 @@ def tinyworld_word_problem_chat(rng):
     return dict(key=item["key"], **word_problem_conversation(item["question"], item["answer_text"]))
 
 
-# the mixture of TinyWorld chat tasks: generator -> weight
-CHAT_TASKS = {tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tinyworld_word_problem_chat: 2}
+def tinyworld_hard_word_problem_chat(rng):
+    item = tinyworld_hard_word_problem(rng)
+    return dict(key=item["key"], **word_problem_conversation(item["question"], item["answer_text"]))
 
 
-def tinyworld_chat_examples(split, start=0):
-    """Yield (position, conversation) forever: a weighted mixture of the chat tasks. Example i
+# Each chat stage's mixture of TinyWorld tasks, generator -> weight. Mid teaches the format: small
+# talk, facts in letter form, the calculator on easy problems. SFT keeps those and adds what mid
+# never shows, the harder word problems, which RL then practises.
+CHAT_TASKS = dict(
+    mid={tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tinyworld_word_problem_chat: 2},
+    sft={tinyworld_conversation: 2, tinyworld_multiple_choice_chat: 1, tinyworld_word_problem_chat: 1,
+         tinyworld_hard_word_problem_chat: 4},
+)
+
+
+def tinyworld_chat_examples(split, start=0, stage="mid"):
+    """Yield (position, conversation) forever: the stage's weighted mixture of chat tasks. Example i
     comes from its own seed; it is kept only if its key hashes into `split`, and a conversation
     of several questions (keys joined by "|") only if every one of its keys does, so a question
     of the test split is never asked in training (it may appear in pretraining text)."""
-    makers, weights = list(CHAT_TASKS), list(CHAT_TASKS.values())
+    makers, weights = list(CHAT_TASKS[stage]), list(CHAT_TASKS[stage].values())
     i = start
     while True:
-        rng = random.Random(f"chat-{i}")
+        rng = random.Random(f"chat-{stage}-{i}" if stage != "mid" else f"chat-{i}")
         conversation = rng.choices(makers, weights)[0](rng)
         if all(tinyworld_split(key) == split for key in conversation["key"].split("|")):
             yield i, conversation
@@ -954,12 +1026,12 @@ def tinyworld_chat_examples(split, start=0):
 
 
 def tinyworld_eval_items(task, split="test", n=400, seed=0):
-    """n held-out items of one task ("fact", "multiple_choice" or "word_problem"), no two with the
+    """n held-out items of one task ("fact", "multiple_choice", "word_problem" or "hard_word_problem"), no two with the
     same question; fewer if the split runs out. The test split asks 415 fact questions (a few
     phrasings of each of 116 facts), so up to 415 fact or multiple-choice items, and thousands
     of word problems."""
     make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
-                word_problem=tinyworld_word_problem)[task]
+                word_problem=tinyworld_word_problem, hard_word_problem=tinyworld_hard_word_problem)[task]
     rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
     for _ in range(1000 * n):  # the rarest questions take ~100,000 draws to meet
         item = make(rng)

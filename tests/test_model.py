@@ -187,6 +187,39 @@ def test_kv_cache_decoding_equals_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_left_padded_prompts_decode_as_if_alone():
+    """Rows of different lengths padded on the left (KVCache.valid) give each row the logits it
+    gets alone, at every prompt position and every decoded step (oracle: the full forward of the
+    unpadded row). Rotary scores depend on distances only, so the shift changes only rounding."""
+    model = tiny_model(2)
+    c = model.config
+    rows = [torch.randint(0, 97, (n,)).tolist() for n in (12, 5, 9)]
+    width, steps = 12, 6
+    valid = torch.ones(len(rows), width + steps, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        valid[i, :width - len(row)] = False
+    cache = nc.KVCache(len(rows), c.n_kv_head, c.n_embd // c.n_head, width + steps, c.n_layer, "cpu", torch.float32, valid)
+    prefill = model(torch.tensor([[0] * (width - len(r)) + r for r in rows]), kv_cache=cache)
+    new = torch.randint(0, 97, (len(rows), steps))
+    decoded = [model(new[:, t:t + 1], kv_cache=cache) for t in range(steps)]
+    for i, row in enumerate(rows):
+        alone = model(torch.tensor([row + new[i].tolist()]))[0]
+        got = torch.cat([prefill[i, width - len(row):]] + [d[i] for d in decoded])
+        # as in test_kv_cache_decoding_equals_full_forward: other shapes and positions round ~1e-6 apart
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_batches_prompts_of_different_lengths():
+    """Greedy answers to several prompts in one padded batch equal each prompt's answer alone."""
+    tok = type("Tok", (), {"special_tokens": {n: 200 + i for i, n in enumerate(
+        ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>", "<|bos|>"])}})()  # out of the vocabulary: never sampled
+    engine = nc.Engine(tiny_model(2), tok)
+    prompts = [torch.randint(0, 90, (n,)).tolist() for n in (3, 11, 7)]
+    together = engine.generate_batch(prompts, 2, max_tokens=8, temperature=0.0)[0]
+    alone = [engine.generate_batch(p, 1, max_tokens=8, temperature=0.0)[0][0] for p in prompts]
+    assert together == [a for a in alone for _ in range(2)]
+
+
 def test_estimate_flops_by_hand():
     config = nc.GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = nc.GPT(config)
