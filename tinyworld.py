@@ -939,7 +939,8 @@ def tinyworld_hard_word_problem(rng):
     question = (f"{name} has {say_number(rng, start)} {items}. " + " ".join(sentences) +
                 f" How many {items} does {name} have now?")
     steps = [(m.group(1), int(m.group(2))) for m in re.finditer(r"<<([^=]*)=(\d+)>>", " ".join(texts))]
-    return {"key": f"hwp:{question}", "question": question, "steps": steps,
+    # the key names the arithmetic, not the wording: the same problem told in other words is in the same split
+    return {"key": "hwp:" + ",".join(expression for expression, _ in steps), "question": question, "steps": steps,
             "answer_text": " ".join(texts) + f"\n#### {have}", "answer": have}
 
 
