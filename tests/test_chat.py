@@ -1,7 +1,10 @@
 """Chat: rendering and masks, the calculator, the engine's tool loop, chat loaders and stages."""
+import itertools
 import json
+import math
 import random
 import types
+import zlib
 
 import pytest
 import torch
@@ -150,6 +153,55 @@ def test_engine_seeded_determinism_and_independent_first_tokens(tok):
     assert greedy[0] == greedy[1] == greedy[2]
 
 
+# zero-probability tokens first, inside and last in a row: the edges of the inverse CDF
+SAMPLING_LOGITS = torch.tensor([[-math.inf, 1.5, 0.2, 0.9, -2.0, 0.0],
+                                [1.0, 0.0, -math.inf, 2.0, 0.5, -1.0],
+                                [0.4, 3.0, 0.1, 0.2, 0.0, -math.inf]])
+
+
+def softmax_by_hand(row, temperature, top_k=None):
+    """The oracle: exp(logit / temperature) over the top_k largest logits (these rows have no ties), normalised."""
+    kept = sorted(row, reverse=True)[:top_k or len(row)]
+    weights = [math.exp(x / temperature) if x >= kept[-1] else 0.0 for x in row]
+    return [w / sum(weights) for w in weights]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 3)])
+def test_sample_next_draws_each_token_with_its_softmax_probability(temperature, top_k):
+    n = 20_000
+    draws = nc.sample_next(SAMPLING_LOGITS.repeat(n, 1), torch.Generator().manual_seed(0), temperature, top_k)
+    again = nc.sample_next(SAMPLING_LOGITS.repeat(n, 1), torch.Generator().manual_seed(0), temperature, top_k)
+    assert torch.equal(draws, again)  # a seeded generator decides every draw
+    for r, row in enumerate(SAMPLING_LOGITS.tolist()):
+        counts = torch.bincount(draws.view(n, 3)[:, r], minlength=6).tolist()
+        for count, p in zip(counts, softmax_by_hand(row, temperature, top_k)):
+            if p == 0:  # a -inf logit, or outside the top_k
+                assert count == 0
+            else:  # a binomial count: 5 standard errors of the frequency, sqrt(p(1-p)/n) (false alarm ~6e-7 each)
+                assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n), (r, counts, p)
+
+
+@pytest.mark.parametrize("u", [0.0, 1 - 2 ** -24])  # the smallest and largest values torch.rand gives in float32
+def test_sample_next_at_the_ends_of_the_uniform_draw(monkeypatch, u):
+    """Inverse CDF at its extremes: never a zero-probability token, first or last, nor one outside the top_k."""
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.full(size, u))
+    for top_k in (None, 3):
+        picked = nc.sample_next(SAMPLING_LOGITS, torch.Generator(), 1.0, top_k).tolist()
+        for row, token in zip(SAMPLING_LOGITS.tolist(), picked):
+            probability = softmax_by_hand(row, 1.0, top_k)
+            assert probability[token] > 0
+            nonzero = [i for i, q in enumerate(probability) if q > 0]
+            assert token == (nonzero[0] if u == 0 else nonzero[-1])
+
+
+def test_sample_next_greedy_is_the_argmax():
+    for top_k in (None, 1, 3):
+        greedy = nc.sample_next(SAMPLING_LOGITS, torch.Generator().manual_seed(0), 0.0, top_k)
+        assert greedy.tolist() == [max(range(6), key=row.__getitem__) for row in SAMPLING_LOGITS.tolist()] == [1, 3, 1]
+    # top_k=1 at any temperature is the argmax too
+    assert nc.sample_next(SAMPLING_LOGITS.repeat(100, 1), torch.Generator().manual_seed(0), 1.0, 1).tolist() == [1, 3, 1] * 100
+
+
 def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
     """Each option scored in its own forward, by the model's own loss (oracle), against one padded batch."""
     model = tiny_chat_model(tok)
@@ -170,7 +222,7 @@ def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
 
 def test_chat_report_card_gives_each_accuracy_with_its_items_and_error(tok):
     results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=3)
-    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem"]
+    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem", "hard_word_problem"]
     for stats in results.values():
         assert stats == nc.accuracy_stats(round(stats["accuracy"] * 3), 3)
 
@@ -208,6 +260,27 @@ def test_tinyworld_splits_are_disjoint():
     test_items = tinyworld.tinyworld_eval_items("fact", "test", n=50)
     assert len(test_items) == 50
     assert not {item["key"] for item in test_items} & train
+
+
+def chat_keys(split, stage, n=400):
+    """The keys of the first n examples of a stage's stream (a conversation's questions joined by "|")."""
+    return [c["key"] for _, c in itertools.islice(tinyworld.tinyworld_chat_examples(split, stage=stage), n)]
+
+
+def test_sft_mixture_adds_hard_word_problems_and_no_stage_trains_on_test_keys():
+    hard = {(stage, split): sum(key.startswith("hwp:") for key in chat_keys(split, stage)) / 400
+            for stage, split in (("mid", "train"), ("mid", "test"), ("sft", "train"))}
+    assert hard["mid", "train"] == hard["mid", "test"] == 0
+    # 4 of sft's weight 8; a hard problem is kept with p ~ 0.8, the others with 0.8 to 0.8**3: 50..61% of those
+    # kept, give or take 5 standard errors, 5 * sqrt(0.25 / 400) = 0.125
+    assert 0.5 - 0.125 < hard["sft", "train"] < 0.61 + 0.125
+    held_out = {item["key"] for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem")
+                for item in tinyworld.tinyworld_eval_items(task, "test", n=400)}
+    for stage in ("mid", "sft"):
+        train, test = ({key for keys in chat_keys(split, stage) for key in keys.split("|")} for split in ("train", "test"))
+        assert all(zlib.crc32(key.encode()) % 10 < 8 for key in train)  # buckets 0..7 are train
+        assert not train & test and not train & held_out
+        assert test & held_out  # the streams and the evaluation ask about the same things
 
 
 def test_real_chat_data_from_local_files(tmp_path):
@@ -256,4 +329,5 @@ def test_tiny_mid_and_sft_reduce_loss(base_dir):
     sft = run_stage("--stage", "sft", *common, "--num-iterations", "20", "--lr-scale", "0.5")
     losses = [h["val_loss"] for h in sft["history"]]
     assert losses[-1] < losses[0]
-    assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem"}
+    assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem",
+                                     "hard_word_problem"}

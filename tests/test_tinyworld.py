@@ -30,6 +30,108 @@ def test_word_problems_check_out_with_the_calculator():
         assert nc.answer_is_correct(wp["answer_text"], wp["answer"])
 
 
+# An oracle for the hard word problems, written from their wording alone: a number in digits or
+# words, the events that change the amount, and the sentences that do not matter.
+N = r"(\d+|one hundred|[a-z]+(?:-[a-z]+)?)"  # checked by read_number
+HWP = {kind: re.compile(pattern) for kind, pattern in dict(
+    gain=rf"(She|He) (?:finds|buys) {N} more\.", gift=rf"\S+ gives (her|him) {N} more\.",
+    give=rf"(She|He) gives {N} to \S+\.", lose=rf"(She|He) (?:loses|sells) {N}\.",
+    half=r"(She|He) gives half of them to \S+\.", packs=rf"(She|He) buys {N} packs with {N} (.+) in each pack\.",
+    things=rf"(\S+) has {N} (.+)\.", age=rf"\S+ is {N} years old\.", distance=rf"The shop is {N} minutes away\.",
+).items()}
+
+
+def read_number(text):
+    return int(text) if text.isdigit() else tinyworld.NUMBER_WORDS.index(text)  # ValueError if neither
+
+
+def solve_hard_word_problem(question):
+    """(start, steps, answer, event kinds, distractor kinds) read from the question: "finds N more",
+    "X gives her N more", "buys N more" add; "gives N to X", "loses N", "sells N" subtract; "buys K
+    packs with N ... in each pack" adds K*N; "gives half of them" halves; anything else must be
+    one of the three distractors (someone else's other things, an age, a distance), and is ignored."""
+    first, *sentences, last = re.split(r"(?<=[.?]) ", question)
+    items, name = re.fullmatch(r"How many (.+) does (\S+) have now\?", last).groups()
+    m = HWP["things"].fullmatch(first)
+    assert m.group(1) == name and m.group(3) == items, question
+    have = start = read_number(m.group(2))
+    she = tinyworld.cap(tinyworld.PRONOUN[name])
+    steps, kinds, distractors = [], [], []
+    for sentence in sentences:
+        kind, m = next(((kind, m) for kind, pattern in HWP.items() if (m := pattern.fullmatch(sentence))), (None, None))
+        assert kind, f"a sentence the oracle cannot read: {sentence!r}"
+        if kind in ("gain", "gift", "give", "lose", "half", "packs"):  # an event: about the one who has the things
+            assert m.group(1) in (she, {"She": "her", "He": "him"}[she]), sentence
+        if kind in ("gain", "gift"):
+            n = read_number(m.group(2))
+            steps.append((f"{have}+{n}", have + n)); have += n; kinds.append("gain")
+        elif kind in ("give", "lose"):
+            n = read_number(m.group(2))
+            steps.append((f"{have}-{n}", have - n)); have -= n; kinds.append("lose")
+        elif kind == "half":
+            assert have % 2 == 0, question  # only an even amount is ever halved
+            steps.append((f"{have}/2", have // 2)); have //= 2; kinds.append("half")
+        elif kind == "packs":
+            k, n = read_number(m.group(2)), read_number(m.group(3))
+            assert m.group(4) == items, sentence
+            steps += [(f"{k}*{n}", k * n), (f"{have}+{k * n}", have + k * n)]; have += k * n; kinds.append("packs")
+        else:
+            read_number(m.group(2) if kind == "things" else m.group(1))
+            assert kind != "things" or (m.group(1) != name and m.group(3) != items), sentence
+            distractors.append(kind)
+    return start, steps, have, kinds, distractors
+
+
+def test_hard_word_problems_check_out_with_the_calculator_and_a_reading_of_the_question():
+    seen_kinds, distractors, in_words, expected, variance = set(), set(), 0, 0.0, 0.0
+    for seed in range(2000):
+        item = tinyworld.tinyworld_hard_word_problem(random.Random(seed))
+        question, steps, answer = item["question"], item["steps"], item["answer"]
+        assert 3 <= len(steps) <= 6
+        for expr, result in steps:
+            assert nc.calculator(expr) == (True, str(result))
+            assert result == int(result) and 0 <= result <= 1000
+        # the results chain: each step starts from the amount so far, a pack count first multiplies
+        have = start = int(re.search(r"starts with (\d+) ", item["answer_text"]).group(1))
+        i, events = 0, 0
+        while i < len(steps):
+            if "*" in steps[i][0]:
+                assert steps[i + 1][0] == f"{have}+{steps[i][1]}"
+                i += 1
+            else:
+                assert re.fullmatch(rf"{have}[-+/]\d+", steps[i][0])
+            have, i, events = steps[i][1], i + 1, events + 1
+        assert events == 3 and have == answer == steps[-1][1]
+        assert nc.answer_is_correct(item["answer_text"], answer)
+        assert re.search(rf"\b({start}|{tinyworld.number_to_words(start)})\b", question)
+        # the oracle, from the wording alone, finds the same start, steps and answer
+        read_start, read_steps, read_answer, kinds, ignored = solve_hard_word_problem(question)
+        assert (read_start, read_steps, read_answer) == (start, steps, answer), question
+        assert len(ignored) == 1 and len(kinds) == 3
+        seen_kinds.update(kinds)
+        distractors.update(ignored)
+        in_words += any(word in tinyworld.NUMBER_WORDS for word in re.findall(r"[\w-]+", question))
+        k = 2 + sum(dict(gain=1, lose=1, half=0, packs=2)[kind] for kind in kinds)  # the start, the distractor, the events'
+        expected, variance = expected + 1 - 0.6 ** k, variance + (1 - 0.6 ** k) * 0.6 ** k
+    # the oracle met every kind of event and of distractor, and numbers both in words and in digits
+    assert seen_kinds == {"gain", "lose", "half", "packs"} and distractors == {"things", "age", "distance"}
+    # k numbers (all at most 100), each in words with probability 0.4: some word with p = 1 - 0.6**k; 5 standard errors
+    assert abs(in_words - expected) < 5 * variance ** 0.5 and variance > 50
+
+
+def test_hard_word_problem_chats_call_the_calculator_for_each_step():
+    for seed in range(300):
+        item = tinyworld.tinyworld_hard_word_problem(random.Random(seed))
+        chat = tinyworld.tinyworld_hard_word_problem_chat(random.Random(seed))
+        assert chat["key"] == item["key"] and chat["messages"][0] == dict(role="user", content=item["question"])
+        parts = chat["messages"][1]["content"]
+        calls = [(p["text"], int(o["text"])) for p, o in zip(parts, parts[1:]) if p["type"] == "python"]
+        assert [p["type"] for p in parts if p["type"] != "text"] == ["python", "python_output"] * len(item["steps"])
+        assert calls == item["steps"]
+        assert all(nc.calculator(expr) == (True, str(result)) for expr, result in calls)
+        assert parts[-1]["type"] == "text" and parts[-1]["text"].endswith(f"\n#### {item['answer']}")
+
+
 def test_multiple_choice_items_are_well_formed():
     rng = random.Random(2)
     for _ in range(500):
@@ -72,9 +174,13 @@ DIGESTS = {
     ("chat", "train"): "9f138825313ecbf28a5b4e92416b732f6b1e4d1cbec98664a8298ff8e6f39a13",
     ("chat", "val"): "1e94c31dce63b7d4d5264b343572c7a4df9d7056932e70b2d5758205dde7a2cf",
     ("chat", "test"): "b87393c0e3ba7d2cd0a54dc10d5b06c33c3eaad2e3ddda02c5118e62330f51c1",
+    ("chat-sft", "train"): "9476d53c0476079a7ac38e6af41daf9489067f1bed775901a6d8b00a6fb4df38",
+    ("chat-sft", "val"): "d7baaf66b79d055c54b3cf4044c9b73233243ab2be4e9aa6a7ce6de547b7dc04",
+    ("chat-sft", "test"): "da6609dc778a7b463f2f519de9d634e44d539c9d06f244887547d7831797915d",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
     ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
+    ("eval", "hard_word_problem"): "27a5db6f438a7dba793803d969cb1d2c37ab9948ad414df7361efd627ebd9699",
 }
 
 
@@ -82,7 +188,9 @@ def test_generated_data_is_unchanged():
     for split in ("train", "val", "test"):
         assert digest(list(itertools.islice(tinyworld.tinyworld_documents(split), 200))) == DIGESTS["documents", split]
         assert digest(list(itertools.islice(tinyworld.tinyworld_chat_examples(split), 100))) == DIGESTS["chat", split]
-    for task in ("fact", "multiple_choice", "word_problem"):
+        sft = itertools.islice(tinyworld.tinyworld_chat_examples(split, stage="sft"), 100)
+        assert digest(list(sft)) == DIGESTS["chat-sft", split]
+    for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem"):
         assert digest(tinyworld.tinyworld_eval_items(task, "test", n=100)) == DIGESTS["eval", task]
 
 
@@ -108,7 +216,7 @@ def test_training_conversations_never_ask_a_held_out_question():
 
 
 def test_400_distinct_held_out_items_per_task():
-    for task in ("fact", "multiple_choice", "word_problem"):
+    for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem"):
         items = tinyworld.tinyworld_eval_items(task, "test", n=400)
         assert len(items) == 400 == len({item["question"] for item in items})
         assert {tinyworld.tinyworld_split(item["key"]) for item in items} == {"test"}
