@@ -1231,7 +1231,7 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
         fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
         hard_word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("hard_word_problem", n=n),
-                                              ddp, "word_problem", max_tokens=160),
+                                              ddp, "word_problem", max_tokens=128),
     )
 
 
@@ -2003,12 +2003,12 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
 
 
 def stage_mid(args, ddp):
-    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=150, default_lr_scale=1.0)
+    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=120, default_lr_scale=1.0)
 
 
 def stage_sft(args, ddp):
     # a small learning rate: SFT nudges a model that already speaks the format
-    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.1)
+    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.15)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2366,7 +2366,7 @@ def stage_report(args, ddp):
         lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
         for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
-            (reply,), _ = engine.generate_batch(prompt, 1, 160, temperature=0.0)
+            (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
             lines += [f"**user:** {question}", "", "**assistant:**", "", "```", tokenizer.decode(reply), "```", ""]
     lines += ["", "## Wall clock", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in reports.get("wall", {}).items()]
@@ -2444,10 +2444,9 @@ def build_parser():
     g.add_argument("--prompts-per-step", type=int, default=16, help="problems per optimizer step (split across ranks)")
     g.add_argument("--pass-k", type=int, default=4, help="answers sampled per held-out problem: the k of pass@k")
     g.add_argument("--pass-k-problems", type=int, default=400,
-                   help="held-out problems for pass@k before, during (--eval-every) and after RL; RL's gain is a few "
-                   "points, so it is measured on more problems than the chat evaluations")
+                   help="held-out harder word problems for pass@1 and pass@k before, during (--eval-every) and after RL")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat (0: greedy; default: rl 1.0, chat 0.6)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 160, chat 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
     g.add_argument("--eval-items", type=int, default=400,
@@ -2489,7 +2488,7 @@ def finalize_args(args):
     if args.temperature is None:
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
-        args.max_new_tokens = 160 if args.stage == "rl" else 256
+        args.max_new_tokens = 128 if args.stage == "rl" else 256
     for names, ok, must in FLAG_RULES:
         for name in names:
             value = getattr(args, name)
