@@ -684,7 +684,7 @@ class GPT(nn.Module):
             return loss
         if loss_reduction == "sum":
             return loss.sum()
-        return loss.sum() / (targets >= 0).sum()  # the mean over the tokens that have a target
+        return loss.sum() / (targets >= 0).sum().clamp(min=1)  # the mean over the tokens that have a target (0 if none)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -220,6 +220,16 @@ def test_engine_batches_prompts_of_different_lengths():
     assert together == [a for a in alone for _ in range(2)]
 
 
+def test_a_batch_without_targets_has_zero_loss_and_gradient():
+    """SFT crops long conversations: a micro-batch may keep no assistant token at all. Its mean loss
+    is 0 (not 0/0 = NaN, which would poison every weight) and so is its gradient."""
+    model = tiny_model()
+    loss = model(torch.randint(0, 97, (2, 8)), torch.full((2, 8), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_estimate_flops_by_hand():
     config = nc.GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = nc.GPT(config)

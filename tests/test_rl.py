@@ -79,10 +79,12 @@ def test_pass_at_k_by_hand(tok, monkeypatch):
         def __init__(self, model, tokenizer):
             pass
 
-        def generate_batch(self, prompt, k, max_tokens, temperature, seed=0):
-            question = tok.decode(prompt).split("<|user_start|>")[1].split("<|user_end|>")[0]
-            n = correct_counts[question]
-            return [tok.encode_ordinary("#### 7")] * n + [tok.encode_ordinary("#### 8")] * (k - n), None
+        def generate_batch(self, prompts, k, max_tokens, temperature, seed=0):  # rows: k per prompt, in order
+            rows = []
+            for prompt in prompts:
+                n = correct_counts[tok.decode(prompt).split("<|user_start|>")[1].split("<|user_end|>")[0]]
+                rows += [tok.encode_ordinary("#### 7")] * n + [tok.encode_ordinary("#### 8")] * (k - n)
+            return rows, None
 
     monkeypatch.setattr(nc, "Engine", ScriptedEngine)
     problems = [dict(question=q, answer=7) for q in correct_counts]

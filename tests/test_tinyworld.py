@@ -174,13 +174,13 @@ DIGESTS = {
     ("chat", "train"): "9f138825313ecbf28a5b4e92416b732f6b1e4d1cbec98664a8298ff8e6f39a13",
     ("chat", "val"): "1e94c31dce63b7d4d5264b343572c7a4df9d7056932e70b2d5758205dde7a2cf",
     ("chat", "test"): "b87393c0e3ba7d2cd0a54dc10d5b06c33c3eaad2e3ddda02c5118e62330f51c1",
-    ("chat-sft", "train"): "9476d53c0476079a7ac38e6af41daf9489067f1bed775901a6d8b00a6fb4df38",
-    ("chat-sft", "val"): "d7baaf66b79d055c54b3cf4044c9b73233243ab2be4e9aa6a7ce6de547b7dc04",
-    ("chat-sft", "test"): "da6609dc778a7b463f2f519de9d634e44d539c9d06f244887547d7831797915d",
+    ("chat-sft", "train"): "9a66052156253bc95314c567c82349b08e2931b4715c0d9160ae122d1018aaec",
+    ("chat-sft", "val"): "78b42b290918452a8e056ebe538469e1ec76477c310d03c9a19fac272732a3bf",
+    ("chat-sft", "test"): "1630aa70082d51f177afe03e4c41fca55e9fad0a8c453bac80fb7e092949dda3",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
     ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
-    ("eval", "hard_word_problem"): "27a5db6f438a7dba793803d969cb1d2c37ab9948ad414df7361efd627ebd9699",
+    ("eval", "hard_word_problem"): "6d04baaa968794ea575944995cf3bc841c27f7250a48302fc499871b23a5691e",
 }
 
 
