@@ -985,7 +985,7 @@ class Engine:
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42):
         """Yield, step by step, (tokens, sampled): the next token of every row, and for each
         whether it was sampled (True) or forced by the tool (False). Stops when every row has
-        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens. `prompt` is one
+        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens (a finished row's token is -1). `prompt` is one
         token list, or a list of them: then rows i*num_samples .. (i+1)*num_samples-1 answer
         prompt i, the shorter prompts padded on the left (KVCache.valid)."""
         model, device = self.model, self.model.cos.device
@@ -1005,10 +1005,11 @@ class Engine:
         forced = [[] for _ in range(B)]  # tokens queued by the tool, per row
         expression = [None] * B  # tokens of a calculator call being written, per row
         done = [False] * B
+        live = list(range(B))  # the rows still writing, in the order of the cache's rows
         for _ in range(max_tokens):
-            sampled_ids = sample_next(logits, rng, temperature, top_k).tolist()
+            sampled_ids = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
             sampled = [not queue for queue in forced]
-            tokens = [queue.pop(0) if queue else token for queue, token in zip(forced, sampled_ids)]
+            tokens = [queue.pop(0) if queue else sampled_ids.get(row, -1) for row, queue in enumerate(forced)]  # -1: done
             yield tokens, sampled
             for row, token in enumerate(tokens):
                 if done[row]:
@@ -1025,7 +1026,12 @@ class Engine:
                     expression[row].append(token)
             if all(done):
                 return
-            logits = model(torch.tensor(tokens, device=device)[:, None], kv_cache=cache)[:, -1, :]
+            if sum(not done[row] for row in live) <= 3 * len(live) // 4:  # drop finished rows from the batch
+                keep = torch.tensor([i for i, row in enumerate(live) if not done[row]], device=device)
+                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+                cache.valid = None if cache.valid is None else cache.valid[keep]
+                live = [row for row in live if not done[row]]
+            logits = model(torch.tensor([tokens[row] for row in live], device=device)[:, None], kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
                        keep_stop_token=False):
@@ -1946,7 +1952,7 @@ def stage_base(args, ddp):
         num_params = sum(p.numel() for p in model.parameters())
         num_steps = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
     else:
-        num_steps = 400  # the laptop default: a few minutes on a CPU
+        num_steps = 320  # the laptop default: a few minutes on a CPU
     B, T = args.device_batch_size, args.max_seq_len
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
@@ -2003,7 +2009,7 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
 
 
 def stage_mid(args, ddp):
-    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=120, default_lr_scale=1.0)
+    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=100, default_lr_scale=1.0)
 
 
 def stage_sft(args, ddp):
@@ -2168,6 +2174,7 @@ def stage_rl(args, ddp):
                 group = grpo_sequences(tokenizer, prompt, group_answers, group_sampled, rewards)
                 zero_signal += not group
                 rows += group
+            rows.sort(key=lambda row: len(row[0]))  # micro-batches of similar lengths: less padding to compute
             # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
             model.train()
             counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets),
@@ -2418,7 +2425,7 @@ def build_parser():
     g.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
     g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
     g.add_argument("--num-iterations", type=int, default=-1,
-                   help="optimizer steps (-1: the stage's default: base 400, mid 150, sft 150, rl 60)")
+                   help="optimizer steps (-1: the stage's default: base 320, mid 100, sft 150, rl 60)")
     g.add_argument("--target-param-data-ratio", type=float, default=None,
                    help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
     g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.1, rl 0.05)")
