@@ -277,10 +277,19 @@ def parquet_files(data_dir):
     return files
 
 
+def real_data_module(name):
+    """datasets or pyarrow.parquet: heavy, and only real data needs them (pip install -e '.[hf]')."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"real data needs the `datasets` package ({name} is missing): pip install -e '.[hf]'") from None
+
+
 def parquet_documents(data_dir, split, start=0):
     """Yield (position, text) from parquet shards: every shard but the last is train, the last
     is val (and test). Position counts documents, so a stream can restart at any document."""
-    import pyarrow.parquet as pq  # installed with `datasets`; only needed for real data
+    pq = real_data_module("pyarrow.parquet")
     files = parquet_files(data_dir)
     files = files[:-1] if split == "train" else files[-1:]
     position = 0
@@ -394,7 +403,7 @@ HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for te
 def load_chat_dataset(name, split, data_dir):
     """Rows of one chat dataset: split "train" from train* files, any other split (val, test) from
     test* files, in <data_dir>/<name>/; else from the hub."""
-    import datasets  # heavy; only imported for real data
+    datasets = real_data_module("datasets")
     local = Path(data_dir or ".") / name
     prefix = "train" if split == "train" else "test"
     files = sorted(local.glob(f"{prefix}*.parquet")) + sorted(local.glob(f"{prefix}*.jsonl")) if local.is_dir() else []
@@ -1358,7 +1367,7 @@ def load_core_bundle(directory, max_per_task=-1):
         eval_data/<dataset_uri> one item per line (fields by type: see core_texts)
     Items are shuffled with a fixed seed, since some files are sorted, then cut to max_per_task."""
     import csv
-    import yaml  # PyYAML comes with `datasets`
+    yaml = real_data_module("yaml")  # PyYAML comes with `datasets`
     directory = Path(directory)
     try:
         config = yaml.safe_load((directory / "core.yaml").read_text(encoding="utf-8"))
@@ -1472,7 +1481,7 @@ CHAT_EVAL_TASKS = {  # task -> (folder under --data-dir, hub path, hub config, c
 
 def load_eval_dataset(task, data_dir):
     """A task's test split: test*.parquet or test*.jsonl in <data-dir>/<folder>/, else the hub."""
-    import datasets  # heavy; only imported for real data
+    datasets = real_data_module("datasets")
     folder, path, config, _ = CHAT_EVAL_TASKS[task]
     local = Path(data_dir or ".") / folder
     files = sorted(local.glob("test*.parquet")) + sorted(local.glob("test*.jsonl")) if local.is_dir() else []
@@ -2014,7 +2023,7 @@ def stage_mid(args, ddp):
 
 def stage_sft(args, ddp):
     # a small learning rate: SFT nudges a model that already speaks the format
-    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.15)
+    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.1)
 
 
 # -----------------------------------------------------------------------------------------------

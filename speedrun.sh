@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned: a plain `pip install torch` would pick whatever is newest
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/pip install -q -e .
+if [ "$TIER" = tiny ]; then .venv/bin/pip install -q -e .; else .venv/bin/pip install -q -e ".[hf]"; fi  # hf: real data
 PY=.venv/bin/python
 
 if [ "$TIER" = tiny ]; then

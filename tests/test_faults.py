@@ -2,6 +2,7 @@
 work starts where it can be known then, and never leaves a run without its last complete checkpoint."""
 import errno
 import json
+import sys
 
 import pytest
 import torch
@@ -213,3 +214,10 @@ def test_ctrl_c_during_a_save_keeps_the_last_checkpoint(trained, monkeypatch, ca
     assert nc.load_checkpoint("base", "d2", "cpu", with_optimizer=True)[2]["step"] == 4
     run_stage("--stage", "base", *TINY, "--num-iterations", "6", "--resume", "--eval-every", "0")
     assert nc.last_checkpoint_step(trained) == 6
+
+
+def test_real_data_without_datasets_says_how_to_install(monkeypatch, tmp_path):
+    """The laptop install leaves out `datasets`; asking for real data then gives one line, not a traceback."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(nc.UserError, match=r"pip install -e '\.\[hf\]'"):
+        nc.load_chat_dataset("gsm8k", "train", str(tmp_path))
