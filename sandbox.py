@@ -1,4 +1,6 @@
-"""Run untrusted Python code (HumanEval answers that a model wrote) in a sandbox, on Linux.
+"""Run what a model wrote, safely: its arithmetic with `calculator` (the chat engine's tool, which
+reads the expression and never executes it), and untrusted Python code (HumanEval answers) in a
+sandbox, on Linux.
 
     import sandbox
     sandbox.sandbox_problem()                        # None, or one line saying what is missing
@@ -7,7 +9,7 @@
 bubblewrap (bwrap, the sandbox tool under Flatpak, packaged by every major distribution) builds
 the sandbox from Linux namespaces, and a seccomp filter closes what the namespaces leave open; see
 run_sandboxed for exactly what the code can and cannot reach, and the README for the guarantees.
-nanochat_one.py's HumanEval evaluation is the only user; this imports nothing from it.
+nanochat_one.py's engine and HumanEval evaluation are the users; this imports nothing from it.
 """
 import math
 import os
@@ -126,3 +128,55 @@ def sandbox_problem():
         errors.seek(0)
         lines = errors.read().decode(errors="replace").strip().splitlines() or ["no message"]
     return f"bwrap could not build the sandbox ({lines[-1]}); see the README's note on HumanEval"
+
+
+# -----------------------------------------------------------------------------------------------
+# The calculator tool
+
+def calculator(expression, max_length=200, max_exponent=64, max_magnitude=10**60):
+    """Evaluate arithmetic safely: returns (True, result text) or (False, reason).
+
+    The text is parsed with `ast` and walked by hand: only numbers, + - * / // % **, unary
+    signs and parentheses are allowed, with bounded input length, exponents and intermediate
+    sizes. Nothing is ever executed, so names, calls, attributes and strings are refused."""
+    import ast
+    import operator
+    import warnings
+    if len(expression) > max_length:
+        return False, f"refused: expression longer than {max_length} characters"
+    binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+    unary = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            value = node.value
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in unary:
+            value = unary[type(node.op)](walk(node.operand))
+        elif isinstance(node, ast.BinOp) and type(node.op) in binary:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > max_exponent:
+                raise ValueError(f"exponent larger than {max_exponent}")
+            value = binary[type(node.op)](left, right)
+        else:
+            raise ValueError(f"{type(node).__name__} is not allowed (only numbers and + - * / // % **)")
+        if isinstance(value, complex) or abs(value) > max_magnitude:
+            raise ValueError("result too large")
+        return value
+
+    try:
+        with warnings.catch_warnings():  # text like "3x" would make the parser warn on stderr
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expression.strip(), mode="eval")
+        value = walk(tree)
+    except SyntaxError:
+        return False, "refused: not an arithmetic expression"
+    except (ValueError, ZeroDivisionError, OverflowError) as e:
+        return False, f"refused: {e}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return False, "refused: result is not a finite number"
+        value = int(value) if value.is_integer() else round(value, 6)
+    return True, str(value)
