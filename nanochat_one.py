@@ -948,9 +948,9 @@ class Engine:
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42):
         """Yield, step by step, (tokens, sampled): the next token of every row, and for each
         whether it was sampled (True) or forced by the tool (False). Stops when every row has
-        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens (a finished row's token is -1). `prompt` is one
-        token list, or a list of them: then rows i*num_samples .. (i+1)*num_samples-1 answer
-        prompt i, the shorter prompts padded on the left (KVCache.valid)."""
+        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens; a finished row's
+        token is -1. `prompt` is one token list, or a list of them: then rows i*num_samples ..
+        (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left (KVCache.valid)."""
         model, device = self.model, self.model.cos.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -2148,7 +2148,7 @@ def stage_rl(args, ddp):
                 dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)  # the busiest rank's rows
             num_tokens, reward_sum, num_samples, zero_groups = counts.tolist()
             micro_steps = (most_rows.item() + args.device_batch_size - 1) // args.device_batch_size
-            chunks = [rows[j:j + args.device_batch_size] for j in range(0, len(rows), args.device_batch_size)]
+            chunks = batched(rows, args.device_batch_size)
             for j in range(micro_steps):  # every rank runs the same number of micro-steps (DDP)
                 sync = j == micro_steps - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
