@@ -897,7 +897,7 @@ def say_number(rng, n):
 
 
 def hwp_event(rng, have, p, friend, items):
-    """One event: (sentence, solution text, the new amount, its kind)."""
+    """One event: (sentence, solution text, the new amount)."""
     kinds = ["gain", "lose", "packs"] + (["half"] if have % 2 == 0 and have >= 4 else [])
     kind = rng.choice(kinds)
     if kind == "gain":
@@ -905,21 +905,21 @@ def hwp_event(rng, have, p, friend, items):
         sentence = rng.choice([f"{cap(p)} finds {{}} more.", f"{friend} gives {OBJECT_PRONOUN[p]} {{}} more.",
                                f"{cap(p)} buys {{}} more."]).format(say_number(rng, n))
         (_, r), text = calc(have, "+", n)
-        return sentence, f"{cap(p)} gets {n} more: {text}.", r, kind
+        return sentence, f"{cap(p)} gets {n} more: {text}.", r
     if kind == "lose" and have >= 2:
         n = rng.randint(1, min(have - 1, 30))
         sentence = rng.choice([f"{cap(p)} gives {{}} to {friend}.", f"{cap(p)} loses {{}}.",
                                f"{cap(p)} sells {{}}."]).format(say_number(rng, n))
         (_, r), text = calc(have, "-", n)
-        return sentence, f"{cap(p)} has {n} fewer: {text}.", r, "lose"
+        return sentence, f"{cap(p)} has {n} fewer: {text}.", r
     if kind == "half":
         (_, r), text = calc(have, "/", 2)
-        return f"{cap(p)} gives half of them to {friend}.", f"Half of {have} is {text}.", r, kind
+        return f"{cap(p)} gives half of them to {friend}.", f"Half of {have} is {text}.", r
     k, n = rng.randint(2, 6), rng.randint(2, 10)
     (_, m), t1 = calc(k, "*", n)
     (_, r), t2 = calc(have, "+", m)
     sentence = f"{cap(p)} buys {say_number(rng, k)} packs with {say_number(rng, n)} {items} in each pack."
-    return sentence, f"{k} packs of {n} make {t1}, so {p} has {t2}.", r, "packs"
+    return sentence, f"{k} packs of {n} make {t1}, so {p} has {t2}.", r
 
 
 def tinyworld_hard_word_problem(rng):
@@ -927,12 +927,11 @@ def tinyworld_hard_word_problem(rng):
     name, friend, p = two_names(rng)
     items, other = rng.sample(SMALL_ITEMS, 2)
     have = start = rng.randint(5, 40)
-    sentences, texts, kinds = [], [f"{name} starts with {start} {items}."], []
+    sentences, texts = [], [f"{name} starts with {start} {items}."]
     for _ in range(3):
-        sentence, text, have, kind = hwp_event(rng, have, p, friend, items)
+        sentence, text, have = hwp_event(rng, have, p, friend, items)
         sentences.append(sentence)
         texts.append(text)
-        kinds.append(kind)
     distractor = rng.choice([f"{friend} has {{}} {other}.", f"{friend} is {{}} years old.",
                              f"The shop is {{}} minutes away."]).format(say_number(rng, rng.randint(2, 60)))
     sentences.insert(rng.randint(0, len(sentences)), distractor)
