@@ -1140,10 +1140,8 @@ def mean_span_losses(ids, logits, spans):
 
 @torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
-    """Accuracy (accuracy_stats) on MMLU-style items: the model reads the question and the
-    lettered choices, and its answer is whichever choice letter gets the highest logit as the
-    first assistant token (no sampling, so small models are measured fairly). Chance is
-    1 / number of choices."""
+    """Accuracy (accuracy_stats) on MMLU-style items: after the question and lettered choices, the
+    letter with the highest logit as the first assistant token (no sampling). Chance 1 / choices."""
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
@@ -1156,16 +1154,17 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
 
 @torch.no_grad()
 def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
-    """Accuracy (accuracy_stats) on the same items scored as CORE scores multiple choice: each
-    choice's text follows the bare question as the assistant's answer (no letters, no list of
-    choices), and the choice with the lowest mean loss per token wins; an item's choices are one
-    batch. This shows what the model knows before it can answer in letter form. Chance is
-    1 / number of choices."""
+    """Accuracy (accuracy_stats) on the same items scored as CORE scores multiple choice: after the bare
+    question, the answer sentence begun in the words all choices share, then each choice's ending
+    (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch; the lowest mean
+    loss per token wins. What the model knows, whether or not it can answer by letter. Chance 1 / choices."""
     correct = 0
     mine = shard(items, ddp)
     for item in mine:
+        shared, endings = item["cloze"]
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
-        rows = [prompt + tokenizer.encode_ordinary(choice) for choice in item["choices"]]
+        prompt += tokenizer.encode_ordinary(shared)
+        rows = [prompt + tokenizer.encode_ordinary(" " * bool(shared) + ending) for ending in endings]
         spans = [(len(prompt), len(row)) for row in rows]
         ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
         correct += int(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
@@ -2308,7 +2307,9 @@ def stage_report(args, ddp):
         lines += ["", "## Chat evaluations (held-out TinyWorld items, greedy)", "",
                   "| after stage | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in columns) + " |" for name, r in rows]
-        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items."]
+        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items. Multiple choice by "
+                  "letter: the highest-logit letter after the lettered list; by cloze: the choice that best completes "
+                  "the answer sentence (what the model knows, whatever its letter)."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
         r = reports["rl"]

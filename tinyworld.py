@@ -442,14 +442,34 @@ def tinyworld_fact_question(rng):
 
 
 def tinyworld_multiple_choice(rng):
-    """MMLU-style item: the answer plus 3 distinct wrong answers of the same type, shuffled."""
+    """MMLU-style item: the answer plus 3 distinct wrong answers of the same type, shuffled; "cloze"
+    is the fact's answer sentence split for cloze scoring (choice_sentences)."""
     fact, pool = _fact(rng, rng.choice(FACT_KINDS))
     answer, question_words = fact["answer"], set(fact["question"].rstrip("?.").split())
     # skip options that appear in the question or inside the answer ("black" for "black and white")
     wrong = [p for p in pool if p not in answer and p not in question_words]
     choices = rng.sample(wrong, 3) + [answer]
     rng.shuffle(choices)
-    return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer)}
+    return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer),
+            "cloze": choice_sentences(fact["reply"], answer, choices)}
+
+
+def choice_sentences(reply, answer, choices):
+    """The answer sentence said with each choice in the answer's place, as (the words every version
+    shares, [each choice's ending]): the cloze form of a multiple-choice item.
+        "A young cat is called a kitten.", "kitten", ["kitten", "eaglet"]
+        -> ("A young cat is called", ["a kitten.", "an eaglet."])
+    The answer is the last thing a reply names, so its last occurrence is the one replaced."""
+    at = reply.rfind(answer)
+    head, tail = reply[:at], reply[at + len(answer):]
+    article = re.search(r"\b(a|an) $", head)  # "called a kitten" but "called an eaglet"
+    if article:
+        head = head[:article.start()]
+    words = [(head + (a_an(choice) if article else choice) + tail).split(" ") for choice in choices]
+    shared = 0
+    while all(len(w) > shared + 1 and w[shared] == words[0][shared] for w in words):
+        shared += 1
+    return " ".join(words[0][:shared]), [" ".join(w[shared:]) for w in words]
 
 
 # -----------------------------------------------------------------------------------------------

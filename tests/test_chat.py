@@ -208,10 +208,13 @@ def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
     picks = []
     for item in tinyworld.tinyworld_eval_items("multiple_choice", n=12):
         prompt = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
+        shared, endings = item["cloze"]
         losses = []
-        for choice in item["choices"]:
-            ids = prompt + tok.encode_ordinary(choice)
-            targets = [-1] * (len(prompt) - 1) + ids[len(prompt):]
+        for ending in endings:  # the whole sentence encoded at once: the same tokens as its two halves
+            ids = prompt + tok.encode_ordinary(f"{shared} {ending}")
+            prompt_len = len(prompt) + len(tok.encode_ordinary(shared))
+            assert ids[prompt_len:] == tok.encode_ordinary(" " + ending)
+            targets = [-1] * (prompt_len - 1) + ids[prompt_len:]
             with torch.no_grad():
                 losses.append(model(torch.tensor([ids[:-1]]), torch.tensor([targets])).item())
         right = min(range(len(losses)), key=losses.__getitem__) == item["answer"]

@@ -7,6 +7,8 @@ import random
 import re
 from pathlib import Path
 
+import pytest
+
 import nanochat_one as nc
 import tinyworld
 
@@ -137,6 +139,21 @@ def test_multiple_choice_items_are_well_formed():
     for _ in range(500):
         mc = tinyworld.tinyworld_multiple_choice(rng)
         assert len(mc["choices"]) == 4 == len(set(mc["choices"])) and 0 <= mc["answer"] < 4
+        shared, endings = mc["cloze"]
+        assert shared and len(set(endings)) == 4
+        assert all(re.search(rf"(?<!\w){re.escape(choice)}(?!\w)", ending) for choice, ending in zip(mc["choices"], endings))
+
+
+@pytest.mark.parametrize("reply, answer, choices, expected", [
+    ("A young cat is called a kitten.", "kitten", ["eaglet", "kitten"], ("A young cat is called", ["an eaglet.", "a kitten."])),
+    ("A young cat is called a kitten.", "kitten", ["lamb", "kitten"], ("A young cat is called a", ["lamb.", "kitten."])),
+    ("A dog has four legs.", "four", ["four", "six"], ("A dog has", ["four legs.", "six legs."])),
+    ("10 minus 9 is 1.", "1", ["11", "1"], ("10 minus 9 is", ["11.", "1."])),  # the last "1", not the one in "10"
+    ("Coal is black.", "black", ["black and white", "black"], ("Coal is", ["black and white.", "black."])),
+    ("After Monday comes Tuesday.", "Tuesday", ["Tuesday", "Friday"], ("After Monday comes", ["Tuesday.", "Friday."])),
+])
+def test_choice_sentences_worked_examples(reply, answer, choices, expected):
+    assert tinyworld.choice_sentences(reply, answer, choices) == expected
 
 
 def test_conversations_alternate_roles():
@@ -178,7 +195,7 @@ DIGESTS = {
     ("chat-sft", "val"): "78b42b290918452a8e056ebe538469e1ec76477c310d03c9a19fac272732a3bf",
     ("chat-sft", "test"): "1630aa70082d51f177afe03e4c41fca55e9fad0a8c453bac80fb7e092949dda3",
     ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
-    ("eval", "multiple_choice"): "1227a78294db7ca24ea07de95a9366bbe8aacdf2a03f5c99fc21aa571612d552",
+    ("eval", "multiple_choice"): "27c3967ef20345498882459cd823528fce04bb44fe8aa337a4b44f176ba27cc3",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
     ("eval", "hard_word_problem"): "6d04baaa968794ea575944995cf3bc841c27f7250a48302fc499871b23a5691e",
 }
