@@ -1976,7 +1976,7 @@ def stage_mid(args, ddp):
 
 def stage_sft(args, ddp):
     # a small learning rate: SFT nudges a model that already speaks the format
-    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.1)
+    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.125)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2093,7 +2093,7 @@ def stage_rl(args, ddp):
     optimizers = stage_optimizers(args, model, lr_scale, optim_states)
     start_step = meta["step"] if optim_states is not None else 0
     ddp_model = wrap_ddp(model, ddp)
-    num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 60, args.num_samples, args.prompts_per_step
+    num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 70, args.num_samples, args.prompts_per_step
     draw_problem, held_out = rl_problems(args)
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
@@ -2389,10 +2389,10 @@ def build_parser():
     g.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
     g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
     g.add_argument("--num-iterations", type=int, default=-1,
-                   help="optimizer steps (-1: the stage's default: base 320, mid 100, sft 150, rl 60)")
+                   help="optimizer steps (-1: the stage's default: base 320, mid 100, sft 150, rl 70)")
     g.add_argument("--target-param-data-ratio", type=float, default=None,
                    help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
-    g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.1, rl 0.05)")
+    g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.125, rl 0.05)")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
     g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for wte (scaled by (width/768)^-0.5)")
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head (scaled likewise)")
