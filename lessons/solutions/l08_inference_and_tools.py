@@ -1,7 +1,6 @@
 """Solutions to lesson 8's "Try it" (checked by lessons/exercises/l08_inference_and_tools.py)."""
 import ast
 import math
-import operator
 import pathlib
 import sys
 import warnings
@@ -24,50 +23,39 @@ def top_p_filter(logits, p):
     return logits.masked_fill(~keep, float("-inf"))
 
 
-BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-          ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+class _SqrtAsPower(ast.NodeTransformer):
+    """sqrt(x) -> (x) ** 0.5, for a call with exactly one plain argument; anything else stays, for
+    the calculator to refuse."""
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if (isinstance(node.func, ast.Name) and node.func.id == "sqrt" and len(node.args) == 1
+                and not node.keywords and not isinstance(node.args[0], ast.Starred)):
+            return ast.BinOp(node.args[0], ast.Pow(), ast.Constant(0.5))
+        return node
 
 
-def calculator_with_sqrt(expression, max_length=200, max_exponent=64, max_magnitude=10**60):
+def calculator_with_sqrt(expression, max_length=200):
+    """The calculator itself, run on the expression with every sqrt(x) rewritten as (x) ** 0.5:
+    the same results, formatting and refusals, with nothing of its own to get wrong."""
     if len(expression) > max_length:
-        return False, f"refused: expression longer than {max_length} characters"
-
-    def value_of(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            value = node.value
-        elif isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
-            value = UNARY[type(node.op)](value_of(node.operand))
-        elif isinstance(node, ast.BinOp) and type(node.op) in BINARY:
-            left, right = value_of(node.left), value_of(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > max_exponent:
-                raise ValueError(f"exponent larger than {max_exponent}")
-            value = BINARY[type(node.op)](left, right)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt"
-              and len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Starred)):
-            x = value_of(node.args[0])
-            if x < 0:
-                raise ValueError("square root of a negative number")
-            value = math.sqrt(x)
-        else:
-            raise ValueError(f"{type(node).__name__} is not allowed (only numbers, + - * / // % ** and sqrt)")
-        if isinstance(value, complex) or abs(value) > max_magnitude:
-            raise ValueError("result too large")
-        return value
-
+        return sandbox.calculator(expression, max_length=max_length)  # its own refusal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            value = value_of(ast.parse(expression.strip(), mode="eval").body)
+            tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
-        return False, "refused: not an arithmetic expression"
-    except (ValueError, ZeroDivisionError, OverflowError) as e:
-        return False, f"refused: {e}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return False, "refused: result is not a finite number"
-        value = int(value) if value.is_integer() else round(value, 6)
-    return True, str(value)
+        return sandbox.calculator(expression)  # its own refusal
+    if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "sqrt" and len(n.args) == 1
+           and not n.keywords and not isinstance(n.args[0], ast.Starred) and _is_negative(n.args[0])
+           for n in ast.walk(tree)):
+        return False, "refused: square root of a negative number"
+    rewritten = ast.unparse(_SqrtAsPower().visit(tree))
+    return sandbox.calculator(rewritten, max_length=max(max_length, len(rewritten)))
+
+
+def _is_negative(node):
+    ok, text = calculator_with_sqrt(ast.unparse(node))
+    return ok and float(text) < 0
 
 
 def _top_p_without_the_crossing_token(logits, p):  # stops before the token that reaches p
