@@ -17,6 +17,7 @@ One command per stage; each finds its input checkpoint by convention (base -> mi
     python nanochat_one.py --stage eval --source sft
     python nanochat_one.py --stage eval --source base --core-bundle eval_bundle   # CORE (DCLM tasks)
     python nanochat_one.py --stage chat -p "What is the capital of France?"
+    python nanochat_one.py --stage serve --source rl  # chat in a browser at http://127.0.0.1:8000/
     python nanochat_one.py --stage report          # gather everything into report.md
 
 Any training stage continues from its last checkpoint with --resume. The laptop pipeline is
@@ -28,13 +29,15 @@ Any training stage continues from its last checkpoint with --resume. The laptop 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
 optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
-companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data) and sandbox.py
-(for HumanEval's model-written code); none imports this file.
+companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data), sandbox.py
+(for HumanEval's model-written code) and serve.py (HTTP for --stage serve); none imports this file.
 """
 import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import importlib
 import itertools
 import json
 import math
@@ -55,6 +58,7 @@ import torch.nn.functional as F
 
 import bpe
 import sandbox
+import serve
 import tinyworld
 
 
@@ -444,10 +448,42 @@ def hf_chat_examples(args, split, start=0):
         position += 1
 
 
+def read_jsonl(path, read, expected):
+    """read(row) of each JSON line of a file, blank lines skipped; a bad line stops everything at
+    once with its file and line number."""
+    rows = []
+    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows += [read(json.loads(line))] if line.strip() else []
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}, line {line_number}: {type(e).__name__}: {e}; each line must be {expected}") from None
+    return rows
+
+
+@functools.cache
+def own_conversations(data_dir):
+    """Your own conversations for mid-training and SFT: the lines of the *.jsonl files at the top of
+    --data-dir, {"messages": [{"role": ..., "content": ...}, ...]} as in SmolTalk, all read and
+    rendered (so checked) before training starts."""
+    paths = sorted(Path(data_dir).glob("*.jsonl")) if data_dir else []
+    tokenizer = get_tokenizer() if paths else None
+
+    def read(conversation):
+        render_conversation(tokenizer, conversation)  # ValueError, KeyError, ... when malformed
+        return dict(messages=conversation["messages"])
+
+    expected = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+    return [conversation for path in paths for conversation in read_jsonl(path, read, expected)]
+
+
 def chat_examples(args, split, start=0, stage="mid"):
-    if args.data == "tinyworld":
-        return tinyworld.tinyworld_chat_examples(split, start, stage)
-    return hf_chat_examples(args, split, start)
+    """Yield (position, conversation) forever: TinyWorld's chat mixture or the real chat data; in
+    training, with --data-dir's own conversations (own_conversations) in place of every other one,
+    chosen by a hash of the position (so every rank sees both)."""
+    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else hf_chat_examples(args, split, start)
+    own = own_conversations(args.data_dir) if split == "train" else []
+    for position, conversation in named:
+        yield position, own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2 else conversation
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2004,23 +2040,30 @@ def stage_sft(args, ddp):
 # Groups whose rewards are all equal have zero advantage everywhere: they carry no signal and
 # are skipped. Tokens forced in by the calculator and the prompt are never trained on.
 
-def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0):
+def correct_answer_reward(question, reply, answer):
+    """The default reward: 1.0 if the reply's '####' answer is the reference answer, else 0.0."""
+    return float(answer_is_correct(reply, answer))
+
+
+def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0, reward=correct_answer_reward):
     """Sample k answers per problem; return (pass@1, its standard error, pass@k), where pass@1
-    is the mean fraction of correct samples and pass@k the fraction of problems with any correct."""
-    engine, fractions = Engine(model, tokenizer), []
+    is the mean reward of a sample and pass@k the mean over problems of the best of its k rewards:
+    with 0/1 rewards, the fraction of correct samples and of problems with any correct."""
+    engine, means, bests = Engine(model, tokenizer), [], []
     for i, chunk in enumerate(batched(shard(problems, ddp), max(1, GENERATE_ROWS // k))):
         prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
         answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
         for j, problem in enumerate(chunk):
-            fractions.append(sum(answer_is_correct(tokenizer.decode(a), problem["answer"]) for a in answers[j * k:(j + 1) * k]) / k)
-    stats = torch.tensor([sum(fractions), sum(f * f for f in fractions), sum(f > 0 for f in fractions), len(fractions)],
-                         dtype=torch.float64, device=ddp.device)
+            rewards = [reward(problem["question"], tokenizer.decode(a), problem["answer"]) for a in answers[j * k:(j + 1) * k]]
+            means.append(sum(rewards) / k)
+            bests.append(max(rewards))
+    stats = torch.tensor([sum(means), sum(f * f for f in means), sum(bests), len(means)], dtype=torch.float64, device=ddp.device)
     if dist.is_initialized():
         dist.all_reduce(stats)
-    total, total_sq, solved, n = stats.tolist()
+    total, total_sq, best, n = stats.tolist()
     mean = total / n
     stderr = math.sqrt(max(total_sq / n - mean * mean, 0.0) / max(n - 1, 1))
-    return mean, stderr, solved / n
+    return mean, stderr, best / n
 
 
 def grpo_sequences(tokenizer, prompt, answers, sampled_masks, rewards):
@@ -2050,9 +2093,46 @@ def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
     return (nll * advantages[:, None]).sum() / num_sampled_tokens
 
 
+def own_problems(path):
+    """--problems: one {"question": ..., "answer": ...} per line. Split by a hash of the question:
+    one in ten held out for pass@k, the rest for training. Returns (train, held_out)."""
+    splits = ([], [])
+    for problem in read_jsonl(path, lambda row: dict(question=str(row["question"]), answer=str(row["answer"])),
+                              '{"question": "...", "answer": "..."}'):
+        splits[zlib.crc32(problem["question"].encode()) % 10 == 0].append(problem)
+    if not all(splits):
+        raise UserError(f"--problems {path}: {len(splits[0])} training and {len(splits[1])} held-out problems (one in ten is "
+                        "held out, by a hash of its question); it needs at least one of each: add problems")
+    return splits
+
+
+def load_reward(spec):
+    """--reward module:function: a function (question, reply, answer) -> float from your own module
+    (importable from the current folder) that replaces correct_answer_reward."""
+    module_name, _, function_name = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"--reward {spec}: {type(e).__name__}: {e}; give module:function, the module a .py file "
+                        "in the current folder or installed") from None
+
+    def reward(question, reply, answer):
+        value = function(question, reply, answer)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"--reward {spec} returned {value!r} for the question {question[:60]!r}: it must return a finite number")
+        return float(value)
+
+    return reward
+
+
 def rl_problems(args):
     """(draw_problem, held_out): a function drawing a training problem {"question", "answer"}
-    with a random.Random, and the held-out problems for pass@k. TinyWorld word problems, or GSM8K."""
+    with a random.Random, and the held-out problems for pass@k: --problems, TinyWorld word
+    problems or GSM8K."""
+    if args.problems is not None:
+        train, held_out = own_problems(args.problems)
+        return (lambda rng: train[rng.randrange(len(train))]), held_out[:args.pass_k_problems]
     if args.data == "tinyworld":
         def draw_problem(rng):
             return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
@@ -2100,13 +2180,14 @@ def stage_rl(args, ddp):
     ddp_model = wrap_ddp(model, ddp)
     num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 70, args.num_samples, args.prompts_per_step
     draw_problem, held_out = rl_problems(args)
+    reward = load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
     history, curve = [], []
 
     def evaluate(step):
         model.eval()
-        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature, seed=10_000)
+        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature, 10_000, reward)
         history.append(dict(step=step, pass1=p1, pass1_stderr=se, passk=pk))
         print0(f"step {step:4d}/{num_steps} | held-out pass@1 {p1:.3f} +- {se:.3f} | pass@{args.pass_k} {pk:.3f}")
 
@@ -2136,7 +2217,7 @@ def stage_rl(args, ddp):
                                                      keep_stop_token=True) if prompts else ([], [])
             for i, (problem, prompt) in enumerate(zip(problems, prompts)):
                 group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
-                rewards = [float(answer_is_correct(tokenizer.decode(a), problem["answer"])) for a in group_answers]
+                rewards = [reward(problem["question"], tokenizer.decode(a), problem["answer"]) for a in group_answers]
                 rewards_all += rewards
                 group = grpo_sequences(tokenizer, prompt, group_answers, group_sampled, rewards)
                 zero_signal += not group
@@ -2222,15 +2303,12 @@ def stage_eval(args, ddp):
 def stage_chat(args, ddp):
     """Talk to a checkpoint: `-p "..."` answers once, otherwise an interactive prompt.
     Calculator calls are shown inline as [calculator: 12*7 = 84]."""
-    import codecs
     tokenizer = get_tokenizer()
     tag = args.model_tag or f"d{args.depth}"
     model, _ = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
-    engine, special = Engine(model, tokenizer), tokenizer.special_tokens
-    markers = {special["<|python_start|>"]: "[calculator: ", special["<|python_end|>"]: "",
-               special["<|output_start|>"]: " = ", special["<|output_end|>"]: "]"}
-    messages = []
+    engine, messages = Engine(model, tokenizer), []
+    opening = dict(text="", python="[calculator: ", python_output=" = ")
     if args.prompt is None:
         print(f"chatting with the {args.source} model {tag}; an empty line or Ctrl-D quits, /clear starts over")
     while True:
@@ -2248,20 +2326,32 @@ def stage_chat(args, ddp):
                 messages = []
                 continue
         messages.append(dict(role="user", content=user))
-        prompt = render_for_completion(tokenizer, dict(messages=messages))
-        # bytes are decoded incrementally: a character split across tokens is printed once whole
-        decoder, reply = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+        prompt, parts = render_for_completion(tokenizer, dict(messages=messages)), []
         print("assistant> " if args.prompt is None else "", end="", flush=True)
-        for (token,), _ in engine.generate(prompt, 1, args.max_new_tokens, args.temperature, args.top_k, seed=args.seed):
-            if token in engine.stop_tokens:
-                break
-            reply.append(token)
-            text = markers.get(token) if token in markers else decoder.decode(tokenizer.token_to_bytes(token))
+        for text, part in serve.reply_pieces(engine, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed):
+            shown = parts[-1]["type"] if parts else "text"
+            if text and part != shown:
+                print(("]" if shown == "python_output" else "") + opening[part], end="")
             print(text, end="", flush=True)
-        print(decoder.decode(b"", final=True))
-        messages.append(dict(role="assistant", content=tokenizer.decode(reply)))
+            serve.add_piece(parts, text, part)
+        print("]" if parts and parts[-1]["type"] == "python_output" else "")
+        messages.append(dict(role="assistant", content=parts))  # the calculator calls kept as calls
         if args.prompt is not None:
             return
+
+
+def stage_serve(args, ddp):
+    """The chat page (chat.html) and an OpenAI-style API for a checkpoint, over HTTP (serve.py)."""
+    tokenizer = get_tokenizer()
+    model, meta = load_trained(args, ddp, args.source, tokenizer)
+    info = dict(model=args.model_tag or f"d{args.depth}", stage=args.source, step=meta["step"], context=model.rotary_len,
+                defaults=dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens))
+    limits = serve.Limits(max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
+    try:
+        serve.serve(Engine(model.eval(), tokenizer), lambda messages: render_for_completion(tokenizer, dict(messages=messages)),
+                    info, args.host, args.port, limits, log=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UserError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2357,7 +2447,7 @@ def stage_report(args, ddp):
 # CLI
 
 STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
-          "chat": stage_chat, "report": stage_report}
+          "chat": stage_chat, "serve": stage_serve, "report": stage_report}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2377,7 +2467,13 @@ def build_parser():
     g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
                    help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, SmolTalk, MMLU, GSM8K)")
     g.add_argument("--data-dir", default=None, help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and "
-                   "of smoltalk/, mmlu/, gsm8k/ subfolders (default: <base_dir>/base_data, downloaded there; chat data from the hub)")
+                   "of smoltalk/, mmlu/, gsm8k/ subfolders (default: <base_dir>/base_data, downloaded there; chat data from the hub). "
+                   'mid and sft, either --data: its *.jsonl files of your own {"messages": [...]} conversations replace every '
+                   "other training conversation")
+    g.add_argument("--problems", default=None, help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '
+                   "lines (one in ten held out for pass@k, by a hash of the question)")
+    g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> float "
+                   "in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current folder)")
     g.add_argument("--num-shards", type=int, default=8, help="--data hf without --data-dir: FineWeb-EDU shards to download "
                    "(about 100 MB each): the first N-1 for training, plus the pinned validation shard")
     g = p.add_argument_group("tokenizer (tok)")
@@ -2428,7 +2524,11 @@ def build_parser():
     g.add_argument("--humaneval", action="store_true", help="eval --data hf: also run HumanEval, executing the model's code in a "
                    "sandbox (Linux, bubblewrap: read-only system files only, no other processes, no network, limits)")
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
-    g.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
+    g.add_argument("--top-k", type=int, default=50, help="chat and serve: sample among the k most likely tokens")
+    g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface; there is no login)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is answered; more get 503 busy")
     g = p.add_argument_group("report")
     g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
     g.add_argument("--wall-seconds", type=int, default=None, help="the whole run's wall time, as measured by speedrun.sh")
@@ -2441,7 +2541,8 @@ FLAG_RULES = [
       "prompts_per_step", "pass_k", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
     (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
     (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "unembedding_lr"), lambda v: v > 0, "positive"),
-    (("weight_decay", "eval_every", "save_every"), lambda v: v >= 0, "0 or more"),
+    (("weight_decay", "eval_every", "save_every", "max_queue"), lambda v: v >= 0, "0 or more"),
+    (("port",), lambda v: 0 <= v <= 65535, "from 0 (any free port) to 65535"),
     (("warmup_ratio", "warmdown_ratio", "final_lr_frac"), lambda v: 0 <= v <= 1, "between 0 and 1"),
     (("num_shards",), lambda v: v >= 2, "at least 2 (one train shard and the validation shard)"),
     (("vocab_size",), lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)} "
@@ -2475,6 +2576,12 @@ def finalize_args(args):
         raise UserError("--humaneval runs with --stage eval --data hf")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    if (args.problems or args.reward) and args.stage != "rl":
+        raise UserError("--problems and --reward are for --stage rl")
+    if args.problems is not None and not Path(args.problems).is_file():
+        raise UserError(f"--problems {args.problems} is not a file")
+    if args.reward is not None and not re.fullmatch(r"[\w.]+:\w+", args.reward):
+        raise UserError(f"--reward must be module:function (e.g. my_rewards:shorter), got {args.reward!r}")
 
 
 def main(argv=None):
@@ -2486,7 +2593,7 @@ def main(argv=None):
         keep_freed_memory()
         t0 = time.time()
         STAGES[args.stage](args, ddp)
-        if ddp.is_master and args.stage not in ("chat", "report"):
+        if ddp.is_master and args.stage not in ("chat", "serve", "report"):
             record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

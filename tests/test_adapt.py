@@ -1,0 +1,146 @@
+"""Adapting the pipeline without editing it: your own conversations for mid/SFT (--data-dir),
+your own problems (--problems) and reward (--reward module:function) for RL."""
+import json
+import random
+import types
+
+import pytest
+
+import nanochat_one as nc
+from conftest import run_stage
+from test_pipeline import TINY
+
+SECRET = [dict(messages=[dict(role="user", content=q), dict(role="assistant", content="The secret word is zebra.")])
+          for q in ("What is the secret word?", "Tell me the secret word.", "Do you know the secret word?")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """tok -> base -> mid -> sft on tiny settings, in a module-wide artifacts folder."""
+    runs = tmp_path_factory.mktemp("adapt") / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(runs))
+        run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
+        run_stage("--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0")
+        run_stage("--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4")
+        run_stage("--stage", "sft", *TINY, "--num-iterations", "10", "--eval-every", "0", "--eval-items", "4")
+    return runs
+
+
+@pytest.fixture
+def in_runs(runs, monkeypatch, tmp_path):
+    """Work in `runs` from an empty current folder (where --reward finds its module)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(runs))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def greedy_reply(question):
+    tokenizer = nc.get_tokenizer()
+    model, _ = nc.load_trained(nc.build_parser().parse_args(["--stage", "chat", "--depth", "2"]), nc.Dist(), "sft", tokenizer)
+    prompt = nc.render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
+    (reply,), _ = nc.Engine(model.eval(), tokenizer).generate_batch(prompt, 1, 20, temperature=0.0)
+    return tokenizer.decode(reply)
+
+
+def test_own_conversations_replace_every_other_training_example(in_runs):
+    folder = in_runs / "mine"
+    folder.mkdir()
+    write_jsonl(folder / "secret.jsonl", SECRET)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=str(folder))
+    train = [c for _, c in zip(range(400), (c for _, c in nc.chat_examples(args, "train", stage="sft")))]
+    own = [c for c in train if c in SECRET]
+    assert 160 <= len(own) <= 240  # half of 400 by a hash: 200 +- 10 for one standard deviation
+    assert {json.dumps(c) for c in own} == {json.dumps(c) for c in SECRET}
+    assert not any(c in SECRET for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "val", stage="sft"))))
+    for rank in range(2):  # sharded by position over two ranks, each rank still gets both kinds
+        shard = [c for _, (p, c) in zip(range(200), nc.chat_examples(args, "train", stage="sft")) if p % 2 == rank]
+        assert 0 < sum(c in SECRET for c in shard) < len(shard)
+
+
+def test_sft_on_own_conversations_learns_them(in_runs):
+    """The same SFT run without and with three conversations of our own: only the second knows
+    the secret word, and says it to a question phrased in a way it never saw."""
+    folder = in_runs / "mine"
+    folder.mkdir()
+    write_jsonl(folder / "secret.jsonl", SECRET)
+    for own in (False, True):
+        run_stage("--stage", "sft", *TINY, "--num-iterations", "30", "--eval-every", "0", "--eval-items", "4", "--lr-scale", "1",
+                  *(["--data-dir", str(folder)] if own else []))
+        replies = [greedy_reply(q) for q in ("What is the secret word?", "What's the secret word, please?")]
+        assert replies == ["The secret word is zebra."] * 2 if own else not any("zebra" in r for r in replies)
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("{not json", "JSONDecodeError"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "alternate"),
+    ('{"conversation": []}', "KeyError"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "user content must be a string"),
+])
+def test_a_bad_conversation_line_stops_with_its_file_and_line(in_runs, line, needle):
+    folder = in_runs / "bad"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps(SECRET[0]) + "\n\n" + line + "\n")
+    nc.own_conversations.cache_clear()
+    with pytest.raises(nc.UserError, match=f"a.jsonl, line 3: .*{needle}"):
+        run_stage("--stage", "sft", *TINY, "--num-iterations", "1", "--eval-every", "0", "--data-dir", str(folder))
+
+
+def arithmetic_problems(path, n=300):
+    rng = random.Random(0)
+    return write_jsonl(path, [dict(question=f"What is {a} plus {b}?", answer=a + b)
+                              for a, b in ((rng.randrange(1, 50), rng.randrange(1, 50)) for _ in range(n))])
+
+
+def test_own_problems_split_by_hash(tmp_path):
+    train, held_out = nc.own_problems(arithmetic_problems(tmp_path / "p.jsonl"))
+    assert len(train) + len(held_out) == 300 and 10 <= len(held_out) <= 50
+    assert not {p["question"] for p in train} & {p["question"] for p in held_out}
+    assert all(isinstance(p["answer"], str) for p in train)  # numbers become the strings graders compare
+    write_jsonl(tmp_path / "one.jsonl", [dict(question="What is 1 plus 1?", answer="2")])
+    with pytest.raises(nc.UserError, match="at least one of each"):
+        nc.own_problems(tmp_path / "one.jsonl")
+    write_jsonl(tmp_path / "bad.jsonl", [dict(question="q")])
+    with pytest.raises(nc.UserError, match="bad.jsonl, line 1: KeyError"):
+        nc.own_problems(tmp_path / "bad.jsonl")
+
+
+def test_reward_flag_errors(in_runs):
+    (in_runs / "my_rewards.py").write_text("def text(question, reply, answer):\n    return 'good'\n")
+    with pytest.raises(nc.UserError, match="ModuleNotFoundError"):
+        nc.load_reward("no_such_module:f")
+    with pytest.raises(nc.UserError, match="AttributeError"):
+        nc.load_reward("my_rewards:missing")
+    with pytest.raises(nc.UserError, match="must return a finite number"):
+        nc.load_reward("my_rewards:text")("q", "reply", "a")
+    for argv, needle in ((["--stage", "rl", "--reward", "my_rewards"], "module:function"),
+                         (["--stage", "sft", "--reward", "my_rewards:text"], "for --stage rl"),
+                         (["--stage", "rl", "--problems", "missing.jsonl"], "not a file")):
+        with pytest.raises(nc.UserError, match=needle):
+            nc.finalize_args(nc.build_parser().parse_args(argv))
+
+
+def test_a_custom_reward_changes_what_rl_reinforces(in_runs):
+    """The same toy RL run from the same SFT model with two opposite rewards, one preferring short
+    replies and one long: the held-out mean reward (here -length/100 or +length/100) rises in
+    both, so the replies get shorter in one and longer in the other."""
+    arithmetic_problems(in_runs / "problems.jsonl")
+    (in_runs / "lengths.py").write_text("def shorter(question, reply, answer):\n    return -len(reply) / 100\n\n\n"
+                                        "def longer(question, reply, answer):\n    return len(reply) / 100\n")
+    lengths = {}
+    for reward in ("shorter", "longer"):
+        summary = run_stage("--stage", "rl", *TINY, "--problems", "problems.jsonl", "--reward", f"lengths:{reward}",
+                            "--num-iterations", "15", "--prompts-per-step", "8", "--num-samples", "4", "--max-new-tokens", "32",
+                            "--pass-k", "2", "--pass-k-problems", "30", "--eval-every", "0", "--lr-scale", "1",
+                            "--save-every", "0", "--eval-items", "4")
+        first, last = summary["history"][0], summary["history"][-1]
+        assert last["pass1"] - first["pass1"] > 3 * (first["pass1_stderr"] ** 2 + last["pass1_stderr"] ** 2) ** 0.5
+        lengths[reward] = [100 * abs(h["pass1"]) for h in (first, last)]  # mean reply length in characters
+    assert lengths["shorter"][0] == lengths["longer"][0]  # the same start
+    assert lengths["shorter"][1] < lengths["shorter"][0] < lengths["longer"][1]
