@@ -120,11 +120,9 @@ def init_distributed():
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if DEVICE_TYPE == "cuda" else torch.device(DEVICE_TYPE)
     if DEVICE_TYPE == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(DEVICE_TYPE)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if DEVICE_TYPE == "cuda" else "gloo", device_id=device if DEVICE_TYPE == "cuda" else None)
     return Dist(rank, local_rank, world_size, device)
