@@ -817,18 +817,15 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
     one that still fits; when none fits, the shortest document is cropped to fill the row
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
-    buffer, last = [], -1  # buffer: (position, tokens)
-    if state is None:
-        docs = docs_from(0)
-    else:  # resume: read the stream again from the oldest waiting document, keep the waiting ones
-        last, waiting = state["last"], state["buffer"]
-        docs = docs_from(min(waiting, default=last + 1))
-        found = {}
-        for position, doc in (docs if waiting else ()):
-            found[position] = doc
-            if position == last:
-                break
-        buffer = [(position, found[position]) for position in waiting]
+    last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])  # a fresh start has drawn nothing
+    # resume: read the stream again from the oldest waiting document (else the next new one), keep the waiting ones
+    docs = docs_from(min(waiting, default=last + 1))
+    found = {}
+    for position, doc in (docs if waiting else ()):
+        found[position] = doc
+        if position == last:
+            break
+    buffer = [(position, found[position]) for position in waiting]  # (position, tokens)
     while True:
         rows = []
         for _ in range(B):
