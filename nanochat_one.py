@@ -747,10 +747,9 @@ class Muon(torch.optim.Optimizer):
                 same = [p for p in params if p.shape == shape]
                 updates = []
                 for p in same:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:  # the first step
+                        buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
                     updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
                 updates = newton_schulz_orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
