@@ -1729,7 +1729,7 @@ def grad_accum_steps(args, world_size):
     return args.total_batch_size // tokens_per_micro_step
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
+GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name; the first key found in the name counts
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
 }
@@ -1740,10 +1740,7 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def resume_data_state(meta, ddp):
