@@ -1561,8 +1561,7 @@ def atomic_write(path, write):
 
 def last_checkpoint_step(directory):
     steps = [int(p.stem.split("_")[1]) for p in directory.glob("meta_*.json")]
-    steps = [s for s in steps if (directory / f"model_{s:06d}.pt").exists()]
-    return max(steps) if steps else None
+    return max((s for s in steps if (directory / f"model_{s:06d}.pt").exists()), default=None)
 
 
 def save_checkpoint(directory, step, model, optimizers, meta):
