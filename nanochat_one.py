@@ -2290,9 +2290,8 @@ def stage_report(args, ddp):
                   f"| validation bits per byte | {r['val_bpb']} |", f"| throughput | {r['tok_per_s']:,} tok/s ({r['device']}) |",
                   f"| MFU | {mfu} |", f"| training time | {format_seconds(r['train_seconds'])} |", "", "Samples (greedy):", ""]
         lines += [f"- `{sample!r}`" for sample in r["samples"]]
-    rows = [(name, reports[key]) for name, key in (("base", "eval_base"), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
-            if key in reports]
-    rows = [(name, r.get("chat_eval", r)) for name, r in rows]
+    sources = dict(base="eval_base", mid="mid", sft="sft", rl="rl")  # the report that holds each stage's chat scores
+    rows = [(name, reports[key].get("chat_eval", reports[key])) for name, key in sources.items() if key in reports]
     rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
         columns = dict(multiple_choice_letter="multiple choice, letter (chance 25%)",
@@ -2307,9 +2306,8 @@ def stage_report(args, ddp):
                   "the answer sentence (what the model knows, whatever its letter)."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
-        r = reports["rl"]
+        r, k = reports["rl"], reports["rl"]["pass_k"]
         first, last = r["history"][0], r["history"][-1]
-        k = r["pass_k"]
         lines += ["", "## RL (GRPO) on word problems", "",
                   f"{r['steps']} steps x {r['prompts_per_step']} problems x {r['num_samples']} samples; pass@1 and pass@{k} "
                   f"from {k} samples of each of {r['held_out']} held-out problems "
@@ -2317,10 +2315,8 @@ def stage_report(args, ddp):
                   f"| | pass@1 | pass@{k} |", "|---|---|---|",
                   f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
                   f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
-        curve = r["reward_curve"]
-        blocks = [curve[i:i + 10] for i in range(0, len(curve), 10)]
         lines += ["", "Mean training reward per 10 steps: " + ", ".join(
-            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in blocks) + "."]
+            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in batched(r["reward_curve"], 10)) + "."]
         if (base_dir() / "report" / "rl.png").exists():
             lines += ["", f"Reward curve: {base_dir() / 'report' / 'rl.png'}"]
     final = next((stage for stage in ("rl", "sft") if stage in reports), None)
