@@ -1751,8 +1751,7 @@ def resume_data_state(meta, ddp):
     return states[ddp.rank]
 
 
-def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
-          lr_scale=1.0):
+def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None, lr_scale=1.0):
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
@@ -1760,17 +1759,15 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     so checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
     sees exactly the data of an uninterrupted one. evaluate(model) returns a dict of validation
     metrics (at the start, every --eval-every steps and at the end). Returns the report's summary."""
-    B, T = args.device_batch_size, args.max_seq_len
-    config, tag = model.config, args.model_tag or f"d{args.depth}"
-    out_dir = checkpoint_dir(stage, tag)
+    B, T, config = args.device_batch_size, args.max_seq_len, model.config
+    out_dir = checkpoint_dir(stage, args.model_tag or f"d{args.depth}")
     if config.sequence_len < T:
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     grad_accum = grad_accum_steps(args, ddp.world_size)
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
-           f"({config.n_kv_head} kv), vocab {config.vocab_size}, {num_params:,} parameters, "
-           f"{flops_per_token:.3g} FLOPs/token")
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), "
+           f"vocab {config.vocab_size}, {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token")
     print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} tokens "
            f"({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
@@ -1787,14 +1784,6 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     peak = peak_flops(ddp.device)
-
-    def run_eval(step):
-        model.eval()
-        result = evaluate(model)
-        model.train()
-        history.append(dict(step=step, **result))
-        print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        return result
 
     def save(step, metrics):
         data_states = [data_state]
@@ -1814,7 +1803,11 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         while True:
             last = step == num_steps
             if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
-                metrics = run_eval(step)  # at the start too: a validation set too small fails before training
+                model.eval()  # at the start too: a validation set too small fails before training
+                metrics = evaluate(model)
+                model.train()
+                history.append(dict(step=step, **metrics))
+                print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
                 save(step, metrics)
             if last:
