@@ -1691,14 +1691,13 @@ def start_model(args, ddp, stage, tokenizer, source=None):
                                                     hint="nothing to resume; run without --resume")
         check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
         return model, optim_states, meta
-    if source is None:
-        config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
-                                   args.head_dim, args.n_kv_head)
-        with torch.device(ddp.device):
-            model = GPT(config)
-        model.init_weights()
-        return model, None, None
-    model, _ = load_trained(args, ddp, source, tokenizer)
+    if source is not None:
+        return load_trained(args, ddp, source, tokenizer)[0], None, None
+    config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
+                               args.head_dim, args.n_kv_head)
+    with torch.device(ddp.device):
+        model = GPT(config)
+    model.init_weights()
     return model, None, None
 
 
