@@ -1877,8 +1877,7 @@ def stage_tok(args, ddp):
         val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
         n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
         n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
-        example = "The capital of France is Paris."
-        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode("The capital of France is Paris.")]
         print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
                f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
         print0(f"example: {pieces}")
