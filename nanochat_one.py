@@ -1408,12 +1408,10 @@ def find_core_bundle(args, ddp):
                 print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
         if ddp.is_ddp:
             dist.barrier()
-        return directory if (directory / "core.yaml").exists() else None
-    if not (directory / "core.yaml").exists():
+    elif not (directory / "core.yaml").exists():
         print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder with core.yaml, "
                f"eval_meta_data.csv, eval_data/, unzipped from {EVAL_BUNDLE_URL}), or use --data hf to download it")
-        return None
-    return directory
+    return directory if (directory / "core.yaml").exists() else None
 
 
 # The chat model's report card on real data (nanochat's choice of tasks): ARC-Easy,
