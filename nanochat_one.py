@@ -1372,23 +1372,20 @@ def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_
     archive = directory.with_name(f".{directory.name}.zip")
     download(url, archive, attempts, first_wait_s)
     try:
-        sha256 = hashlib.sha256()
-        with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha256.update(block)
+        sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
         with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)
             found = next(Path(tmp).rglob("core.yaml"), None)
             if found is None:
                 raise UserError(f"{url} holds no core.yaml: not an eval bundle")
-            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256.hexdigest()}\n")
+            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256}\n")
             os.replace(found.parent, directory)
     except zipfile.BadZipFile:
         raise UserError(f"{url} did not give a valid zip archive") from None
     finally:
         archive.unlink(missing_ok=True)
-    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256.hexdigest()})")
+    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256})")
 
 
 def find_core_bundle(args, ddp):
