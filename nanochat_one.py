@@ -1140,8 +1140,7 @@ def mean_span_losses(ids, logits, spans):
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
     """Accuracy (accuracy_stats) on MMLU-style items: after the question and lettered choices, the
     letter with the highest logit as the first assistant token (no sampling). Chance 1 / choices."""
-    correct = 0
-    mine = shard(items, ddp)
+    correct, mine = 0, shard(items, ddp)
     for item in mine:
         ids = render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
@@ -1156,8 +1155,7 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
     question, the answer sentence begun in the words all choices share, then each choice's ending
     (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch; the lowest mean
     loss per token wins. What the model knows, whether or not it can answer by letter. Chance 1 / choices."""
-    correct = 0
-    mine = shard(items, ddp)
+    correct, mine = 0, shard(items, ddp)
     for item in mine:
         shared, endings = item["cloze"]
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
@@ -1172,17 +1170,14 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
     """Accuracy (accuracy_stats) of greedy answers: facts graded by tinyworld.fact_is_correct, word
     problems by their '####' number (answer_is_correct; the calculator tool is available)."""
-    engine, correct = Engine(model, tokenizer), 0
-    mine = shard(items, ddp)
+    engine, correct, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for chunk in batched(mine, GENERATE_ROWS):  # prompts of different lengths share a batch, padded on the left
         prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
         for item, tokens in zip(chunk, engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]):
             reply = tokenizer.decode(tokens)
-            if task == "word_problem":
-                correct += answer_is_correct(reply, item["answer"])
-            else:
-                correct += tinyworld.fact_is_correct(reply, item)
+            correct += (answer_is_correct(reply, item["answer"]) if task == "word_problem"
+                        else tinyworld.fact_is_correct(reply, item))
     return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
@@ -1468,8 +1463,7 @@ def humaneval_program(item, reply):
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats)."""
-    engine, passed = Engine(model, tokenizer), 0
-    mine = shard(items, ddp)
+    engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
