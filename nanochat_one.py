@@ -1028,9 +1028,8 @@ def evaluate_bpb(model, batches, num_batches, token_bytes):
     token, over ln(2) times the bytes those tokens stand for. Unlike plain loss, this does not
     depend on the tokenizer's vocabulary, so models with different tokenizers compare.
     Special tokens (0 bytes) are left out. Sums are all-reduced across ranks."""
-    device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(num_batches):
         x, y, _ = next(batches)
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats
