@@ -1889,11 +1889,10 @@ def stage_base(args, ddp):
         num_steps = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
     else:
         num_steps = 320  # the laptop default: a few minutes on a CPU
-    B, T = args.device_batch_size, args.max_seq_len
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
     def make_batches(split, state=None):
-        return base_batches(args, tokenizer, split, B, T, ddp, ddp.device, state)
+        return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes))
@@ -1924,10 +1923,9 @@ def stage_base(args, ddp):
 def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_scale):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
-    B, T = args.device_batch_size, args.max_seq_len
 
     def make_batches(split, state=None):
-        return make_loader(args, tokenizer, split, B, T, ddp, ddp.device, state)
+        return make_loader(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
