@@ -1119,8 +1119,7 @@ def forward_padded(model, rows, spans, pad_id, device):
     """One forward over token rows of different lengths, right-padded with pad_id (never scored).
     A row longer than the model's context loses tokens from the left, and its [start, end) span
     moves with it. Returns ids (N, L), logits (N, L, vocab) and the spans."""
-    T = model.config.sequence_len
-    crops = [max(0, len(row) - T) for row in rows]
+    crops = [max(0, len(row) - model.config.sequence_len) for row in rows]
     rows = [row[crop:] for row, crop in zip(rows, crops)]
     spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
     ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)  # (N, L)
@@ -1272,8 +1271,7 @@ def core_spans(tokenizer, texts, task_type):
 def core_fewshot(data, index, num_fewshot):
     """num_fewshot examples for item `index`, drawn with a fixed seed per item, never the item itself."""
     others = [i for i in range(len(data)) if i != index]
-    rng = random.Random(1234 + index)
-    return [data[i] for i in rng.sample(others, min(num_fewshot, len(others)))]
+    return [data[i] for i in random.Random(1234 + index).sample(others, min(num_fewshot, len(others)))]
 
 
 @torch.no_grad()
