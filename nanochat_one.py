@@ -248,9 +248,7 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
             else:
                 raise ValueError(f"message {i}: unknown content part type {part['type']!r}")
         add([special["<|assistant_end|>"]], 1)
-    if max_tokens is not None:
-        ids, mask = ids[:max_tokens], mask[:max_tokens]
-    return ids, mask
+    return ids[:max_tokens], mask[:max_tokens]  # max_tokens=None keeps them whole
 
 
 def render_for_completion(tokenizer, conversation):
