@@ -124,11 +124,9 @@ def init_distributed():
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if DEVICE_TYPE == "cuda" else torch.device(DEVICE_TYPE)
     if DEVICE_TYPE == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(DEVICE_TYPE)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if DEVICE_TYPE == "cuda" else "gloo", device_id=device if DEVICE_TYPE == "cuda" else None)
     return Dist(rank, local_rank, world_size, device)
@@ -254,9 +252,7 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
             else:
                 raise ValueError(f"message {i}: unknown content part type {part['type']!r}")
         add([special["<|assistant_end|>"]], 1)
-    if max_tokens is not None:
-        ids, mask = ids[:max_tokens], mask[:max_tokens]
-    return ids, mask
+    return ids[:max_tokens], mask[:max_tokens]  # max_tokens=None keeps them whole
 
 
 def render_for_completion(tokenizer, conversation):
@@ -785,10 +781,9 @@ class Muon(torch.optim.Optimizer):
                 same = [p for p in params if p.shape == shape]
                 updates = []
                 for p in same:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:  # the first step
+                        buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
                     updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
                 updates = newton_schulz_orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
@@ -855,18 +850,15 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
     one that still fits; when none fits, the shortest document is cropped to fill the row
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
-    buffer, last = [], -1  # buffer: (position, tokens)
-    if state is None:
-        docs = docs_from(0)
-    else:  # resume: read the stream again from the oldest waiting document, keep the waiting ones
-        last, waiting = state["last"], state["buffer"]
-        docs = docs_from(min(waiting, default=last + 1))
-        found = {}
-        for position, doc in (docs if waiting else ()):
-            found[position] = doc
-            if position == last:
-                break
-        buffer = [(position, found[position]) for position in waiting]
+    last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])  # a fresh start has drawn nothing
+    # resume: read the stream again from the oldest waiting document (else the next new one), keep the waiting ones
+    docs = docs_from(min(waiting, default=last + 1))
+    found = {}
+    for position, doc in (docs if waiting else ()):
+        found[position] = doc
+        if position == last:
+            break
+    buffer = [(position, found[position]) for position in waiting]  # (position, tokens)
     while True:
         rows = []
         for _ in range(B):
@@ -1070,9 +1062,8 @@ def evaluate_bpb(model, batches, num_batches, token_bytes):
     token, over ln(2) times the bytes those tokens stand for. Unlike plain loss, this does not
     depend on the tokenizer's vocabulary, so models with different tokenizers compare.
     Special tokens (0 bytes) are left out. Sums are all-reduced across ranks."""
-    device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(num_batches):
         x, y, _ = next(batches)
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats
@@ -1162,8 +1153,7 @@ def forward_padded(model, rows, spans, pad_id, device):
     """One forward over token rows of different lengths, right-padded with pad_id (never scored).
     A row longer than the model's context loses tokens from the left, and its [start, end) span
     moves with it. Returns ids (N, L), logits (N, L, vocab) and the spans."""
-    T = model.config.sequence_len
-    crops = [max(0, len(row) - T) for row in rows]
+    crops = [max(0, len(row) - model.config.sequence_len) for row in rows]
     rows = [row[crop:] for row, crop in zip(rows, crops)]
     spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
     ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)  # (N, L)
@@ -1182,8 +1172,7 @@ def mean_span_losses(ids, logits, spans):
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
     """Accuracy (accuracy_stats) on MMLU-style items: after the question and lettered choices, the
     letter with the highest logit as the first assistant token (no sampling). Chance 1 / choices."""
-    correct = 0
-    mine = shard(items, ddp)
+    correct, mine = 0, shard(items, ddp)
     for item in mine:
         ids = render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
@@ -1198,8 +1187,7 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
     question, the answer sentence begun in the words all choices share, then each choice's ending
     (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch; the lowest mean
     loss per token wins. What the model knows, whether or not it can answer by letter. Chance 1 / choices."""
-    correct = 0
-    mine = shard(items, ddp)
+    correct, mine = 0, shard(items, ddp)
     for item in mine:
         shared, endings = item["cloze"]
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
@@ -1214,17 +1202,14 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
     """Accuracy (accuracy_stats) of greedy answers: facts graded by tinyworld.fact_is_correct, word
     problems by their '####' number (answer_is_correct; the calculator tool is available)."""
-    engine, correct = Engine(model, tokenizer), 0
-    mine = shard(items, ddp)
+    engine, correct, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for chunk in batched(mine, GENERATE_ROWS):  # prompts of different lengths share a batch, padded on the left
         prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
         for item, tokens in zip(chunk, engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]):
             reply = tokenizer.decode(tokens)
-            if task == "word_problem":
-                correct += answer_is_correct(reply, item["answer"])
-            else:
-                correct += tinyworld.fact_is_correct(reply, item)
+            correct += (answer_is_correct(reply, item["answer"]) if task == "word_problem"
+                        else tinyworld.fact_is_correct(reply, item))
     return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
@@ -1320,8 +1305,7 @@ def core_spans(tokenizer, texts, task_type):
 def core_fewshot(data, index, num_fewshot):
     """num_fewshot examples for item `index`, drawn with a fixed seed per item, never the item itself."""
     others = [i for i in range(len(data)) if i != index]
-    rng = random.Random(1234 + index)
-    return [data[i] for i in rng.sample(others, min(num_fewshot, len(others)))]
+    return [data[i] for i in random.Random(1234 + index).sample(others, min(num_fewshot, len(others)))]
 
 
 @torch.no_grad()
@@ -1414,23 +1398,20 @@ def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_
     archive = directory.with_name(f".{directory.name}.zip")
     download(url, archive, attempts, first_wait_s)
     try:
-        sha256 = hashlib.sha256()
-        with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha256.update(block)
+        sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
         with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)
             found = next(Path(tmp).rglob("core.yaml"), None)
             if found is None:
                 raise UserError(f"{url} holds no core.yaml: not an eval bundle")
-            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256.hexdigest()}\n")
+            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256}\n")
             os.replace(found.parent, directory)
     except zipfile.BadZipFile:
         raise UserError(f"{url} did not give a valid zip archive") from None
     finally:
         archive.unlink(missing_ok=True)
-    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256.hexdigest()})")
+    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256})")
 
 
 def find_core_bundle(args, ddp):
@@ -1450,12 +1431,10 @@ def find_core_bundle(args, ddp):
                 print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
         if ddp.is_ddp:
             dist.barrier()
-        return directory if (directory / "core.yaml").exists() else None
-    if not (directory / "core.yaml").exists():
+    elif not (directory / "core.yaml").exists():
         print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder with core.yaml, "
                f"eval_meta_data.csv, eval_data/, unzipped from {EVAL_BUNDLE_URL}), or use --data hf to download it")
-        return None
-    return directory
+    return directory if (directory / "core.yaml").exists() else None
 
 
 # The chat model's report card on real data (nanochat's choice of tasks): ARC-Easy,
@@ -1515,8 +1494,7 @@ def humaneval_program(item, reply):
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats)."""
-    engine, passed = Engine(model, tokenizer), 0
-    mine = shard(items, ddp)
+    engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
@@ -1603,8 +1581,7 @@ def atomic_write(path, write):
 
 def last_checkpoint_step(directory):
     steps = [int(p.stem.split("_")[1]) for p in directory.glob("meta_*.json")]
-    steps = [s for s in steps if (directory / f"model_{s:06d}.pt").exists()]
-    return max(steps) if steps else None
+    return max((s for s in steps if (directory / f"model_{s:06d}.pt").exists()), default=None)
 
 
 def save_checkpoint(directory, step, model, optimizers, meta):
@@ -1734,14 +1711,13 @@ def start_model(args, ddp, stage, tokenizer, source=None):
                                                     hint="nothing to resume; run without --resume")
         check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
         return model, optim_states, meta
-    if source is None:
-        config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
-                                   args.head_dim, args.n_kv_head)
-        with torch.device(ddp.device):
-            model = GPT(config)
-        model.init_weights()
-        return model, None, None
-    model, _ = load_trained(args, ddp, source, tokenizer)
+    if source is not None:
+        return load_trained(args, ddp, source, tokenizer)[0], None, None
+    config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
+                               args.head_dim, args.n_kv_head)
+    with torch.device(ddp.device):
+        model = GPT(config)
+    model.init_weights()
     return model, None, None
 
 
@@ -1771,7 +1747,7 @@ def grad_accum_steps(args, world_size):
     return args.total_batch_size // tokens_per_micro_step
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name
+GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name; the first key found in the name counts
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
 }
@@ -1782,10 +1758,7 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def resume_data_state(meta, ddp):
@@ -1797,8 +1770,7 @@ def resume_data_state(meta, ddp):
     return states[ddp.rank]
 
 
-def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None,
-          lr_scale=1.0):
+def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None, lr_scale=1.0):
     """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
@@ -1806,17 +1778,15 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     so checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
     sees exactly the data of an uninterrupted one. evaluate(model) returns a dict of validation
     metrics (at the start, every --eval-every steps and at the end). Returns the report's summary."""
-    B, T = args.device_batch_size, args.max_seq_len
-    config, tag = model.config, args.model_tag or f"d{args.depth}"
-    out_dir = checkpoint_dir(stage, tag)
+    B, T, config = args.device_batch_size, args.max_seq_len, model.config
+    out_dir = checkpoint_dir(stage, args.model_tag or f"d{args.depth}")
     if config.sequence_len < T:
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     grad_accum = grad_accum_steps(args, ddp.world_size)
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
-           f"({config.n_kv_head} kv), vocab {config.vocab_size}, {num_params:,} parameters, "
-           f"{flops_per_token:.3g} FLOPs/token")
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), "
+           f"vocab {config.vocab_size}, {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token")
     print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} tokens "
            f"({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
@@ -1833,14 +1803,6 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     peak = peak_flops(ddp.device)
-
-    def run_eval(step):
-        model.eval()
-        result = evaluate(model)
-        model.train()
-        history.append(dict(step=step, **result))
-        print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        return result
 
     def save(step, metrics):
         data_states = [data_state]
@@ -1860,7 +1822,11 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
         while True:
             last = step == num_steps
             if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
-                metrics = run_eval(step)  # at the start too: a validation set too small fails before training
+                model.eval()  # at the start too: a validation set too small fails before training
+                metrics = evaluate(model)
+                model.train()
+                history.append(dict(step=step, **metrics))
+                print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
                 save(step, metrics)
             if last:
@@ -1931,8 +1897,7 @@ def stage_tok(args, ddp):
         val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
         n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
         n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
-        example = "The capital of France is Paris."
-        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(example)]
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode("The capital of France is Paris.")]
         print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
                f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
         print0(f"example: {pieces}")
@@ -1956,11 +1921,10 @@ def stage_base(args, ddp):
         num_steps = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
     else:
         num_steps = 320  # the laptop default: a few minutes on a CPU
-    B, T = args.device_batch_size, args.max_seq_len
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
     def make_batches(split, state=None):
-        return base_batches(args, tokenizer, split, B, T, ddp, ddp.device, state)
+        return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes))
@@ -1991,10 +1955,9 @@ def stage_base(args, ddp):
 def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_scale):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
-    B, T = args.device_batch_size, args.max_seq_len
 
     def make_batches(split, state=None):
-        return make_loader(args, tokenizer, split, B, T, ddp, ddp.device, state)
+        return make_loader(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
 
     def evaluate(model):
         return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
@@ -2390,9 +2353,8 @@ def stage_report(args, ddp):
                   f"| validation bits per byte | {r['val_bpb']} |", f"| throughput | {r['tok_per_s']:,} tok/s ({r['device']}) |",
                   f"| MFU | {mfu} |", f"| training time | {format_seconds(r['train_seconds'])} |", "", "Samples (greedy):", ""]
         lines += [f"- `{sample!r}`" for sample in r["samples"]]
-    rows = [(name, reports[key]) for name, key in (("base", "eval_base"), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
-            if key in reports]
-    rows = [(name, r.get("chat_eval", r)) for name, r in rows]
+    sources = dict(base="eval_base", mid="mid", sft="sft", rl="rl")  # the report that holds each stage's chat scores
+    rows = [(name, reports[key].get("chat_eval", reports[key])) for name, key in sources.items() if key in reports]
     rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
         columns = dict(multiple_choice_letter="multiple choice, letter (chance 25%)",
@@ -2407,9 +2369,8 @@ def stage_report(args, ddp):
                   "the answer sentence (what the model knows, whatever its letter)."]
     lines += real_eval_report_lines(reports)
     if "rl" in reports:
-        r = reports["rl"]
+        r, k = reports["rl"], reports["rl"]["pass_k"]
         first, last = r["history"][0], r["history"][-1]
-        k = r["pass_k"]
         lines += ["", "## RL (GRPO) on word problems", "",
                   f"{r['steps']} steps x {r['prompts_per_step']} problems x {r['num_samples']} samples; pass@1 and pass@{k} "
                   f"from {k} samples of each of {r['held_out']} held-out problems "
@@ -2417,10 +2378,8 @@ def stage_report(args, ddp):
                   f"| | pass@1 | pass@{k} |", "|---|---|---|",
                   f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
                   f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
-        curve = r["reward_curve"]
-        blocks = [curve[i:i + 10] for i in range(0, len(curve), 10)]
         lines += ["", "Mean training reward per 10 steps: " + ", ".join(
-            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in blocks) + "."]
+            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in batched(r["reward_curve"], 10)) + "."]
         if (base_dir() / "report" / "rl.png").exists():
             lines += ["", f"Reward curve: {base_dir() / 'report' / 'rl.png'}"]
     final = next((stage for stage in ("rl", "sft") if stage in reports), None)
