@@ -269,14 +269,6 @@ def render_for_completion(tokenizer, conversation):
 # Data: documents for pretraining, from TinyWorld (tinyworld.py) or parquet shards with a `text`
 # column (a local folder, or FineWeb-EDU downloaded from the hub)
 
-def parquet_files(data_dir):
-    files = sorted(Path(data_dir).glob("*.parquet"))
-    if len(files) < 2:
-        raise UserError(f"found {len(files)} parquet files in {data_dir}: need at least 2 "
-                        "(the last one is the validation shard); pass --data-dir with FineWeb-EDU style shards")
-    return files
-
-
 def real_data_module(name):
     """datasets or pyarrow.parquet: heavy, and only real data needs them (pip install -e '.[hf]')."""
     import importlib
@@ -290,7 +282,10 @@ def parquet_documents(data_dir, split, start=0):
     """Yield (position, text) from parquet shards: every shard but the last is train, the last
     is val (and test). Position counts documents, so a stream can restart at any document."""
     pq = real_data_module("pyarrow.parquet")
-    files = parquet_files(data_dir)
+    files = sorted(Path(data_dir).glob("*.parquet"))
+    if len(files) < 2:
+        raise UserError(f"found {len(files)} parquet files in {data_dir}: need at least 2 "
+                        "(the last one is the validation shard); pass --data-dir with FineWeb-EDU style shards")
     files = files[:-1] if split == "train" else files[-1:]
     position = 0
     while True:  # loop over the shards forever (epochs)
@@ -353,7 +348,7 @@ def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINE
     """Download training shards 0 .. num_shards-2 and the validation shard into directory; shards
     already there are skipped. The validation shard is pinned to the dataset's last one, so runs
     with any number of shards validate on the same text; its name also sorts last, which is how
-    parquet_files finds it."""
+    parquet_documents finds it."""
     if num_shards < 2:
         raise UserError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
     directory = Path(directory)
