@@ -1271,12 +1271,8 @@ def core_texts(item, task_type, delimiter, fewshot=()):
 
 def common_prefix_length(sequences):
     """[[1, 2, 3], [1, 2, 4, 5]] -> 2"""
-    n = 0
-    for column in zip(*sequences):
-        if any(token != column[0] for token in column):
-            break
-        n += 1
-    return n
+    columns = list(zip(*sequences))  # one tuple per position that every sequence reaches
+    return next((i for i, column in enumerate(columns) if any(token != column[0] for token in column)), len(columns))
 
 
 def core_spans(tokenizer, texts, task_type):
