@@ -30,7 +30,8 @@ Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
 optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
 companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data), sandbox.py
-(for HumanEval's model-written code) and serve.py (HTTP for --stage serve); none imports this file.
+(for HumanEval's model-written code), serve.py (HTTP for --stage serve) and report.py (report.md);
+none imports this file.
 """
 import argparse
 import contextlib
@@ -57,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import report
 import sandbox
 import serve
 import tinyworld
@@ -154,9 +156,7 @@ def base_dir():
     return Path(os.environ.get("NANOCHAT_BASE_DIR", Path(__file__).resolve().parent / "runs"))
 
 
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+format_seconds, format_accuracy = report.format_seconds, report.format_accuracy  # "3m27s"; "55.5% +- 2.5 (N=400)"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -271,7 +271,6 @@ def render_for_completion(tokenizer, conversation):
 
 def real_data_module(name):
     """datasets or pyarrow.parquet: heavy, and only real data needs them (pip install -e '.[hf]')."""
-    import importlib
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -1137,11 +1136,6 @@ def accuracy_stats(correct, total):
     stderr 0.2165. Two accuracies differ beyond noise when they are several stderrs apart."""
     accuracy = correct / max(total, 1)
     return dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)))
-
-
-def format_accuracy(stats):
-    """accuracy_stats(222, 400) -> "55.5% +- 2.5 (N=400)" (the standard error in percentage points)"""
-    return f"{stats['accuracy']:.1%} +- {100 * stats['stderr']:.1f} (N={stats['items']})"
 
 
 def forward_padded(model, rows, spans, pad_id, device):
@@ -2309,87 +2303,26 @@ def stage_serve(args, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stage report: gather every stage's report/<stage>.json into one report.md
-
-def system_info():
-    import platform
-    import subprocess
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name(0) + f" x{torch.cuda.device_count()}" if torch.cuda.is_available() else "none"
-    return dict(cpu=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", gpu=gpu,
-                python=platform.python_version(), torch=torch.__version__, commit=commit, bpe_backend=bpe.BACKEND)
-
+# Stage report: gather every stage's report/<stage>.json into one report.md (report.py)
 
 def stage_report(args, ddp):
     if not ddp.is_master:
         return
     reports = {path.stem: json.loads(path.read_text()) for path in sorted((base_dir() / "report").glob("*.json"))}
-    lines = ["# nanochat-one report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "", "## System", ""]
-    lines += [f"- {k}: {v}" for k, v in system_info().items()]
-    if "tok" in reports:
-        r = reports["tok"]
-        lines += ["", "## Tokenizer", "", f"- vocabulary: {r['vocab_size']} tokens ({r['backend']} backend), trained on "
-                  f"{r['train_chars']:,} characters in {r['train_seconds']} s",
-                  f"- compression: {r['val_bytes_per_token']} bytes/token on validation text"]
-    if "base" in reports:
-        r = reports["base"]
-        mfu = f"{r['mfu']}%" if r["mfu"] is not None else "n/a (no GPU peak known)"
-        lines += ["", "## Base model", "", "| metric | value |", "|---|---|",
-                  f"| parameters | {r['params']:,} |", f"| FLOPs per token | {r['flops_per_token']:.3g} |",
-                  f"| steps x tokens | {r['steps']} steps, {r['tokens']:,} tokens |",
-                  f"| validation bits per byte | {r['val_bpb']} |", f"| throughput | {r['tok_per_s']:,} tok/s ({r['device']}) |",
-                  f"| MFU | {mfu} |", f"| training time | {format_seconds(r['train_seconds'])} |", "", "Samples (greedy):", ""]
-        lines += [f"- `{sample!r}`" for sample in r["samples"]]
-    sources = dict(base="eval_base", mid="mid", sft="sft", rl="rl")  # the report that holds each stage's chat scores
-    rows = [(name, reports[key].get("chat_eval", reports[key])) for name, key in sources.items() if key in reports]
-    rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
-    if rows:
-        columns = dict(multiple_choice_letter="multiple choice, letter (chance 25%)",
-                       multiple_choice_cloze="multiple choice, cloze (chance 25%)", fact="factual questions",
-                       word_problem="word problems (calculator)", hard_word_problem="harder word problems (SFT, RL)")
-        columns = {task: title for task, title in columns.items() if all(task in r for _, r in rows)}
-        lines += ["", "## Chat evaluations (held-out TinyWorld items, greedy)", "",
-                  "| after stage | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in columns) + " |" for name, r in rows]
-        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items. Multiple choice by "
-                  "letter: the highest-logit letter after the lettered list; by cloze: the choice that best completes "
-                  "the answer sentence (what the model knows, whatever its letter)."]
-    lines += real_eval_report_lines(reports)
-    if "rl" in reports:
-        r, k = reports["rl"], reports["rl"]["pass_k"]
-        first, last = r["history"][0], r["history"][-1]
-        lines += ["", "## RL (GRPO) on word problems", "",
-                  f"{r['steps']} steps x {r['prompts_per_step']} problems x {r['num_samples']} samples; pass@1 and pass@{k} "
-                  f"from {k} samples of each of {r['held_out']} held-out problems "
-                  f"(sampled at the RL temperature; +- one standard error).", "",
-                  f"| | pass@1 | pass@{k} |", "|---|---|---|",
-                  f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
-                  f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
-        lines += ["", "Mean training reward per 10 steps: " + ", ".join(
-            f"{sum(c['mean_reward'] for c in b) / len(b):.2f}" for b in batched(r["reward_curve"], 10)) + "."]
-        if (base_dir() / "report" / "rl.png").exists():
-            lines += ["", f"Reward curve: {base_dir() / 'report' / 'rl.png'}"]
-    final = next((stage for stage in ("rl", "sft") if stage in reports), None)
-    if final is not None:
+    final, samples = next((stage for stage in ("rl", "sft") if stage in reports), None), []
+    if final is not None:  # two sample conversations with the last chat model
         tokenizer = get_tokenizer()
         model, _ = load_trained(args, ddp, final, tokenizer)
-        model.eval()
-        engine = Engine(model, tokenizer)
-        lines += ["", f"## Sample conversations (the {final} model, greedy)", ""]
+        engine = Engine(model.eval(), tokenizer)
         for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
-            lines += [f"**user:** {question}", "", "**assistant:**", "", "```", tokenizer.decode(reply), "```", ""]
-    lines += ["", "## Wall clock", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in reports.get("wall", {}).items()]
-    if args.wall_seconds is not None:
-        lines.append(f"| whole run (setup included) | {args.wall_seconds} |")
-    Path(args.report_path).write_text("\n".join(lines) + "\n")
-    print0("\n".join(lines))
+            samples.append((question, tokenizer.decode(reply)))
+    reward_curve = base_dir() / "report" / "rl.png"
+    text = report.markdown(reports, real_eval_report_lines(reports), final, samples, args.wall_seconds,
+                           reward_curve if reward_curve.exists() else None)
+    Path(args.report_path).write_text(text)
+    print0(text, end="")
     print0(f"wrote {args.report_path}")
 
 
