@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import realdata
 import report
 import sandbox
 import serve
@@ -267,99 +268,11 @@ def render_for_completion(tokenizer, conversation):
 
 # -----------------------------------------------------------------------------------------------
 # Data: documents for pretraining, from TinyWorld (tinyworld.py) or parquet shards with a `text`
-# column (a local folder, or FineWeb-EDU downloaded from the hub)
-
-def real_data_module(name):
-    """datasets or pyarrow.parquet: heavy, and only real data needs them (pip install -e '.[hf]')."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise UserError(f"real data needs the `datasets` package ({name} is missing): pip install -e '.[hf]'") from None
-
-
-def parquet_documents(data_dir, split, start=0):
-    """Yield (position, text) from parquet shards: every shard but the last is train, the last
-    is val (and test). Position counts documents, so a stream can restart at any document."""
-    pq = real_data_module("pyarrow.parquet")
-    files = sorted(Path(data_dir).glob("*.parquet"))
-    if len(files) < 2:
-        raise UserError(f"found {len(files)} parquet files in {data_dir}: need at least 2 "
-                        "(the last one is the validation shard); pass --data-dir with FineWeb-EDU style shards")
-    files = files[:-1] if split == "train" else files[-1:]
-    position = 0
-    while True:  # loop over the shards forever (epochs)
-        for path in files:
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:
-                raise UserError(f"cannot read parquet shard {path} ({type(e).__name__}: truncated or not parquet); "
-                                "delete it (a download fetches it again) or replace it") from None
-            if "text" not in pf.schema_arrow.names:
-                raise UserError(f"parquet shard {path} has no 'text' column (it has: {', '.join(pf.schema_arrow.names)}); "
-                                "base data needs FineWeb-EDU style shards with the documents in 'text'")
-            for group in range(pf.num_row_groups):
-                n = pf.metadata.row_group(group).num_rows
-                if position + n <= start:
-                    position += n  # skip the whole row group without reading it
-                    continue
-                for text in pf.read_row_group(group, columns=["text"]).column("text").to_pylist():
-                    if position >= start:
-                        yield position, text
-                    position += 1
-        if position == 0:
-            raise UserError(f"the {split} parquet shards in {data_dir} hold no documents")
-        if split != "train":
-            return
-
-
-FINEWEB_SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
-FINEWEB_VAL_SHARD = 1822  # the dataset's last shard: always the validation shard
-
+# column (a local folder, or FineWeb-EDU downloaded from the hub: realdata.py)
 
 def base_data_dir(args):
     """The folder of base-data shards: --data-dir, else <base_dir>/base_data (filled by download_shards)."""
     return Path(args.data_dir) if args.data_dir else base_dir() / "base_data"
-
-
-def download(url, path, attempts=5, first_wait_s=1.0, hint=""):
-    """Download url to path, retrying a failed request after 1, 2, 4, 8 s (exponential backoff).
-    The bytes go to a temporary name that is renamed to path when complete, so an interrupted
-    download never leaves a truncated file. hint ends the error after the last attempt."""
-    import urllib.request  # the standard library is enough for plain HTTPS downloads
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            os.replace(tmp, path)
-            return
-        except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
-            tmp.unlink(missing_ok=True)
-            reason = getattr(e, "reason", None) or e
-            if attempt == attempts - 1:
-                raise UserError(f"could not download {url} after {attempts} attempts ({reason}){hint}") from None
-            wait = first_wait_s * 2 ** attempt
-            print0(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s")
-            time.sleep(wait)
-
-
-def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):
-    """Download training shards 0 .. num_shards-2 and the validation shard into directory; shards
-    already there are skipped. The validation shard is pinned to the dataset's last one, so runs
-    with any number of shards validate on the same text; its name also sorts last, which is how
-    parquet_documents finds it."""
-    if num_shards < 2:
-        raise UserError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    indices = list(range(min(num_shards - 1, val_shard))) + [val_shard]
-    missing = [i for i in indices if not (directory / f"shard_{i:05d}.parquet").exists()]
-    for n, index in enumerate(missing, 1):
-        path = directory / f"shard_{index:05d}.parquet"
-        download(url.format(index=index), path, attempts, first_wait_s, hint="; to train without network, put "
-                 "FineWeb-EDU style parquet shards (a `text` column; the last file by name is the validation shard) "
-                 "in a folder and pass --data-dir FOLDER")
-        print0(f"downloaded {path} ({n}/{len(missing)})")
 
 
 def prepare_base_data(args, ddp):
@@ -368,7 +281,7 @@ def prepare_base_data(args, ddp):
     if args.data != "hf" or args.data_dir:
         return
     if ddp.is_master:
-        download_shards(base_data_dir(args), args.num_shards)
+        realdata.download_shards(base_data_dir(args), args.num_shards)
     if ddp.is_ddp:
         dist.barrier()
 
@@ -376,67 +289,12 @@ def prepare_base_data(args, ddp):
 def document_stream(args, split, start=0):
     if args.data == "tinyworld":
         return tinyworld.tinyworld_documents(split, start)
-    return parquet_documents(base_data_dir(args), split, start)
+    return realdata.parquet_documents(base_data_dir(args), split, start)
 
 
 # -----------------------------------------------------------------------------------------------
-# Data: conversations for mid-training and SFT, from TinyWorld's chat mixture or real chat data
-#
-# Real chat data: SmolTalk-style conversations, MMLU auxiliary train and GSM8K, read with HF
-# `datasets` from a local folder (--data-dir with smoltalk/, mmlu/, gsm8k/ holding parquet or
-# jsonl files in the hub's schemas), or from the hub when online. MMLU and GSM8K rows become
-# conversations in the same forms as TinyWorld's multiple choice and word problems.
-
-HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for test)
-    smoltalk=("HuggingFaceTB/smol-smoltalk", None, ("train", "test")),
-    mmlu=("cais/mmlu", "auxiliary_train", ("train", "train")),
-    gsm8k=("openai/gsm8k", "main", ("train", "test")),
-)
-
-
-def load_chat_dataset(name, split, data_dir):
-    """Rows of one chat dataset: split "train" from train* files, any other split (val, test) from
-    test* files, in <data_dir>/<name>/; else from the hub."""
-    datasets = real_data_module("datasets")
-    local = Path(data_dir or ".") / name
-    prefix = "train" if split == "train" else "test"
-    files = sorted(local.glob(f"{prefix}*.parquet")) + sorted(local.glob(f"{prefix}*.jsonl")) if local.is_dir() else []
-    if files:
-        kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    path, config, splits = HUB_CHAT_DATASETS[name]
-    try:
-        return datasets.load_dataset(path, config, split=splits[split != "train"])
-    except Exception as e:
-        raise UserError(f"could not load {name} ({path}) from the hub ({type(e).__name__}); for offline use put "
-                        f"{prefix}*.parquet or {prefix}*.jsonl files in {local}/") from None
-
-
-CHAT_DATASET_COLUMNS = dict(smoltalk=["messages"], mmlu=["question", "choices", "answer"], gsm8k=["question", "answer"])
-
-
-def hf_chat_examples(args, split, start=0):
-    """Yield (position, conversation) from SmolTalk, MMLU and GSM8K, interleaved round-robin."""
-    sources = []
-    for name in HUB_CHAT_DATASETS:
-        rows = load_chat_dataset(name, split, args.data_dir)
-        missing = [c for c in CHAT_DATASET_COLUMNS[name] if c not in rows.column_names]
-        if missing:
-            raise UserError(f"the {name} {split} data has no column {', '.join(missing)} (it has: {', '.join(rows.column_names)}); "
-                            f"{name} rows need {', '.join(CHAT_DATASET_COLUMNS[name])}, as on the hub")
-        if name == "smoltalk":
-            convert = lambda row: dict(messages=row["messages"])
-        elif name == "mmlu":
-            convert = lambda row: tinyworld.multiple_choice_conversation(row["question"], row["choices"], row["answer"])
-        else:
-            convert = lambda row: tinyworld.word_problem_conversation(row["question"], row["answer"])
-        sources.append((rows, convert))
-    position = start
-    while True:
-        rows, convert = sources[position % len(sources)]
-        yield position, dict(key=str(position), **convert(rows[(position // len(sources)) % len(rows)]))
-        position += 1
-
+# Data: conversations for mid-training and SFT, from TinyWorld's chat mixture, real chat data
+# (SmolTalk, MMLU and GSM8K: realdata.py) or your own
 
 def read_jsonl(path, read, expected):
     """read(row) of each JSON line of a file, blank lines skipped; a bad line stops everything at
@@ -470,7 +328,7 @@ def chat_examples(args, split, start=0, stage="mid"):
     """Yield (position, conversation) forever: TinyWorld's chat mixture or the real chat data; in
     training, with --data-dir's own conversations (own_conversations) in place of every other one,
     chosen by a hash of the position (so every rank sees both)."""
-    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else hf_chat_examples(args, split, start)
+    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else realdata.chat_examples(args.data_dir, split, start)
     own = own_conversations(args.data_dir) if split == "train" else []
     for position, conversation in named:
         yield position, own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2 else conversation
@@ -1238,7 +1096,7 @@ def print_chat_eval(heading, results):
 # A task's accuracy is centered on its random baseline, (acc - baseline) / (1 - baseline), so
 # chance scores 0 and perfection 1 on every task alike; CORE is the mean over the tasks.
 
-EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
 
 
 def core_texts(item, task_type, delimiter, fewshot=()):
@@ -1320,41 +1178,9 @@ def centered_accuracy(accuracy, baseline):
     return (accuracy - baseline) / (1 - baseline)
 
 
-def load_core_bundle(directory, max_per_task=-1):
-    """The tasks of a DCLM eval bundle, as dicts (label, type, num_fewshot, delimiter,
-    random_baseline as a fraction, items). The bundle's layout:
-        core.yaml              icl_tasks: [{label, dataset_uri, num_fewshot: [n], icl_task_type,
-                               continuation_delimiter (default " ")}, ...]
-        eval_meta_data.csv     one row per task: "Eval Task", "Random baseline" (in percent), ...
-        eval_data/<dataset_uri> one item per line (fields by type: see core_texts)
-    Items are shuffled with a fixed seed, since some files are sorted, then cut to max_per_task."""
-    import csv
-    yaml = real_data_module("yaml")  # PyYAML comes with `datasets`
-    directory = Path(directory)
-    try:
-        config = yaml.safe_load((directory / "core.yaml").read_text(encoding="utf-8"))
-        with open(directory / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
-            baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}  # percent, as text
-        tasks = []
-        for spec in config["icl_tasks"]:
-            shots = spec.get("num_fewshot", 0)
-            lines = (directory / "eval_data" / spec["dataset_uri"]).read_text(encoding="utf-8").splitlines()
-            items = [json.loads(line) for line in lines if line.strip()]
-            random.Random(1337).shuffle(items)
-            tasks.append(dict(label=spec["label"], type=spec["icl_task_type"],
-                              num_fewshot=shots[0] if isinstance(shots, list) else shots,
-                              delimiter=spec.get("continuation_delimiter", " "),
-                              random_baseline=float(baselines[spec["label"]]) / 100,
-                              items=items[:max_per_task] if max_per_task > 0 else items))
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"the CORE bundle in {directory} is incomplete or malformed ({type(e).__name__}: {e}); "
-                        f"expected core.yaml, eval_meta_data.csv and eval_data/ as in {EVAL_BUNDLE_URL}") from None
-    return tasks
-
-
 def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
     """CORE of a base model on the bundle in bundle_dir; prints one line per task."""
-    tasks = load_core_bundle(bundle_dir, max_per_task)
+    tasks = realdata.load_core_bundle(bundle_dir, max_per_task)
     print0(f"CORE on {len(tasks)} tasks from {bundle_dir}:")
     print0(f"  {'task':34s} {'type':17s} {'shots':>5s} {'items':>6s} {'accuracy':>9s} {'centered':>9s}")
     table = {}
@@ -1370,35 +1196,6 @@ def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
     return dict(CORE=core, core_tasks=table)
 
 
-def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_s=1.0):
-    """Download the zipped bundle and unpack it as `directory` (download() retries). The archive is
-    unpacked into a temporary folder that is renamed into place when complete, so an interrupted
-    run leaves no half bundle.
-    The archive's sha256 is kept in <directory>/SOURCE for the record (there is no published one)."""
-    import hashlib
-    import tempfile
-    import zipfile
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    archive = directory.with_name(f".{directory.name}.zip")
-    download(url, archive, attempts, first_wait_s)
-    try:
-        sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
-        with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(tmp)
-            found = next(Path(tmp).rglob("core.yaml"), None)
-            if found is None:
-                raise UserError(f"{url} holds no core.yaml: not an eval bundle")
-            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256}\n")
-            os.replace(found.parent, directory)
-    except zipfile.BadZipFile:
-        raise UserError(f"{url} did not give a valid zip archive") from None
-    finally:
-        archive.unlink(missing_ok=True)
-    print0(f"downloaded the eval bundle into {directory} (sha256 {sha256})")
-
-
 def find_core_bundle(args, ddp):
     """The CORE bundle folder: --core-bundle, else <base_dir>/eval_bundle, downloaded there with
     --data hf. Returns None after saying, in one line, what is missing and how to supply it."""
@@ -1411,14 +1208,14 @@ def find_core_bundle(args, ddp):
     if not (directory / "core.yaml").exists() and args.data == "hf":
         if ddp.is_master:
             try:
-                download_eval_bundle(directory)
-            except UserError as e:
+                realdata.download_eval_bundle(directory)
+            except realdata.DataError as e:
                 print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
         if ddp.is_ddp:
             dist.barrier()
     elif not (directory / "core.yaml").exists():
         print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder with core.yaml, "
-               f"eval_meta_data.csv, eval_data/, unzipped from {EVAL_BUNDLE_URL}), or use --data hf to download it")
+               f"eval_meta_data.csv, eval_data/, unzipped from {realdata.EVAL_BUNDLE_URL}), or use --data hf to download it")
     return directory if (directory / "core.yaml").exists() else None
 
 
@@ -1426,31 +1223,6 @@ def find_core_bundle(args, ddp):
 # ARC-Challenge and MMLU as multiple choice, read off the letter logits; GSM8K generated
 # greedily with the calculator tool; HumanEval, when asked for, generated and run in a sandbox.
 # ChatCORE is, like CORE, the mean centered accuracy, here over the tasks that ran.
-
-CHAT_EVAL_TASKS = {  # task -> (folder under --data-dir, hub path, hub config, chance accuracy)
-    "ARC-Easy": ("arc_easy", "allenai/ai2_arc", "ARC-Easy", 0.25),
-    "ARC-Challenge": ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", 0.25),
-    "MMLU": ("mmlu", "cais/mmlu", "all", 0.25),
-    "GSM8K": ("gsm8k", "openai/gsm8k", "main", 0.0),
-    "HumanEval": ("humaneval", "openai/openai_humaneval", None, 0.0),
-}
-
-
-def load_eval_dataset(task, data_dir):
-    """A task's test split: test*.parquet or test*.jsonl in <data-dir>/<folder>/, else the hub."""
-    datasets = real_data_module("datasets")
-    folder, path, config, _ = CHAT_EVAL_TASKS[task]
-    local = Path(data_dir or ".") / folder
-    files = sorted(local.glob("test*.parquet")) + sorted(local.glob("test*.jsonl")) if local.is_dir() else []
-    if files:
-        kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    try:
-        return datasets.load_dataset(path, config, split="test")
-    except Exception as e:
-        raise UserError(f"could not load {path} ({config or 'default'}, test) from the hub ({type(e).__name__}); "
-                        f"for offline use put test*.parquet or test*.jsonl files in {local}/") from None
-
 
 def chat_eval_item(task, row):
     """One dataset row in the item format of the evaluators above. ARC names its answer by a
@@ -1491,7 +1263,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
     """Accuracy on each real chat task that can run here, and ChatCORE over them; a task whose
     data cannot be loaded is skipped with one line saying how to supply it."""
     tasks = {}
-    for task, (_, _, _, chance) in CHAT_EVAL_TASKS.items():
+    for task, (_, _, _, chance) in realdata.CHAT_EVAL_TASKS.items():
         if task == "HumanEval":
             problem = sandbox.sandbox_problem() if args.humaneval else None
             if not args.humaneval or problem:
@@ -1499,8 +1271,8 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
                        "it runs model-written code; pass --humaneval to run it in a sandbox (bubblewrap)"))
                 continue
         try:
-            rows = load_eval_dataset(task, args.data_dir)
-        except UserError as e:
+            rows = realdata.load_eval_dataset(task, args.data_dir)
+        except realdata.DataError as e:
             print0(f"{task} skipped: {e}")
             continue
         if args.max_per_task > 0:
@@ -1535,7 +1307,7 @@ def real_eval_report_lines(reports):
     stages = [(stage, reports[f"eval_{stage}"]) for stage in ("mid", "sft", "rl")
               if reports.get(f"eval_{stage}", {}).get("chat_tasks")]
     if stages:
-        names = [task for task in CHAT_EVAL_TASKS if any(task in r["chat_tasks"] for _, r in stages)]
+        names = [task for task in realdata.CHAT_EVAL_TASKS if any(task in r["chat_tasks"] for _, r in stages)]
         lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
                   "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
         for stage, r in stages:
@@ -2086,7 +1858,7 @@ def rl_problems(args):
             return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
 
         return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems)
-    train, test = load_chat_dataset("gsm8k", "train", args.data_dir), load_chat_dataset("gsm8k", "test", args.data_dir)
+    train, test = realdata.load_chat_dataset("gsm8k", "train", args.data_dir), realdata.load_chat_dataset("gsm8k", "test", args.data_dir)
 
     def draw_problem(rng):
         row = train[rng.randrange(len(train))]
@@ -2478,7 +2250,7 @@ def main(argv=None):
         STAGES[args.stage](args, ddp)
         if ddp.is_master and args.stage not in ("chat", "serve", "report"):
             record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
-    except UserError as e:
+    except (UserError, realdata.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -11,6 +11,7 @@ import torch
 
 import bpe
 import nanochat_one as nc
+import realdata
 import tinyworld
 from test_pipeline import TINY, run_stage
 
@@ -318,8 +319,8 @@ def test_real_chat_data_offline_message(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(nc.UserError, match="for offline use put train"):
-        nc.load_chat_dataset("gsm8k", "train", str(tmp_path))
+    with pytest.raises(realdata.DataError, match="for offline use put train"):
+        realdata.load_chat_dataset("gsm8k", "train", str(tmp_path))
 
 
 def test_tiny_mid_and_sft_reduce_loss(base_dir):

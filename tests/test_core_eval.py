@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import bpe
 import nanochat_one as nc
+import realdata
 from conftest import run_stage
 import sandbox
 
@@ -132,19 +133,19 @@ def test_two_ranks_add_up_to_one_process():
 
 def test_bundle_reading_and_core_arithmetic(tmp_path):
     bundle = write_bundle(tmp_path / "bundle")
-    tasks = nc.load_core_bundle(bundle)
+    tasks = realdata.load_core_bundle(bundle)
     assert [(t["label"], t["num_fewshot"], t["delimiter"], t["random_baseline"]) for t in tasks] == [
         ("toy_mc", 2, " ", 0.25), ("toy_schema", 1, "", 0.5), ("toy_lm", 0, "=", 0.0)]
     assert sorted(map(json.dumps, tasks[0]["items"])) == sorted(map(json.dumps, MC))  # shuffled, all there
-    assert [len(t["items"]) for t in nc.load_core_bundle(bundle, max_per_task=2)] == [2, 2, 2]
+    assert [len(t["items"]) for t in realdata.load_core_bundle(bundle, max_per_task=2)] == [2, 2, 2]
     result = nc.evaluate_core(FORCED, TOKENIZER, bundle, nc.Dist())
     for label, (accuracy, centered) in EXPECTED.items():
         assert result["core_tasks"][label]["accuracy"] == pytest.approx(accuracy)
         assert result["core_tasks"][label]["centered"] == pytest.approx(centered)
     assert result["CORE"] == pytest.approx(EXPECTED_CORE)
     (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\ntoy_mc,25\n")  # two tasks missing
-    with pytest.raises(nc.UserError, match="incomplete or malformed"):
-        nc.load_core_bundle(bundle)
+    with pytest.raises(realdata.DataError, match="incomplete or malformed"):
+        realdata.load_core_bundle(bundle)
 
 
 def test_download_retries_unpacks_atomically_and_records_sha256(tmp_path, monkeypatch):
@@ -163,12 +164,12 @@ def test_download_retries_unpacks_atomically_and_records_sha256(tmp_path, monkey
         return io.BytesIO(served)
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(nc.time, "sleep", lambda s: None)
-    nc.download_eval_bundle(tmp_path / "runs" / "eval_bundle")
-    assert calls == [nc.EVAL_BUNDLE_URL] * 2
+    monkeypatch.setattr(realdata.time, "sleep", lambda s: None)
+    realdata.download_eval_bundle(tmp_path / "runs" / "eval_bundle")
+    assert calls == [realdata.EVAL_BUNDLE_URL] * 2
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["eval_bundle"]  # no temporary leftovers
     assert hashlib.sha256(served).hexdigest() in (tmp_path / "runs" / "eval_bundle" / "SOURCE").read_text()
-    assert len(nc.load_core_bundle(tmp_path / "runs" / "eval_bundle")) == 3
+    assert len(realdata.load_core_bundle(tmp_path / "runs" / "eval_bundle")) == 3
 
 
 def test_missing_bundle_is_one_line_and_offline_download_skips(base_dir, monkeypatch, capsys):
@@ -178,9 +179,9 @@ def test_missing_bundle_is_one_line_and_offline_download_skips(base_dir, monkeyp
     assert len(out) == 1 and out[0].startswith("CORE skipped: no eval bundle in") and "--core-bundle DIR" in out[0]
 
     def offline(directory):
-        raise nc.UserError(f"could not download {nc.EVAL_BUNDLE_URL} after 5 attempts (no network)")
+        raise realdata.DataError(f"could not download {realdata.EVAL_BUNDLE_URL} after 5 attempts (no network)")
 
-    monkeypatch.setattr(nc, "download_eval_bundle", offline)
+    monkeypatch.setattr(realdata, "download_eval_bundle", offline)
     args.data = "hf"
     assert nc.find_core_bundle(args, nc.Dist()) is None
     assert "CORE skipped: could not download" in capsys.readouterr().out

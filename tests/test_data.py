@@ -10,6 +10,7 @@ import torch
 
 import bpe
 import nanochat_one as nc
+import realdata
 
 BOS = 999
 
@@ -119,16 +120,16 @@ def write_parquet(path, texts):
 def test_parquet_documents_split_and_resume(tmp_path):
     write_parquet(tmp_path / "shard_00000.parquet", [f"train doc {i}" for i in range(10)])
     write_parquet(tmp_path / "shard_00001.parquet", [f"val doc {i}" for i in range(4)])
-    train = nc.parquet_documents(tmp_path, "train")
+    train = realdata.parquet_documents(tmp_path, "train")
     first = [next(train) for _ in range(12)]
     assert first[0] == (0, "train doc 0") and first[9] == (9, "train doc 9")
     assert first[10] == (10, "train doc 0")  # second epoch
-    resumed = nc.parquet_documents(tmp_path, "train", start=7)
+    resumed = realdata.parquet_documents(tmp_path, "train", start=7)
     assert next(resumed) == (7, "train doc 7")
-    assert [t for _, t in nc.parquet_documents(tmp_path, "val")] == [f"val doc {i}" for i in range(4)]
+    assert [t for _, t in realdata.parquet_documents(tmp_path, "val")] == [f"val doc {i}" for i in range(4)]
 
 
 def test_parquet_needs_two_shards(tmp_path):
     write_parquet(tmp_path / "only.parquet", ["x"])
-    with pytest.raises(nc.UserError, match="need at least 2"):
-        next(nc.parquet_documents(tmp_path, "train"))
+    with pytest.raises(realdata.DataError, match="need at least 2"):
+        next(realdata.parquet_documents(tmp_path, "train"))

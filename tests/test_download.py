@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 
 import nanochat_one as nc
+import realdata
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -19,7 +20,7 @@ URL = "https://example.invalid/shard_{index:05d}.parquet"
 def served(tmp_path):
     """Local shards 0-3 and the validation shard: name -> bytes."""
     shards = {}
-    for index in (0, 1, 2, 3, nc.FINEWEB_VAL_SHARD):
+    for index in (0, 1, 2, 3, realdata.FINEWEB_VAL_SHARD):
         path = tmp_path / "served" / f"shard_{index:05d}.parquet"
         path.parent.mkdir(exist_ok=True)
         pq.write_table(pa.table({"text": [f"document {j} of shard {index}" for j in range(3)]}), path)
@@ -30,7 +31,7 @@ def served(tmp_path):
 @pytest.fixture
 def sleeps(monkeypatch):
     waits = []
-    monkeypatch.setattr(nc.time, "sleep", waits.append)
+    monkeypatch.setattr(realdata.time, "sleep", waits.append)
     return waits
 
 
@@ -51,16 +52,16 @@ def serve(monkeypatch, served, requests, failures=()):
 def test_download_pins_validation_shard_and_skips_existing(tmp_path, served, sleeps, monkeypatch):
     requests, data = [], tmp_path / "data"
     serve(monkeypatch, served, requests)
-    nc.download_shards(data, 3, url=URL)
+    realdata.download_shards(data, 3, url=URL)
     assert requests == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     assert sorted(p.name for p in data.iterdir()) == requests  # no temporary files left behind
     for name in requests:
         assert (data / name).read_bytes() == served[name]
     # the pinned last shard is what the loader uses for validation
-    assert [t for _, t in nc.parquet_documents(data, "val")] == [f"document {j} of shard 1822" for j in range(3)]
+    assert [t for _, t in realdata.parquet_documents(data, "val")] == [f"document {j} of shard 1822" for j in range(3)]
     # a second call with more shards fetches only the new one
     requests.clear()
-    nc.download_shards(data, 4, url=URL)
+    realdata.download_shards(data, 4, url=URL)
     assert requests == ["shard_00002.parquet"]
     assert sleeps == []
 
@@ -85,8 +86,8 @@ def test_download_retries_with_backoff_and_never_leaves_a_partial_shard(tmp_path
         seen.append(sorted(p.name for p in data.iterdir()))
 
     serve(monkeypatch, served, requests, [unreachable, lambda url: DropsMidway(served["shard_00000.parquet"])])
-    monkeypatch.setattr(nc.time, "sleep", sleep)
-    nc.download_shards(data, 2, url=URL)
+    monkeypatch.setattr(realdata.time, "sleep", sleep)
+    realdata.download_shards(data, 2, url=URL)
     assert requests[:3] == ["shard_00000.parquet"] * 3  # failed, dropped midway, succeeded
     assert sleeps == [1.0, 2.0]  # exponential backoff
     assert seen == [[], []]  # while waiting to retry: neither the shard nor a temporary file
@@ -98,8 +99,8 @@ def test_offline_download_is_one_clear_error(tmp_path, served, sleeps, monkeypat
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(nc.UserError) as info:
-        nc.download_shards(tmp_path / "data", 2)
+    with pytest.raises(realdata.DataError) as info:
+        realdata.download_shards(tmp_path / "data", 2)
     message = str(info.value)
     assert "could not download https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/" \
            "shard_00000.parquet after 5 attempts" in message

@@ -9,6 +9,7 @@ import torch
 
 import bpe
 import nanochat_one as nc
+import realdata
 from conftest import run_stage
 
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
@@ -219,5 +220,5 @@ def test_ctrl_c_during_a_save_keeps_the_last_checkpoint(trained, monkeypatch, ca
 def test_real_data_without_datasets_says_how_to_install(monkeypatch, tmp_path):
     """The laptop install leaves out `datasets`; asking for real data then gives one line, not a traceback."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
-    with pytest.raises(nc.UserError, match=r"pip install -e '\.\[hf\]'"):
-        nc.load_chat_dataset("gsm8k", "train", str(tmp_path))
+    with pytest.raises(realdata.DataError, match=r"pip install -e '\.\[hf\]'"):
+        realdata.load_chat_dataset("gsm8k", "train", str(tmp_path))

@@ -1,0 +1,259 @@
+"""
+The real datasets, for --data hf: FineWeb-EDU parquet shards for pretraining; SmolTalk, MMLU and
+GSM8K for mid-training and SFT; GSM8K for RL; ARC, MMLU, GSM8K, HumanEval and the DCLM eval bundle
+(CORE) for evaluation. Each comes from a local folder in the hub's schemas (--data-dir) or from
+the network: the shards and the bundle by plain HTTPS downloads with retries, the rest through HF
+`datasets`, imported only here and only when used (pip install -e '.[hf]').
+
+The embedded default, TinyWorld, is tinyworld.py. This module imports nothing from
+nanochat_one.py; what the user can fix (a missing file, no network, a wrong schema) raises
+DataError, which nanochat_one.py prints as one line.
+"""
+import importlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import tinyworld
+
+
+class DataError(Exception):
+    """Real data that is missing, unreachable or malformed; the message says what to do."""
+
+
+def require(name):
+    """datasets, pyarrow.parquet or yaml: heavy, and only real data needs them (pip install -e '.[hf]')."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DataError(f"real data needs the `datasets` package ({name} is missing): pip install -e '.[hf]'") from None
+
+
+def parquet_documents(data_dir, split, start=0):
+    """Yield (position, text) from parquet shards: every shard but the last is train, the last
+    is val (and test). Position counts documents, so a stream can restart at any document."""
+    pq = require("pyarrow.parquet")
+    files = sorted(Path(data_dir).glob("*.parquet"))
+    if len(files) < 2:
+        raise DataError(f"found {len(files)} parquet files in {data_dir}: need at least 2 "
+                        "(the last one is the validation shard); pass --data-dir with FineWeb-EDU style shards")
+    files = files[:-1] if split == "train" else files[-1:]
+    position = 0
+    while True:  # loop over the shards forever (epochs)
+        for path in files:
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:
+                raise DataError(f"cannot read parquet shard {path} ({type(e).__name__}: truncated or not parquet); "
+                                "delete it (a download fetches it again) or replace it") from None
+            if "text" not in pf.schema_arrow.names:
+                raise DataError(f"parquet shard {path} has no 'text' column (it has: {', '.join(pf.schema_arrow.names)}); "
+                                "base data needs FineWeb-EDU style shards with the documents in 'text'")
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                if position + n <= start:
+                    position += n  # skip the whole row group without reading it
+                    continue
+                for text in pf.read_row_group(group, columns=["text"]).column("text").to_pylist():
+                    if position >= start:
+                        yield position, text
+                    position += 1
+        if position == 0:
+            raise DataError(f"the {split} parquet shards in {data_dir} hold no documents")
+        if split != "train":
+            return
+
+
+FINEWEB_SHARD_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{index:05d}.parquet"
+FINEWEB_VAL_SHARD = 1822  # the dataset's last shard: always the validation shard
+
+
+
+
+def download(url, path, attempts=5, first_wait_s=1.0, hint=""):
+    """Download url to path, retrying a failed request after 1, 2, 4, 8 s (exponential backoff).
+    The bytes go to a temporary name that is renamed to path when complete, so an interrupted
+    download never leaves a truncated file. hint ends the error after the last attempt."""
+    import urllib.request  # the standard library is enough for plain HTTPS downloads
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            os.replace(tmp, path)
+            return
+        except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
+            tmp.unlink(missing_ok=True)
+            reason = getattr(e, "reason", None) or e
+            if attempt == attempts - 1:
+                raise DataError(f"could not download {url} after {attempts} attempts ({reason}){hint}") from None
+            wait = first_wait_s * 2 ** attempt
+            print(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s", flush=True)
+            time.sleep(wait)
+
+
+def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):
+    """Download training shards 0 .. num_shards-2 and the validation shard into directory; shards
+    already there are skipped. The validation shard is pinned to the dataset's last one, so runs
+    with any number of shards validate on the same text; its name also sorts last, which is how
+    parquet_documents finds it."""
+    if num_shards < 2:
+        raise DataError(f"--num-shards must be at least 2 (training shards + the validation shard), got {num_shards}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    indices = list(range(min(num_shards - 1, val_shard))) + [val_shard]
+    missing = [i for i in indices if not (directory / f"shard_{i:05d}.parquet").exists()]
+    for n, index in enumerate(missing, 1):
+        path = directory / f"shard_{index:05d}.parquet"
+        download(url.format(index=index), path, attempts, first_wait_s, hint="; to train without network, put "
+                 "FineWeb-EDU style parquet shards (a `text` column; the last file by name is the validation shard) "
+                 "in a folder and pass --data-dir FOLDER")
+        print(f"downloaded {path} ({n}/{len(missing)})", flush=True)
+
+
+# Chat data for mid-training and SFT: SmolTalk-style conversations, MMLU auxiliary train and GSM8K,
+# from a local folder (--data-dir with smoltalk/, mmlu/, gsm8k/ holding parquet or jsonl files in
+# the hub's schemas) or from the hub when online. MMLU and GSM8K rows become conversations in the
+# same forms as TinyWorld's multiple choice and word problems.
+
+HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for test)
+    smoltalk=("HuggingFaceTB/smol-smoltalk", None, ("train", "test")),
+    mmlu=("cais/mmlu", "auxiliary_train", ("train", "train")),
+    gsm8k=("openai/gsm8k", "main", ("train", "test")),
+)
+
+
+def load_chat_dataset(name, split, data_dir):
+    """Rows of one chat dataset: split "train" from train* files, any other split (val, test) from
+    test* files, in <data_dir>/<name>/; else from the hub."""
+    datasets = require("datasets")
+    local = Path(data_dir or ".") / name
+    prefix = "train" if split == "train" else "test"
+    files = sorted(local.glob(f"{prefix}*.parquet")) + sorted(local.glob(f"{prefix}*.jsonl")) if local.is_dir() else []
+    if files:
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    path, config, splits = HUB_CHAT_DATASETS[name]
+    try:
+        return datasets.load_dataset(path, config, split=splits[split != "train"])
+    except Exception as e:
+        raise DataError(f"could not load {name} ({path}) from the hub ({type(e).__name__}); for offline use put "
+                        f"{prefix}*.parquet or {prefix}*.jsonl files in {local}/") from None
+
+
+CHAT_DATASET_COLUMNS = dict(smoltalk=["messages"], mmlu=["question", "choices", "answer"], gsm8k=["question", "answer"])
+
+
+def chat_examples(data_dir, split, start=0):
+    """Yield (position, conversation) from SmolTalk, MMLU and GSM8K, interleaved round-robin."""
+    sources = []
+    for name in HUB_CHAT_DATASETS:
+        rows = load_chat_dataset(name, split, data_dir)
+        missing = [c for c in CHAT_DATASET_COLUMNS[name] if c not in rows.column_names]
+        if missing:
+            raise DataError(f"the {name} {split} data has no column {', '.join(missing)} (it has: {', '.join(rows.column_names)}); "
+                            f"{name} rows need {', '.join(CHAT_DATASET_COLUMNS[name])}, as on the hub")
+        if name == "smoltalk":
+            convert = lambda row: dict(messages=row["messages"])
+        elif name == "mmlu":
+            convert = lambda row: tinyworld.multiple_choice_conversation(row["question"], row["choices"], row["answer"])
+        else:
+            convert = lambda row: tinyworld.word_problem_conversation(row["question"], row["answer"])
+        sources.append((rows, convert))
+    position = start
+    while True:
+        rows, convert = sources[position % len(sources)]
+        yield position, dict(key=str(position), **convert(rows[(position // len(sources)) % len(rows)]))
+        position += 1
+
+
+CHAT_EVAL_TASKS = {  # task -> (folder under --data-dir, hub path, hub config, chance accuracy)
+    "ARC-Easy": ("arc_easy", "allenai/ai2_arc", "ARC-Easy", 0.25),
+    "ARC-Challenge": ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", 0.25),
+    "MMLU": ("mmlu", "cais/mmlu", "all", 0.25),
+    "GSM8K": ("gsm8k", "openai/gsm8k", "main", 0.0),
+    "HumanEval": ("humaneval", "openai/openai_humaneval", None, 0.0),
+}
+
+
+def load_eval_dataset(task, data_dir):
+    """A task's test split: test*.parquet or test*.jsonl in <data-dir>/<folder>/, else the hub."""
+    datasets = require("datasets")
+    folder, path, config, _ = CHAT_EVAL_TASKS[task]
+    local = Path(data_dir or ".") / folder
+    files = sorted(local.glob("test*.parquet")) + sorted(local.glob("test*.jsonl")) if local.is_dir() else []
+    if files:
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset(path, config, split="test")
+    except Exception as e:
+        raise DataError(f"could not load {path} ({config or 'default'}, test) from the hub ({type(e).__name__}); "
+                        f"for offline use put test*.parquet or test*.jsonl files in {local}/") from None
+
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def load_core_bundle(directory, max_per_task=-1):
+    """The tasks of a DCLM eval bundle, as dicts (label, type, num_fewshot, delimiter,
+    random_baseline as a fraction, items). The bundle's layout:
+        core.yaml              icl_tasks: [{label, dataset_uri, num_fewshot: [n], icl_task_type,
+                               continuation_delimiter (default " ")}, ...]
+        eval_meta_data.csv     one row per task: "Eval Task", "Random baseline" (in percent), ...
+        eval_data/<dataset_uri> one item per line (fields by type: see core_texts)
+    Items are shuffled with a fixed seed, since some files are sorted, then cut to max_per_task."""
+    import csv
+    yaml = require("yaml")  # PyYAML comes with `datasets`
+    directory = Path(directory)
+    try:
+        config = yaml.safe_load((directory / "core.yaml").read_text(encoding="utf-8"))
+        with open(directory / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
+            baselines = {row["Eval Task"]: row["Random baseline"] for row in csv.DictReader(f)}  # percent, as text
+        tasks = []
+        for spec in config["icl_tasks"]:
+            shots = spec.get("num_fewshot", 0)
+            lines = (directory / "eval_data" / spec["dataset_uri"]).read_text(encoding="utf-8").splitlines()
+            items = [json.loads(line) for line in lines if line.strip()]
+            random.Random(1337).shuffle(items)
+            tasks.append(dict(label=spec["label"], type=spec["icl_task_type"],
+                              num_fewshot=shots[0] if isinstance(shots, list) else shots,
+                              delimiter=spec.get("continuation_delimiter", " "),
+                              random_baseline=float(baselines[spec["label"]]) / 100,
+                              items=items[:max_per_task] if max_per_task > 0 else items))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"the CORE bundle in {directory} is incomplete or malformed ({type(e).__name__}: {e}); "
+                        f"expected core.yaml, eval_meta_data.csv and eval_data/ as in {EVAL_BUNDLE_URL}") from None
+    return tasks
+
+
+def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_s=1.0):
+    """Download the zipped bundle and unpack it as `directory` (download() retries). The archive is
+    unpacked into a temporary folder that is renamed into place when complete, so an interrupted
+    run leaves no half bundle.
+    The archive's sha256 is kept in <directory>/SOURCE for the record (there is no published one)."""
+    import hashlib
+    import tempfile
+    import zipfile
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    archive = directory.with_name(f".{directory.name}.zip")
+    download(url, archive, attempts, first_wait_s)
+    try:
+        sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+        with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            found = next(Path(tmp).rglob("core.yaml"), None)
+            if found is None:
+                raise DataError(f"{url} holds no core.yaml: not an eval bundle")
+            (found.parent / "SOURCE").write_text(f"{url}\nsha256 {sha256}\n")
+            os.replace(found.parent, directory)
+    except zipfile.BadZipFile:
+        raise DataError(f"{url} did not give a valid zip archive") from None
+    finally:
+        archive.unlink(missing_ok=True)
+    print(f"downloaded the eval bundle into {directory} (sha256 {sha256})", flush=True)
