@@ -328,7 +328,7 @@ def chat_examples(args, split, start=0, stage="mid"):
     """Yield (position, conversation) forever: TinyWorld's chat mixture or the real chat data; in
     training, with --data-dir's own conversations (own_conversations) in place of every other one,
     chosen by a hash of the position (so every rank sees both)."""
-    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else realdata.chat_examples(args.data_dir, split, start)
+    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else realdata.chat_examples(args.data_dir, split, start, stage)
     own = own_conversations(args.data_dir) if split == "train" else []
     for position, conversation in named:
         yield position, own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2 else conversation
@@ -1225,16 +1225,14 @@ def find_core_bundle(args, ddp):
 # ChatCORE is, like CORE, the mean centered accuracy, here over the tasks that ran.
 
 def chat_eval_item(task, row):
-    """One dataset row in the item format of the evaluators above. ARC names its answer by a
-    label ("B", or "2" in a few rows), MMLU by an index, GSM8K by the number after '####'."""
-    if task.startswith("ARC"):
-        labels = list(row["choices"]["label"])
-        return dict(question=row["question"], choices=row["choices"]["text"], answer=labels.index(row["answerKey"]))
-    if task == "MMLU":
-        return dict(question=row["question"], choices=row["choices"], answer=row["answer"])
+    """One test row in the item format of the evaluators above: multiple choice with the index of
+    its answer, GSM8K with the number after '####', HumanEval with its prompt and tests."""
     if task == "GSM8K":
         return dict(question=row["question"], answer=extract_answer(row["answer"]))
-    return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
+    if task == "HumanEval":
+        return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
+    choices = row["choices"] if task == "MMLU" else row["choices"]["text"]
+    return dict(question=row["question"], choices=choices, answer=realdata.answer_index(row))
 
 
 def humaneval_program(item, reply):
@@ -1263,7 +1261,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
     """Accuracy on each real chat task that can run here, and ChatCORE over them; a task whose
     data cannot be loaded is skipped with one line saying how to supply it."""
     tasks = {}
-    for task, (_, _, _, chance) in realdata.CHAT_EVAL_TASKS.items():
+    for task, (source, chance) in realdata.CHAT_EVAL_TASKS.items():
         if task == "HumanEval":
             problem = sandbox.sandbox_problem() if args.humaneval else None
             if not args.humaneval or problem:
@@ -1271,7 +1269,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
                        "it runs model-written code; pass --humaneval to run it in a sandbox (bubblewrap)"))
                 continue
         try:
-            rows = realdata.load_eval_dataset(task, args.data_dir)
+            rows = realdata.load_rows(source, "test", args.data_dir)
         except realdata.DataError as e:
             print0(f"{task} skipped: {e}")
             continue
@@ -1858,7 +1856,7 @@ def rl_problems(args):
             return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
 
         return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems)
-    train, test = realdata.load_chat_dataset("gsm8k", "train", args.data_dir), realdata.load_chat_dataset("gsm8k", "test", args.data_dir)
+    train, test = realdata.load_rows("gsm8k", "train", args.data_dir), realdata.load_rows("gsm8k", "test", args.data_dir)
 
     def draw_problem(rng):
         row = train[rng.randrange(len(train))]
@@ -2122,7 +2120,8 @@ def build_parser():
     g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
                    help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, SmolTalk, MMLU, GSM8K)")
     g.add_argument("--data-dir", default=None, help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and "
-                   "of smoltalk/, mmlu/, gsm8k/ subfolders (default: <base_dir>/base_data, downloaded there; chat data from the hub). "
+                   "of smoltalk/, mmlu/, gsm8k/, arc_easy/, arc_challenge/ subfolders (default: <base_dir>/base_data, downloaded there; "
+                   "chat data from the hub). "
                    'mid and sft, either --data: its *.jsonl files of your own {"messages": [...]} conversations replace every '
                    "other training conversation")
     g.add_argument("--problems", default=None, help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '

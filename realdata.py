@@ -10,6 +10,7 @@ nanochat_one.py; what the user can fix (a missing file, no network, a wrong sche
 DataError, which nanochat_one.py prints as one line.
 """
 import importlib
+import itertools
 import json
 import os
 import random
@@ -114,85 +115,96 @@ def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINE
         print(f"downloaded {path} ({n}/{len(missing)})", flush=True)
 
 
-# Chat data for mid-training and SFT: SmolTalk-style conversations, MMLU auxiliary train and GSM8K,
-# from a local folder (--data-dir with smoltalk/, mmlu/, gsm8k/ holding parquet or jsonl files in
-# the hub's schemas) or from the hub when online. MMLU and GSM8K rows become conversations in the
-# same forms as TinyWorld's multiple choice and word problems.
+# Chat data: SmolTalk conversations, MMLU, ARC and GSM8K for mid-training and SFT; GSM8K for RL;
+# ARC, MMLU, GSM8K and HumanEval test sets for evaluation. Each is read from a local folder
+# (--data-dir with smoltalk/, mmlu/, ... holding train*/test* parquet or jsonl files in the hub's
+# schemas) or from the hub. Multiple-choice and GSM8K rows become conversations in the same forms
+# as TinyWorld's multiple choice and word problems.
 
-HUB_CHAT_DATASETS = dict(  # name -> (hub path, config, split for train / for test)
-    smoltalk=("HuggingFaceTB/smol-smoltalk", None, ("train", "test")),
-    mmlu=("cais/mmlu", "auxiliary_train", ("train", "train")),
-    gsm8k=("openai/gsm8k", "main", ("train", "test")),
-)
-
-
-def load_chat_dataset(name, split, data_dir):
-    """Rows of one chat dataset: split "train" from train* files, any other split (val, test) from
-    test* files, in <data_dir>/<name>/; else from the hub."""
-    datasets = require("datasets")
-    local = Path(data_dir or ".") / name
-    prefix = "train" if split == "train" else "test"
-    files = sorted(local.glob(f"{prefix}*.parquet")) + sorted(local.glob(f"{prefix}*.jsonl")) if local.is_dir() else []
-    if files:
-        kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    path, config, splits = HUB_CHAT_DATASETS[name]
-    try:
-        return datasets.load_dataset(path, config, split=splits[split != "train"])
-    except Exception as e:
-        raise DataError(f"could not load {name} ({path}) from the hub ({type(e).__name__}); for offline use put "
-                        f"{prefix}*.parquet or {prefix}*.jsonl files in {local}/") from None
-
-
-CHAT_DATASET_COLUMNS = dict(smoltalk=["messages"], mmlu=["question", "choices", "answer"], gsm8k=["question", "answer"])
-
-
-def chat_examples(data_dir, split, start=0):
-    """Yield (position, conversation) from SmolTalk, MMLU and GSM8K, interleaved round-robin."""
-    sources = []
-    for name in HUB_CHAT_DATASETS:
-        rows = load_chat_dataset(name, split, data_dir)
-        missing = [c for c in CHAT_DATASET_COLUMNS[name] if c not in rows.column_names]
-        if missing:
-            raise DataError(f"the {name} {split} data has no column {', '.join(missing)} (it has: {', '.join(rows.column_names)}); "
-                            f"{name} rows need {', '.join(CHAT_DATASET_COLUMNS[name])}, as on the hub")
-        if name == "smoltalk":
-            convert = lambda row: dict(messages=row["messages"])
-        elif name == "mmlu":
-            convert = lambda row: tinyworld.multiple_choice_conversation(row["question"], row["choices"], row["answer"])
-        else:
-            convert = lambda row: tinyworld.word_problem_conversation(row["question"], row["answer"])
-        sources.append((rows, convert))
-    position = start
-    while True:
-        rows, convert = sources[position % len(sources)]
-        yield position, dict(key=str(position), **convert(rows[(position // len(sources)) % len(rows)]))
-        position += 1
-
-
-CHAT_EVAL_TASKS = {  # task -> (folder under --data-dir, hub path, hub config, chance accuracy)
-    "ARC-Easy": ("arc_easy", "allenai/ai2_arc", "ARC-Easy", 0.25),
-    "ARC-Challenge": ("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", 0.25),
-    "MMLU": ("mmlu", "cais/mmlu", "all", 0.25),
-    "GSM8K": ("gsm8k", "openai/gsm8k", "main", 0.0),
-    "HumanEval": ("humaneval", "openai/openai_humaneval", None, 0.0),
+SOURCES = {  # name (= folder under --data-dir) -> (hub path, config, hub split for "train", for "test", columns)
+    "smoltalk": ("HuggingFaceTB/smol-smoltalk", None, "train", "test", ["messages"]),
+    "mmlu": ("cais/mmlu", "all", "auxiliary_train", "test", ["question", "choices", "answer"]),
+    "gsm8k": ("openai/gsm8k", "main", "train", "test", ["question", "answer"]),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "train", "test", ["question", "choices", "answerKey"]),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "train", "test", ["question", "choices", "answerKey"]),
+    "humaneval": ("openai/openai_humaneval", None, None, "test", ["prompt", "test", "entry_point"]),
 }
 
 
-def load_eval_dataset(task, data_dir):
-    """A task's test split: test*.parquet or test*.jsonl in <data-dir>/<folder>/, else the hub."""
+def load_rows(name, split, data_dir):
+    """The rows of one source's "train" or "test" split: from train*/test* files (parquet or jsonl)
+    in <data_dir>/<name>/, else from the hub; checked for the columns the converters read.
+    MMLU's auxiliary train set comes in two schemas: flat, or each row wrapped in a "train" field
+    (the hub's "auxiliary_train" config); both are read."""
     datasets = require("datasets")
-    folder, path, config, _ = CHAT_EVAL_TASKS[task]
-    local = Path(data_dir or ".") / folder
-    files = sorted(local.glob("test*.parquet")) + sorted(local.glob("test*.jsonl")) if local.is_dir() else []
+    path, config, train_split, test_split, columns = SOURCES[name]
+    local = Path(data_dir or ".") / name
+    files = sorted(local.glob(f"{split}*.parquet")) + sorted(local.glob(f"{split}*.jsonl")) if local.is_dir() else []
     if files:
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    try:
-        return datasets.load_dataset(path, config, split="test")
-    except Exception as e:
-        raise DataError(f"could not load {path} ({config or 'default'}, test) from the hub ({type(e).__name__}); "
-                        f"for offline use put test*.parquet or test*.jsonl files in {local}/") from None
+        rows = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    else:
+        hub_split = train_split if split == "train" else test_split
+        try:
+            rows = datasets.load_dataset(path, config, split=hub_split)
+        except Exception as e:
+            raise DataError(f"could not load {name} from the hub ({path}, config {config}, split {hub_split}: {type(e).__name__}); "
+                            f"for offline use put {split}*.parquet or {split}*.jsonl files in {local}/") from None
+    if "train" in rows.column_names and "question" not in rows.column_names:  # MMLU's wrapped rows
+        rows = rows.map(lambda row: row["train"], remove_columns=["train"])
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise DataError(f"the {name} {split} data has no column {', '.join(missing)} (it has: {', '.join(rows.column_names)}); "
+                        f"{name} rows need {', '.join(columns)}, as on the hub")
+    return rows
+
+
+def answer_index(row):
+    """The index of the right choice: MMLU gives it, ARC names it by its label ("B", or "2" in a few rows)."""
+    return row["answer"] if "answer" in row else list(row["choices"]["label"]).index(row["answerKey"])
+
+
+def conversation(name, row):
+    """One training row of a chat source as a conversation."""
+    if name == "smoltalk":
+        return dict(messages=row["messages"])
+    if name == "gsm8k":
+        return tinyworld.word_problem_conversation(row["question"], row["answer"])
+    choices = row["choices"] if name == "mmlu" else row["choices"]["text"]
+    return tinyworld.multiple_choice_conversation(row["question"], choices, answer_index(row))
+
+
+# The mixtures, as nanochat's mid-training and SFT (without its identity and spelling tasks):
+# stage -> split -> {source: rows used (None: all)}. Mid: SmolTalk (460K conversations), MMLU
+# auxiliary train (100K) and GSM8K (7.5K), validated on their test splits (MMLU's and GSM8K's cut
+# to keep the training proportions); SFT: ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk rows,
+# validated on SmolTalk's test split.
+MIXTURES = dict(
+    mid=dict(train=dict(smoltalk=None, mmlu=None, gsm8k=None), test=dict(smoltalk=None, mmlu=5200, gsm8k=420)),
+    sft=dict(train=dict(arc_easy=None, arc_challenge=None, gsm8k=None, smoltalk=10_000), test=dict(smoltalk=None)),
+)
+
+
+def chat_examples(data_dir, split, start=0, stage="mid"):
+    """Yield (position, conversation) forever from the stage's mixture: every row of every source
+    once per epoch, in one order shuffled with a fixed seed, so each stretch of the stream (and
+    each rank's share, taken by position) holds the sources in their proportions."""
+    split = "train" if split == "train" else "test"
+    sources = [(name, load_rows(name, split, data_dir), n) for name, n in MIXTURES[stage][split].items()]
+    order = [(i, j) for i, (_, rows, n) in enumerate(sources) for j in range(min(len(rows), n or len(rows)))]
+    random.Random(42).shuffle(order)
+    for position in itertools.count(start):
+        i, j = order[position % len(order)]
+        yield position, dict(key=str(position), **conversation(sources[i][0], sources[i][1][j]))
+
+
+CHAT_EVAL_TASKS = {  # task -> (source, chance accuracy)
+    "ARC-Easy": ("arc_easy", 0.25),
+    "ARC-Challenge": ("arc_challenge", 0.25),
+    "MMLU": ("mmlu", 0.25),
+    "GSM8K": ("gsm8k", 0.0),
+    "HumanEval": ("humaneval", 0.0),
+}
 
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"

@@ -287,29 +287,78 @@ def test_sft_mixture_adds_hard_word_problems_and_no_stage_trains_on_test_keys():
         assert test & held_out  # the streams and the evaluation ask about the same things
 
 
-def test_real_chat_data_from_local_files(tmp_path):
+def write_chat_sources(folder, split, counts):
+    """Small local files in the hub's schemas: {source: rows} for one split (MMLU's train rows
+    wrapped in a "train" field, as the hub's auxiliary_train config has them)."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
+    for name, n in counts.items():
+        (folder / name).mkdir(exist_ok=True)
+        if name == "smoltalk":
+            rows = [dict(messages=[dict(role="user", content=f"hi {split} {i}"), dict(role="assistant", content=f"hello {i}")])
+                    for i in range(n)]
+        elif name == "mmlu":
+            rows = [dict(question=f"{i}+2? ({split})", choices=[str(i + 1), str(i + 2), "5", "6"], answer=1, subject="math")
+                    for i in range(n)]
+            if split == "train":
+                rows = [dict(train=row) for row in rows]
+        elif name == "gsm8k":
+            rows = [dict(question=f"Tom has {i} apples and buys 3. How many? ({split})", answer=f"{i}+3 = <<{i}+3={i + 3}>>{i + 3}\n#### {i + 3}")
+                    for i in range(n)]
+        else:  # ARC
+            rows = [dict(id=str(i), question=f"Which is liquid? ({split} {i})", choices=dict(text=["rock", "water"], label=["A", "B"]),
+                         answerKey="B") for i in range(n)]
+        if name == "mmlu":
+            pq.write_table(pa.Table.from_pylist(rows), folder / name / f"{split}.parquet")
+        else:
+            (folder / name / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def source_of(conversation):
+    user = conversation["messages"][0]["content"]
+    return "smoltalk" if user.startswith("hi") else "gsm8k" if "apples" in user else "arc" if "liquid" in user else "mmlu"
+
+
+def test_real_chat_mixtures_from_local_files(tmp_path):
+    """nanochat's mixtures: every row once per epoch, shuffled (so each stretch and each rank holds
+    the sources in their proportions), MMLU read from its wrapped schema, validation on test splits."""
     pytest.importorskip("datasets")
-    (tmp_path / "smoltalk").mkdir()
-    with open(tmp_path / "smoltalk" / "train.jsonl", "w") as f:
-        for i in range(3):
-            f.write(json.dumps(dict(messages=[dict(role="user", content=f"hi {i}"), dict(role="assistant", content=f"hello {i}")])) + "\n")
-    (tmp_path / "mmlu").mkdir()
-    pq.write_table(pa.table(dict(question=["2+2?"], choices=[["3", "4", "5", "6"]], answer=[1], subject=["math"])),
-                   tmp_path / "mmlu" / "train.parquet")
-    (tmp_path / "gsm8k").mkdir()
-    with open(tmp_path / "gsm8k" / "train.jsonl", "w") as f:
-        f.write(json.dumps(dict(question="Tom has 2 apples and buys 3. How many?", answer="2+3 = <<2+3=5>>5\n#### 5")) + "\n")
+    write_chat_sources(tmp_path, "train", dict(smoltalk=60, mmlu=30, gsm8k=10, arc_easy=6, arc_challenge=4))
+    write_chat_sources(tmp_path, "test", dict(smoltalk=8, mmlu=6, gsm8k=4))
     args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path))
-    examples = [c for _, c in zip(range(6), (c for _, c in nc.chat_examples(args, "train")))]
-    assert examples[0]["messages"][0]["content"] == "hi 0"
-    assert examples[1]["messages"][1]["content"] == "B"
-    assert examples[2]["messages"][1]["content"][1] == dict(type="python", text="2+3")
-    assert examples[3]["messages"][0]["content"] == "hi 1"
     tok = bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS)
-    for conversation in examples:
+    epoch = [c for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train", stage="mid")))]
+    firsts = [c["messages"][0]["content"] for c in epoch]
+    assert len(set(firsts)) == 100  # each of the 100 rows once
+    assert [source_of(c) for c in epoch].count("mmlu") == 30
+    assert [source_of(c) for c in epoch[:50]] != sorted(source_of(c) for c in epoch[:50])  # interleaved, not in blocks
+    for rank in range(3):  # sharded by position: every rank gets every source
+        assert {source_of(c) for c in epoch[rank::3]} == {"smoltalk", "mmlu", "gsm8k"}
+    mmlu = next(c for c in epoch if source_of(c) == "mmlu")
+    assert mmlu["messages"][1]["content"] == "B" and "\nA. " in mmlu["messages"][0]["content"]
+    gsm8k = next(c for c in epoch if source_of(c) == "gsm8k")
+    assert gsm8k["messages"][1]["content"][1]["type"] == "python"
+    second = [c for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train", start=100, stage="mid")))]
+    assert [c["messages"] for c in second] == [c["messages"] for c in epoch]  # the next epoch, in the same order
+    val = [c for _, c in zip(range(18), (c for _, c in nc.chat_examples(args, "val", stage="mid")))]
+    assert all("(test" in c["messages"][0]["content"] or "hi test" in c["messages"][0]["content"] for c in val)
+    assert sorted(source_of(c) for c in val) == ["gsm8k"] * 4 + ["mmlu"] * 6 + ["smoltalk"] * 8
+    sft = [c for _, c in zip(range(80), (c for _, c in nc.chat_examples(args, "train", stage="sft")))]
+    assert sorted({source_of(c) for c in sft}) == ["arc", "gsm8k", "smoltalk"]
+    assert sorted(source_of(c) for c in sft) == ["arc"] * 10 + ["gsm8k"] * 10 + ["smoltalk"] * 60  # one epoch
+    for conversation in epoch + val + sft:
         nc.render_conversation(tok, conversation)
+
+
+def test_mmlu_flat_schema_and_a_missing_column(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "mmlu").mkdir()
+    (tmp_path / "mmlu" / "train.jsonl").write_text(json.dumps(dict(question="2+2?", choices=["3", "4"], answer=1)) + "\n")
+    assert realdata.load_rows("mmlu", "train", str(tmp_path))[0]["answer"] == 1
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps(dict(question="q", solution="#### 1")) + "\n")
+    with pytest.raises(realdata.DataError, match="has no column answer"):
+        realdata.load_rows("gsm8k", "train", str(tmp_path))
 
 
 def test_real_chat_data_offline_message(tmp_path, monkeypatch):
@@ -320,7 +369,7 @@ def test_real_chat_data_offline_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(realdata.DataError, match="for offline use put train"):
-        realdata.load_chat_dataset("gsm8k", "train", str(tmp_path))
+        realdata.load_rows("gsm8k", "train", str(tmp_path))
 
 
 def test_tiny_mid_and_sft_reduce_loss(base_dir):

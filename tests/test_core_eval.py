@@ -259,7 +259,7 @@ def test_real_chat_evaluation_with_a_missing_dataset(tmp_path, monkeypatch, caps
     nc.finalize_args(args)
     result = nc.evaluate_real_chat(args, tiny_chat_model(), TOKENIZER, nc.Dist())
     out = capsys.readouterr().out
-    assert "ARC-Challenge skipped: could not load allenai/ai2_arc (ARC-Challenge, test) from the hub" in out
+    assert "ARC-Challenge skipped: could not load arc_challenge from the hub (allenai/ai2_arc, config ARC-Challenge, split test" in out
     assert "HumanEval skipped: it runs model-written code; pass --humaneval" in out
     assert {task: row["items"] for task, row in result["chat_tasks"].items()} == {"ARC-Easy": 2, "MMLU": 3, "GSM8K": 2}
     expected = [(row["accuracy"] - chance) / (1 - chance) for row, chance in

@@ -221,4 +221,4 @@ def test_real_data_without_datasets_says_how_to_install(monkeypatch, tmp_path):
     """The laptop install leaves out `datasets`; asking for real data then gives one line, not a traceback."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(realdata.DataError, match=r"pip install -e '\.\[hf\]'"):
-        realdata.load_chat_dataset("gsm8k", "train", str(tmp_path))
+        realdata.load_rows("gsm8k", "train", str(tmp_path))
