@@ -96,6 +96,8 @@ def default_compute_dtype():
 
 
 COMPUTE_DTYPE = default_compute_dtype()
+if DEVICE_TYPE == "cuda":
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
 
 
 def autocast():
@@ -275,21 +277,12 @@ def base_data_dir(args):
     return Path(args.data_dir) if args.data_dir else base_dir() / "base_data"
 
 
-def prepare_base_data(args, ddp):
-    """--data hf without --data-dir: rank 0 downloads --num-shards shards into <base_dir>/base_data
-    (the shards already there are kept) while the other ranks wait."""
-    if args.data != "hf" or args.data_dir:
-        return
-    if ddp.is_master:
-        realdata.download_shards(base_data_dir(args), args.num_shards)
-    if ddp.is_ddp:
-        dist.barrier()
-
-
-def document_stream(args, split, start=0):
+def document_stream(args, split, start=0, rank=0, world_size=1):
+    """This rank's (position, text) documents from position `start` on: every world_size-th of
+    TinyWorld's, or the parquet row groups it owns (no rank reads another's text)."""
     if args.data == "tinyworld":
-        return tinyworld.tinyworld_documents(split, start)
-    return realdata.parquet_documents(base_data_dir(args), split, start)
+        return ((p, text) for p, text in tinyworld.tinyworld_documents(split, start) if p % world_size == rank)
+    return realdata.parquet_documents(base_data_dir(args), split, start, rank, world_size)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -611,6 +604,10 @@ def newton_schulz_orthogonalize(G, steps=5):
     return X.to(G.dtype)
 
 
+# compiled on CUDA, as nanochat does (one graph per matrix shape; on a CPU compiling would cost more than it saves)
+orthogonalize = torch.compile(newton_schulz_orthogonalize) if DEVICE_TYPE == "cuda" else newton_schulz_orthogonalize
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz.
 
@@ -638,7 +635,7 @@ class Muon(torch.optim.Optimizer):
                         buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
                     updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
-                updates = newton_schulz_orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
+                updates = orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
                 scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for p, update in zip(same, updates):
                     p.add_(update, alpha=-group["lr"] * scale)
@@ -737,20 +734,26 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
         yield rows, dict(last=last, buffer=[position for position, _ in buffer])
 
 
+def to_device(batch, device):
+    """A contiguous copy of a CPU batch on `device`; to a GPU from pinned (page-locked) memory,
+    asynchronously, so the copy overlaps the GPU's work instead of waiting for it."""
+    if torch.device(device).type == "cuda":
+        return batch.contiguous().pin_memory().to(device, non_blocking=True)
+    return batch.contiguous().to(device)
+
+
 def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted
-    left by one, and the packer's state to resume from. Documents are sharded across ranks by position."""
+    left by one, and the packer's state to resume from. Each rank reads its own share (document_stream)."""
     bos = tokenizer.special_tokens["<|bos|>"]
 
     def docs_from(start):
-        for position, text in document_stream(args, split, start):
-            if position % ddp.world_size == ddp.rank:
-                yield position, [bos] + tokenizer.encode_ordinary(text)
+        for position, text in document_stream(args, split, start, ddp.rank, ddp.world_size):
+            yield position, [bos] + tokenizer.encode_ordinary(text)
 
     for rows, state in pack_rows(docs_from, B, T, state):
         batch = torch.tensor(rows, dtype=torch.long)
-        inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), state
+        yield to_device(batch[:, :-1], device), to_device(batch[:, 1:], device), state
 
 
 def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
@@ -766,8 +769,7 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     for rows, state in pack_rows(docs_from, B, T, state):
         ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)  # (B, T+1)
         trained = torch.tensor([[flag for _, flag in row] for row in rows], dtype=torch.bool)
-        inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].masked_fill(~trained[:, 1:], -1)
-        yield inputs.to(device), targets.to(device), state
+        yield to_device(ids[:, :-1], device), to_device(ids[:, 1:].masked_fill(~trained[:, 1:], -1), device), state
 
 
 def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
@@ -787,7 +789,7 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
         for i, (row_ids, mask) in enumerate(rows):
             ids[i, :len(row_ids)] = torch.tensor(row_ids)
             targets[i, :len(row_ids)] = torch.tensor(row_ids).masked_fill(torch.tensor(mask) == 0, -1)
-        yield ids[:, :-1].contiguous().to(device), targets[:, 1:].contiguous().to(device), dict(last=last)
+        yield to_device(ids[:, :-1], device), to_device(targets[:, 1:], device), dict(last=last)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -839,16 +841,19 @@ class Engine:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
         c = model.config
-        prompts = [p for p in ([prompt] if isinstance(prompt[0], int) else prompt) for _ in range(num_samples)]
-        B, width = len(prompts), max(len(p) for p in prompts)
+        prompts = [prompt] if isinstance(prompt[0], int) else prompt
+        width = max(len(p) for p in prompts)
         valid = None
         if any(len(p) < width for p in prompts):
-            valid = torch.ones(B, width + max_tokens, dtype=torch.bool, device=device)
+            valid = torch.ones(len(prompts), width + max_tokens, dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 valid[row, :width - len(p)] = False
-        cache = KVCache(B, c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device, COMPUTE_DTYPE, valid)
-        ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # (B, T)
-        logits = model(ids, kv_cache=cache)[:, -1, :]  # (B, vocab)
+        cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device, COMPUTE_DTYPE, valid)
+        ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # (P, T)
+        logits = model(ids, kv_cache=cache)[:, -1, :]  # (P, vocab): each prompt read once, then copied for its samples
+        cache.k, cache.v = cache.k.repeat_interleave(num_samples, dim=1), cache.v.repeat_interleave(num_samples, dim=1)
+        cache.valid = None if valid is None else valid.repeat_interleave(num_samples, dim=0)
+        logits, B = logits.repeat_interleave(num_samples, dim=0), len(prompts) * num_samples  # (B, vocab)
         forced = [[] for _ in range(B)]  # tokens queued by the tool, per row
         expression = [None] * B  # tokens of a calculator call being written, per row
         done = [False] * B
@@ -908,6 +913,16 @@ def complete(model, tokenizer, text, max_tokens=48, temperature=0.0, seed=42):
 # -----------------------------------------------------------------------------------------------
 # Evaluation: bits per byte
 
+EVAL_LOGITS = 2 ** 30  # at most this many logits at once in evaluation: 4 GB in fp32 (B=32, T=2048, V=65536 makes 4.3e9)
+
+
+def token_losses(model, x, y):
+    """model(x, y, loss_reduction="none"), (B*T,), computed a slice of rows at a time so that no
+    (rows, T, vocab) tensor holds more than EVAL_LOGITS numbers (a tiny model's batch is one slice)."""
+    rows = max(1, EVAL_LOGITS // (x.size(1) * model.config.vocab_size))
+    return torch.cat([model(x[i:i + rows], y[i:i + rows], loss_reduction="none") for i in range(0, x.size(0), rows)])
+
+
 @torch.no_grad()
 def evaluate_bpb(model, batches, num_batches, token_bytes):
     """Validation loss in bits per byte of text: the summed cross-entropy (nats) of every target
@@ -918,7 +933,7 @@ def evaluate_bpb(model, batches, num_batches, token_bytes):
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(num_batches):
         x, y, _ = next(batches)
-        loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats
+        loss = token_losses(model, x, y)  # (B*T,) nats
         y = y.reshape(-1)
         nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
         total_nats += (loss * (nbytes > 0)).sum().double()
@@ -936,7 +951,7 @@ def evaluate_loss(model, batches, num_batches):
     total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(num_batches):
         x, y, _ = next(batches)
-        total += model(x, y, loss_reduction="sum").double()
+        total += token_losses(model, x, y).sum().double()
         count += (y >= 0).sum()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -1436,9 +1451,11 @@ def compile_setting(args, num_steps=0, fixed_shapes=True):
     shape, as SFT's padded rows, compiles again)."""
     if args.compile != "auto":
         return args.compile == "on", f"--compile {args.compile}"
+    if not fixed_shapes:
+        return False, "auto: off for batches of varying width, each of which would compile again (as nanochat's SFT)"
     if DEVICE_TYPE == "cuda":
         return True, "auto: on CUDA"
-    if not fixed_shapes or num_steps < CPU_COMPILE_MIN_STEPS:
+    if num_steps < CPU_COMPILE_MIN_STEPS:
         return False, f"auto: not worth its compile time for {num_steps} steps on {DEVICE_TYPE}"
     if DEVICE_TYPE == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         return False, "auto: no C++ compiler for torch.compile's CPU code"
@@ -1489,7 +1506,9 @@ def wrap_ddp(model, ddp):
     """Under torchrun, DistributedDataParallel averages gradients across ranks during backward."""
     if not ddp.is_ddp:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None)
+    # the only buffers are the rotary tables, the same on every rank: nothing to broadcast each forward
+    return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None,
+                                               broadcast_buffers=False)
 
 
 def grad_accum_steps(args, world_size):
@@ -1557,6 +1576,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
+    batch = next(train_batches)  # (inputs, targets, the loader's state after them)
     peak = peak_flops(ddp.device)
 
     def save(step, metrics):
@@ -1589,12 +1609,15 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the last
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
-                x, y, data_state = next(train_batches)
+                x, y, batch_state = batch
                 step_tokens += x.numel() * ddp.world_size  # SFT rows are shorter than T: count what ran
                 sync = micro == grad_accum - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     loss = train_model(x, y) / grad_accum
                     loss.backward()
+                # the next batch is built on the CPU while the GPU still works on this one (its kernels are
+                # queued, not finished); the loader's state saved with a checkpoint is that of the trained batch
+                batch, data_state = next(train_batches), batch_state
             lrm = apply_schedules(optimizers, step, num_steps, args)
             for opt in optimizers:
                 opt.step()
@@ -1626,6 +1649,53 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 first_step_seconds=first_step_seconds and round(first_step_seconds, 1),
                 mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
                 metrics=metrics, history=history, train_loss=train_curve)
+
+
+# -----------------------------------------------------------------------------------------------
+# Stages tok and base: the data they need, and how long base trains
+
+def meta_model(args, vocab_size):
+    """The model the flags describe, built on the meta device: its shapes and parameters, no memory."""
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.n_kv_head)
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def base_steps(args, num_params):
+    """Base pretraining's optimizer steps: --num-iterations; else --target-param-data-ratio training
+    tokens per parameter (Chinchilla: 20; all parameters, embeddings included, as nanochat counts);
+    else the laptop's 320."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_param_data_ratio is not None:
+        return max(1, int(args.target_param_data_ratio * num_params // args.total_batch_size))
+    return 320
+
+
+CHARS_PER_TOKEN, CHARS_PER_SHARD = 4.8, 250e6  # FineWeb-EDU under a 65,536-token BPE; one shard's text
+
+
+def shards_needed(tokens):
+    """FineWeb-EDU shards that hold `tokens` training tokens, with a 10% margin, plus the validation shard."""
+    return math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD * 1.1) + 1
+
+
+def prepare_base_data(args, ddp):
+    """--data hf without --data-dir: rank 0 downloads the FineWeb-EDU shards into <base_dir>/base_data
+    (the shards already there are kept) while the other ranks wait: --num-shards, by default
+    those the base run's tokens need (shards_needed), with the vocabulary of the tokenizer if
+    there is one, else of --vocab-size (--stage tok, before it trains one)."""
+    if args.data != "hf" or args.data_dir:
+        return
+    if ddp.is_master:
+        num_shards = args.num_shards
+        if num_shards is None:
+            vocab_size = get_tokenizer().vocab_size if tokenizer_path().exists() else args.vocab_size
+            num_params = sum(p.numel() for p in meta_model(args, vocab_size).parameters())
+            num_shards = shards_needed(base_steps(args, num_params) * args.total_batch_size)
+        realdata.download_shards(base_data_dir(args), num_shards)
+    if ddp.is_ddp:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1669,13 +1739,7 @@ def stage_base(args, ddp):
     prepare_base_data(args, ddp)
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, "base", tokenizer)
-    if args.num_iterations > 0:
-        num_steps = args.num_iterations
-    elif args.target_param_data_ratio is not None:  # Chinchilla-style: training tokens per parameter
-        num_params = sum(p.numel() for p in model.parameters())
-        num_steps = max(1, round(args.target_param_data_ratio * num_params / args.total_batch_size))
-    else:
-        num_steps = 320  # the laptop default: a few minutes on a CPU
+    num_steps = base_steps(args, sum(p.numel() for p in model.parameters()))
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
     def make_batches(split, state=None):
@@ -1707,6 +1771,21 @@ def stage_base(args, ddp):
 # the chat *format* from lots of packed data (mid), then learning to *answer* with the loss
 # only on the assistant's words, one conversation per row (SFT).
 
+def epoch_steps(args, ddp, stage, tokenizer):
+    """--data hf: the optimizer steps of one epoch of the stage's mixture, as nanochat trains mid and
+    SFT: for SFT its conversations over the conversations per step; for mid its tokens (each rank
+    renders its share once) over --total-batch-size."""
+    epoch = len(realdata.mixture(args.data_dir, "train", stage)[1])
+    if stage == "sft":
+        return max(1, epoch // (args.device_batch_size * ddp.world_size * grad_accum_steps(args, ddp.world_size)))
+    mine = (c for p, c in itertools.islice(chat_examples(args, "train", 0, stage), epoch) if p % ddp.world_size == ddp.rank)
+    tokens = torch.tensor(sum(len(render_conversation(tokenizer, c)[0]) for c in mine), device=ddp.device)
+    if dist.is_initialized():
+        dist.all_reduce(tokens)
+    print0(f"{stage}: one epoch is {epoch:,} conversations, {tokens.item():,} tokens")
+    return max(1, math.ceil(tokens.item() / args.total_batch_size))
+
+
 def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_scale):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
@@ -1717,7 +1796,12 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     def evaluate(model):
         return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
 
-    num_steps = args.num_iterations if args.num_iterations > 0 else default_steps
+    if args.num_iterations > 0:
+        num_steps = args.num_iterations
+    elif args.data == "hf":
+        num_steps = epoch_steps(args, ddp, stage, tokenizer)
+    else:
+        num_steps = default_steps
     lr_scale = args.lr_scale if args.lr_scale is not None else default_lr_scale
     summary = train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta, lr_scale)
     summary["chat_eval"] = {}
@@ -1845,17 +1929,17 @@ def load_reward(spec):
 
 
 def rl_problems(args):
-    """(draw_problem, held_out): a function drawing a training problem {"question", "answer"}
-    with a random.Random, and the held-out problems for pass@k: --problems, TinyWorld word
-    problems or GSM8K."""
+    """(draw_problem, held_out, size): a function drawing a training problem {"question", "answer"}
+    with a random.Random, the held-out problems for pass@k, and how many training problems there
+    are (None: TinyWorld's never run out). --problems, TinyWorld word problems or GSM8K."""
     if args.problems is not None:
         train, held_out = own_problems(args.problems)
-        return (lambda rng: train[rng.randrange(len(train))]), held_out[:args.pass_k_problems]
+        return (lambda rng: train[rng.randrange(len(train))]), held_out[:args.pass_k_problems], len(train)
     if args.data == "tinyworld":
         def draw_problem(rng):
             return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
 
-        return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems)
+        return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems), None
     train, test = realdata.load_rows("gsm8k", "train", args.data_dir), realdata.load_rows("gsm8k", "test", args.data_dir)
 
     def draw_problem(rng):
@@ -1863,7 +1947,7 @@ def rl_problems(args):
         return dict(question=row["question"], answer=extract_answer(row["answer"]))
 
     held_out = test.select(range(min(args.pass_k_problems, len(test))))
-    return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out]
+    return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out], len(train)
 
 
 def plot_reward_curve(summary, path):
@@ -1896,8 +1980,12 @@ def stage_rl(args, ddp):
     optimizers = stage_optimizers(args, model, lr_scale, optim_states)
     start_step = meta["step"] if optim_states is not None else 0
     ddp_model = wrap_ddp(model, ddp)
-    num_steps, G, P = args.num_iterations if args.num_iterations > 0 else 70, args.num_samples, args.prompts_per_step
-    draw_problem, held_out = rl_problems(args)
+    G, P = args.num_samples, args.prompts_per_step
+    draw_problem, held_out, num_train = rl_problems(args)
+    if args.num_iterations > 0:
+        num_steps = args.num_iterations
+    else:  # with GSM8K an epoch's worth of problems, as nanochat (drawn at random here)
+        num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else 70
     reward = load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
@@ -1930,7 +2018,7 @@ def stage_rl(args, ddp):
             rng = random.Random(f"rl-{args.seed}-{step}")  # a step's problems depend on the step alone: resumable
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
             prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
-            answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature,  # all groups at once
+            answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature, args.top_k,  # all groups at once
                                                      seed=args.seed * 100_003 + step * ddp.world_size + ddp.rank,
                                                      keep_stop_token=True) if prompts else ([], [])
             for i, (problem, prompt) in enumerate(zip(problems, prompts)):
@@ -1956,7 +2044,8 @@ def stage_rl(args, ddp):
                 sync = j == micro_steps - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     if j < len(chunks):
-                        loss = grpo_loss(ddp_model, chunks[j], num_tokens, ddp.device, pad_id)
+                        # DDP averages the ranks' gradients: per rank, divide by its share of all the sampled tokens
+                        loss = grpo_loss(ddp_model, chunks[j], num_tokens / ddp.world_size, ddp.device, pad_id)
                     else:  # no rows left on this rank: a zero loss that still joins the all-reduce
                         loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
                     loss.backward()
@@ -2097,10 +2186,53 @@ def stage_report(args, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
+# Stage plan: what a run will cost, before paying for it
+
+PLAN_TOKENS_PER_CONVERSATION = 500  # an assumption for mid's and SFT's estimates: the stages count the real ones
+
+
+def stage_plan(args, ddp):
+    """For the model the flags describe, on --gpus GPUs at an assumed --mfu: every stage's tokens,
+    steps, batch, data and hours. Nothing is loaded or downloaded (meta_model: shapes, no memory).
+    `speedrun.sh d20|d26|d32` prints it before it starts."""
+    model = meta_model(args, args.vocab_size)
+    config, params, flops, gpus = model.config, sum(p.numel() for p in model.parameters()), model.estimate_flops(), args.gpus
+    accum, peak = grad_accum_steps(args, gpus), GPU_PEAK_BF16_FLOPS["H100"]
+    hours = lambda tokens: flops * tokens / (gpus * peak * args.mfu / 100) / 3600  # noqa: E731
+    steps = base_steps(args, params)
+    mid_rows = sum(realdata.HUB_ROWS[name] for name in realdata.MIXTURES["mid"]["train"])
+    sft_rows = sum(min(realdata.HUB_ROWS[name], n or math.inf) for name, n in realdata.MIXTURES["sft"]["train"].items())
+    mid_tokens, sft_steps = mid_rows * PLAN_TOKENS_PER_CONVERSATION, sft_rows // (4 * gpus)
+    plan = dict(params=params, flops_per_token=flops, base=dict(steps=steps, tokens=steps * args.total_batch_size,
+                accumulation=accum, shards=shards_needed(steps * args.total_batch_size)),
+                mid=dict(conversations=mid_rows, steps=math.ceil(mid_tokens / args.total_batch_size)),
+                sft=dict(conversations=sft_rows, steps=sft_steps), rl=dict(steps=realdata.HUB_ROWS["gsm8k"] // 16))
+    base = plan["base"]
+    print0(f"plan: depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads of {config.n_embd // config.n_head}), "
+           f"vocab {config.vocab_size:,}, context {config.sequence_len:,}: {params:,} parameters, {flops:.4g} FLOPs per token "
+           f"(training); {gpus} GPU(s) at {peak / 1e12:.0f} TFLOP/s bf16 peak (H100), hours at an assumed {args.mfu:g}% MFU")
+    rows = [("base", f"{base['tokens'] / 1e9:.2f}B tokens ({base['tokens'] / params:.1f} per parameter)", f"{steps:,}",
+             f"{args.total_batch_size:,} tokens: {args.device_batch_size} x {args.max_seq_len} x {gpus} GPUs x {accum}",
+             f"{base['shards']} FineWeb-EDU shards (~{base['shards'] / 10:.0f} GB)", f"{hours(base['tokens']):.1f}"),
+            ("mid", f"one epoch: ~{mid_rows / 1e3:.0f}K conversations (SmolTalk, MMLU, GSM8K)", f"~{plan['mid']['steps']:,}",
+             f"{args.total_batch_size:,} tokens, as base", "from the hub", f"~{hours(mid_tokens):.1f}"),
+            ("sft", f"one epoch: ~{sft_rows / 1e3:.1f}K conversations (ARC, GSM8K, SmolTalk)", f"{sft_steps:,}",
+             f"{4 * gpus} conversations: 4 x {gpus} GPUs x 1", "from the hub", f"~{hours(sft_rows * PLAN_TOKENS_PER_CONVERSATION):.2f}"),
+            ("rl", "one epoch of GSM8K train: 16 problems x 16 samples a step", f"{plan['rl']['steps']:,}",
+             "up to 256 new tokens a sample", "from the hub", "(sampling-bound; not estimated)")]
+    print0("\n| stage | trains on | steps | batch | data | hours |\n|---|---|---|---|---|---|")
+    print0("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    print0(f"\n~: mid's and SFT's steps and hours assume {PLAN_TOKENS_PER_CONVERSATION} tokens a conversation; the stages count the "
+           f"real ones when they start. The FineWeb-EDU shards hold ~{CHARS_PER_SHARD / 1e6:.0f}M characters each, "
+           f"~{CHARS_PER_TOKEN} a token (+10% and the validation shard).")
+    return plan
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 
 STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
-          "chat": stage_chat, "serve": stage_serve, "report": stage_report}
+          "chat": stage_chat, "serve": stage_serve, "report": stage_report, "plan": stage_plan}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2128,8 +2260,9 @@ def build_parser():
                    "lines (one in ten held out for pass@k, by a hash of the question)")
     g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> float "
                    "in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current folder)")
-    g.add_argument("--num-shards", type=int, default=8, help="--data hf without --data-dir: FineWeb-EDU shards to download "
-                   "(about 100 MB each): the first N-1 for training, plus the pinned validation shard")
+    g.add_argument("--num-shards", type=int, default=None, help="--data hf without --data-dir: FineWeb-EDU shards to download "
+                   "(about 100 MB each): the first N-1 for training, plus the pinned validation shard (default: those the "
+                   "base run's tokens need, with a 10%% margin)")
     g = p.add_argument_group("tokenizer (tok)")
     g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (256 bytes + merges + special tokens)")
     g.add_argument("--tok-chars", type=int, default=2_000_000, help="characters of training text")
@@ -2143,7 +2276,8 @@ def build_parser():
     g = p.add_argument_group("training (base, mid, sft, rl)")
     g.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
     g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default: base 320, mid 100, sft 150, rl 70)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default: base 320, mid 100, "
+                   "sft 150, rl 70; with --data hf one epoch of mid's, SFT's or RL's data, as nanochat)")
     g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
     g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.125, rl 0.05)")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
@@ -2178,11 +2312,16 @@ def build_parser():
     g.add_argument("--humaneval", action="store_true", help="eval --data hf: also run HumanEval, executing the model's code in a "
                    "sandbox (Linux, bubblewrap: read-only system files only, no other processes, no network, limits)")
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
-    g.add_argument("--top-k", type=int, default=50, help="chat and serve: sample among the k most likely tokens")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: chat and serve 50, "
+                   "rl all tokens; nanochat's rl: 50)")
     g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface; there is no login)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is answered; more get 503 busy")
+    g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the training flags)")
+    g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="GPUs the run will use")
+    g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in percent (nanochat measures "
+                   "about 43 at depth 12 and 20 on H100s)")
     g = p.add_argument_group("report")
     g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
     g.add_argument("--wall-seconds", type=int, default=None, help="the whole run's wall time, as measured by speedrun.sh")
@@ -2195,6 +2334,8 @@ FLAG_RULES = [
       "prompts_per_step", "pass_k", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
     (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
     (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "unembedding_lr"), lambda v: v > 0, "positive"),
+    (("gpus",), lambda v: v >= 1, "at least 1"),
+    (("mfu",), lambda v: 0 < v <= 100, "a percentage above 0, at most 100"),
     (("weight_decay", "eval_every", "save_every", "max_queue"), lambda v: v >= 0, "0 or more"),
     (("port",), lambda v: 0 <= v <= 65535, "from 0 (any free port) to 65535"),
     (("warmup_ratio", "warmdown_ratio", "final_lr_frac"), lambda v: 0 <= v <= 1, "between 0 and 1"),
@@ -2215,15 +2356,20 @@ def finalize_args(args):
         args.temperature = 1.0 if args.stage == "rl" else 0.6
     if args.max_new_tokens is None:
         args.max_new_tokens = 128 if args.stage == "rl" else 256
+    if args.top_k is None and args.stage in ("chat", "serve"):
+        args.top_k = 50
     for names, ok, must in FLAG_RULES:
         for name in names:
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise UserError(f"--{name.replace('_', '-')} must be {must}, got {value}")
+    if COMPUTE_DTYPE == torch.float16 and args.stage in ("base", "mid", "sft", "rl"):
+        raise UserError("NANOCHAT_DTYPE=fp16 would need loss scaling (a GradScaler) to train, which this file leaves out: "
+                        "use bf16 (Ampere GPUs and newer) or fp32")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} must be at most 1")
-    if args.stage in ("base", "mid", "sft"):  # the same check as train()'s, before any work starts
-        grad_accum_steps(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.stage in ("base", "mid", "sft", "plan"):  # the same check as train()'s, before any work starts
+        grad_accum_steps(args, args.gpus if args.stage == "plan" else int(os.environ.get("WORLD_SIZE", "1")))
     if args.resume and args.stage not in ("base", "mid", "sft", "rl"):
         raise UserError(f"--resume continues a training stage (base, mid, sft, rl), not --stage {args.stage}")
     if args.humaneval and (args.stage != "eval" or args.data != "hf"):
@@ -2247,7 +2393,7 @@ def main(argv=None):
         keep_freed_memory()
         t0 = time.time()
         STAGES[args.stage](args, ddp)
-        if ddp.is_master and args.stage not in ("chat", "serve", "report"):
+        if ddp.is_master and args.stage not in ("chat", "serve", "report", "plan"):
             record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
     except (UserError, realdata.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

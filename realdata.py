@@ -33,17 +33,19 @@ def require(name):
         raise DataError(f"real data needs the `datasets` package ({name} is missing): pip install -e '.[hf]'") from None
 
 
-def parquet_documents(data_dir, split, start=0):
+def parquet_documents(data_dir, split, start=0, rank=0, world_size=1):
     """Yield (position, text) from parquet shards: every shard but the last is train, the last
-    is val (and test). Position counts documents, so a stream can restart at any document."""
+    is val (and test). Position counts documents, so a stream can restart at any document.
+    With several ranks, each reads only its own row groups (every world_size-th)."""
     pq = require("pyarrow.parquet")
     files = sorted(Path(data_dir).glob("*.parquet"))
     if len(files) < 2:
         raise DataError(f"found {len(files)} parquet files in {data_dir}: need at least 2 "
                         "(the last one is the validation shard); pass --data-dir with FineWeb-EDU style shards")
     files = files[:-1] if split == "train" else files[-1:]
-    position = 0
+    position = group_index = 0
     while True:  # loop over the shards forever (epochs)
+        owned = 0
         for path in files:
             try:
                 pf = pq.ParquetFile(path)
@@ -55,7 +57,9 @@ def parquet_documents(data_dir, split, start=0):
                                 "base data needs FineWeb-EDU style shards with the documents in 'text'")
             for group in range(pf.num_row_groups):
                 n = pf.metadata.row_group(group).num_rows
-                if position + n <= start:
+                mine, group_index = group_index % world_size == rank, group_index + 1
+                owned += mine
+                if not mine or position + n <= start:
                     position += n  # skip the whole row group without reading it
                     continue
                 for text in pf.read_row_group(group, columns=["text"]).column("text").to_pylist():
@@ -64,6 +68,9 @@ def parquet_documents(data_dir, split, start=0):
                     position += 1
         if position == 0:
             raise DataError(f"the {split} parquet shards in {data_dir} hold no documents")
+        if not owned:
+            raise DataError(f"the {split} parquet shards in {data_dir} have {group_index} row groups, too few for "
+                            f"{world_size} ranks to have one each: use fewer processes or more shards")
         if split != "train":
             return
 
@@ -179,20 +186,28 @@ def conversation(name, row):
 # auxiliary train (100K) and GSM8K (7.5K), validated on their test splits (MMLU's and GSM8K's cut
 # to keep the training proportions); SFT: ARC-Easy, ARC-Challenge, GSM8K and 10K SmolTalk rows,
 # validated on SmolTalk's test split.
+HUB_ROWS = dict(smoltalk=460_000, mmlu=99_842, gsm8k=7_473, arc_easy=2_251, arc_challenge=1_119)  # train rows (SmolTalk's rounded)
 MIXTURES = dict(
     mid=dict(train=dict(smoltalk=None, mmlu=None, gsm8k=None), test=dict(smoltalk=None, mmlu=5200, gsm8k=420)),
     sft=dict(train=dict(arc_easy=None, arc_challenge=None, gsm8k=None, smoltalk=10_000), test=dict(smoltalk=None)),
 )
 
 
-def chat_examples(data_dir, split, start=0, stage="mid"):
-    """Yield (position, conversation) forever from the stage's mixture: every row of every source
-    once per epoch, in one order shuffled with a fixed seed, so each stretch of the stream (and
-    each rank's share, taken by position) holds the sources in their proportions."""
+def mixture(data_dir, split, stage):
+    """The stage's mixture for split "train" (any other: its test splits): (sources, order), sources
+    a list of (name, rows) and order one epoch of (source index, row index) pairs, every row used
+    once, shuffled with a fixed seed."""
     split = "train" if split == "train" else "test"
     sources = [(name, load_rows(name, split, data_dir), n) for name, n in MIXTURES[stage][split].items()]
     order = [(i, j) for i, (_, rows, n) in enumerate(sources) for j in range(min(len(rows), n or len(rows)))]
     random.Random(42).shuffle(order)
+    return [(name, rows) for name, rows, _ in sources], order
+
+
+def chat_examples(data_dir, split, start=0, stage="mid"):
+    """Yield (position, conversation) forever, epoch after epoch of the stage's mixture: each
+    stretch of the stream (and each rank's share, taken by position) holds the sources in proportion."""
+    sources, order = mixture(data_dir, split, stage)
     for position in itertools.count(start):
         i, j = order[position % len(order)]
         yield position, dict(key=str(position), **conversation(sources[i][0], sources[i][1][j]))

@@ -78,11 +78,13 @@ def test_evaluate_bpb_by_hand():
     token_bytes = torch.tensor([1, 2, 3, 0])  # token 3 is special: 0 bytes, ignored
 
     class Constant:
+        config = types.SimpleNamespace(vocab_size=4)
+
         def __call__(self, x, y, loss_reduction="none"):
             return torch.full(y.shape, 0.5).reshape(-1)
 
     y = torch.tensor([[0, 1, 2, 3], [1, 1, -1, 3]])
-    batches = iter([(None, y, 0)])
+    batches = iter([(torch.zeros_like(y), y, 0)])
     bpb = nc.evaluate_bpb(Constant(), batches, 1, token_bytes)
     nats = 0.5 * 5  # five targets with bytes: 0, 1, 2, 1, 1
     nbytes = 1 + 2 + 3 + 2 + 2
@@ -127,6 +129,22 @@ def test_parquet_documents_split_and_resume(tmp_path):
     resumed = realdata.parquet_documents(tmp_path, "train", start=7)
     assert next(resumed) == (7, "train doc 7")
     assert [t for _, t in realdata.parquet_documents(tmp_path, "val")] == [f"val doc {i}" for i in range(4)]
+
+
+def test_parquet_ranks_read_only_their_own_row_groups(tmp_path, monkeypatch):
+    """Two ranks: every other row group each (rows of 3), together every document once, each
+    resuming at a position of its own; a rank never reads the other's row groups."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    write_parquet(tmp_path / "shard_00000.parquet", [f"train doc {i}" for i in range(10)])  # groups 0-2, 3-5, 6-8, 9
+    write_parquet(tmp_path / "shard_00001.parquet", [f"val doc {i}" for i in range(4)])
+    read, real_read = [], pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: read.append(i) or real_read(self, i, **k))
+    ranks = [[next(stream) for _ in range(5)] for stream in (realdata.parquet_documents(tmp_path, "train", 0, r, 2) for r in (0, 1))]
+    assert [p for p, _ in ranks[0]] == [0, 1, 2, 6, 7] and [p for p, _ in ranks[1]] == [3, 4, 5, 9, 13]
+    assert read == [0, 2, 1, 3, 1]  # rank 0: groups 0 and 2; rank 1: 1, 3 and (epoch 2) 1 again
+    assert next(realdata.parquet_documents(tmp_path, "train", 4, 1, 2)) == (4, "train doc 4")
+    with pytest.raises(realdata.DataError, match="too few for 3 ranks"):
+        next(realdata.parquet_documents(tmp_path, "val", 0, 2, 3))  # the validation shard has 2 row groups
 
 
 def test_parquet_needs_two_shards(tmp_path):

@@ -73,3 +73,35 @@ def test_two_ranks_match_one_process_with_double_accumulation(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp" / "rank1").iterdir()) == ["result.pt", "tokenizer"]
     # the real base stage: val bits-per-byte is all-reduced, so both ranks report the same number
     assert rank0["stage_summary"]["val_bpb"] == rank1["stage_summary"]["val_bpb"] > 0
+
+
+STAGE_WORKER = Path(__file__).resolve().parent / "stage_worker.py"
+
+
+def test_mid_sft_and_rl_under_two_ranks_keep_the_ranks_in_step(tmp_path):
+    """The real mid, SFT and RL stages under torchrun (2 gloo processes, TinyWorld sharded by
+    position, RL's uneven rows per rank): each runs to its end, both ranks hold the same weights
+    after it, and rank 0's checkpoint is those weights. (That one process would reach the same
+    weights is checked above for the training loop these stages share; their real loaders and
+    RL's sampling give each rank its own data, so a one-process run sees other batches.)"""
+    runs = tmp_path / "runs"
+    env = dict(os.environ, NANOCHAT_DEVICE="cpu", OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(runs))
+    run = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    model = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "32", "--device-batch-size", "2",
+             "--log-every", "1", "--compile", "off", "--eval-batches", "1", "--eval-every", "0", "--eval-items", "2"]
+    root = Path(__file__).resolve().parent.parent
+    for argv in (["--stage", "tok", "--vocab-size", "300", "--tok-chars", "20000"],
+                 ["--stage", "base", *model, "--total-batch-size", "64", "--num-iterations", "2"]):
+        finish(subprocess.Popen([sys.executable, str(root / "nanochat_one.py"), *argv], **run), argv[1])
+    for stage, flags in (("mid", ["--total-batch-size", "128", "--num-iterations", "3"]),
+                         ("sft", ["--total-batch-size", "128", "--num-iterations", "3"]),
+                         ("rl", ["--num-iterations", "2", "--prompts-per-step", "3", "--num-samples", "2",
+                                 "--max-new-tokens", "8", "--pass-k", "2", "--pass-k-problems", "4"])):
+        out = tmp_path / stage
+        out.mkdir()
+        finish(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(STAGE_WORKER), str(out), "--stage", stage, *model, *flags], **run), stage)
+        rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1))
+        checkpoint = torch.load(next((runs / "checkpoints" / stage / "d2").glob("model_*.pt")), weights_only=True)
+        for name, w in rank0.items():
+            assert torch.equal(w, rank1[name]) and torch.equal(w, checkpoint[name]), (stage, name)

@@ -230,6 +230,20 @@ def test_a_batch_without_targets_has_zero_loss_and_gradient():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_evaluation_in_slices_of_rows_equals_one_pass(monkeypatch):
+    """token_losses keeps evaluation's (rows, T, vocab) tensors under EVAL_LOGITS numbers by
+    running a few rows at a time; each row's losses do not depend on the others, so they are the
+    one-pass losses up to float32 rounding of the differently blocked matmuls (~1e-6 of a few nats)."""
+    model = tiny_model()
+    x, y = torch.randint(0, 97, (5, 16)), torch.randint(0, 97, (5, 16))
+    with torch.no_grad():
+        whole = model(x, y, loss_reduction="none")
+        monkeypatch.setattr(nc, "EVAL_LOGITS", 2 * 16 * 97)  # two rows a slice: 2 + 2 + 1
+        sliced = nc.token_losses(model, x, y)
+    assert sliced.shape == whole.shape == (80,)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_estimate_flops_by_hand():
     config = nc.GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = nc.GPT(config)
