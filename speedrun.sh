@@ -4,15 +4,18 @@
 #
 # Usage: bash speedrun.sh [tier] [extra flags for every training stage]
 #   tiny (default)  TinyWorld, depth 4, on whatever device exists: minutes on a laptop CPU
-#   d20             nanochat's speedrun: depth 20 on one 8-GPU node (torchrun), FineWeb-EDU + SmolTalk/MMLU/GSM8K
-#   d26             the same at depth 26
+#   d20             nanochat's speedrun on one 8-GPU node (torchrun): 561M parameters, 11.2B FineWeb-EDU
+#                   tokens, then an epoch each of mid (SmolTalk/MMLU/GSM8K), SFT (ARC/GSM8K/SmolTalk), RL (GSM8K)
+#   d26             the same at depth 26 (~1.1B parameters, GPT-2 grade), d32 at depth 32 (~1.9B, 37.6B tokens)
+# The GPU tiers print their plan (python nanochat_one.py --stage plan) and download the FineWeb-EDU
+# shards the base run needs in one process before torchrun starts.
 # Artifacts go to $NANOCHAT_BASE_DIR (default ./runs); the report to ./report.md.
 # TORCH_SPEC picks the torch build to install (default torch==2.13.0); NPROC the GPUs per node.
 set -euo pipefail
 cd "$(dirname "$0")"
 START=$(date +%s)
 TIER=tiny
-case "${1:-}" in tiny|d20|d26) TIER=$1; shift ;; esac
+case "${1:-}" in tiny|d20|d26|d32) TIER=$1; shift ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   echo "== setting up .venv"
@@ -30,17 +33,23 @@ if [ "$TIER" = tiny ]; then
 else
   NPROC=${NPROC:-8}
   DEPTH=${TIER#d}
+  case $TIER in d20) BATCH=32 ;; d26) BATCH=16 ;; d32) BATCH=8 ;; esac  # rows per GPU that fit in 80 GB, as nanochat
   RUN=".venv/bin/torchrun --standalone --nproc_per_node=$NPROC nanochat_one.py"
   MODEL=(--depth "$DEPTH" --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --data hf)
-  TRAIN=(--device-batch-size 16 --total-batch-size 524288 --eval-every 250 --save-every 1000 --log-every 10)
+  TRAIN=(--device-batch-size "$BATCH" --total-batch-size 524288 --eval-every 250 --save-every 1000 --log-every 10)
+  # nanochat's SFT: 4 conversations per GPU a step, LR 0.02 of base's decaying linearly to 0; RL: 16 x 16 samples
+  SFT=(--device-batch-size 4 --total-batch-size $((4 * 2048 * NPROC)) --lr-scale 0.02 --warmdown-ratio 1.0 --eval-every 100)
+  RL=(--num-samples 16 --prompts-per-step 16 --max-new-tokens 256 --top-k 50 --device-batch-size 8 --eval-every 60)
+  $PY nanochat_one.py --stage plan "${MODEL[@]}" "${TRAIN[@]}" --vocab-size 65536 --target-param-data-ratio 20 --gpus "$NPROC"
 fi
 echo "== plan: tier $TIER on $($PY -c 'import nanochat_one as n; print(n.DEVICE_TYPE)'), stages tok base mid sft rl"
 
 stage() { echo "== stage $1 ($(date +%T))"; "${@:2}"; }
 if [ "$TIER" = tiny ]; then
   stage tok  $PY nanochat_one.py --stage tok
-else
-  stage tok  $PY nanochat_one.py --stage tok --data hf --vocab-size 65536 --tok-chars 2000000000
+else  # one process: it downloads the shards the base run needs (its flags tell how many), then trains the BPE
+  stage tok  $PY nanochat_one.py --stage tok "${MODEL[@]}" "${TRAIN[@]}" --target-param-data-ratio 20 \
+    --vocab-size 65536 --tok-chars 2000000000
 fi
 EXTRA=("$@")
 base_flags=("${MODEL[@]}" "${TRAIN[@]}")
@@ -48,8 +57,13 @@ base_flags=("${MODEL[@]}" "${TRAIN[@]}")
 stage base $RUN --stage base "${base_flags[@]}" "${EXTRA[@]}"
 stage eval $RUN --stage eval --source base "${MODEL[@]}"
 stage mid  $RUN --stage mid "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
-stage sft  $RUN --stage sft "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
-stage rl   $RUN --stage rl "${MODEL[@]}" "${EXTRA[@]}"
+if [ "$TIER" = tiny ]; then
+  stage sft  $RUN --stage sft "${MODEL[@]}" "${TRAIN[@]}" "${EXTRA[@]}"
+  stage rl   $RUN --stage rl "${MODEL[@]}" "${EXTRA[@]}"
+else
+  stage sft  $RUN --stage sft "${MODEL[@]}" "${SFT[@]}" "${EXTRA[@]}"
+  stage rl   $RUN --stage rl "${MODEL[@]}" "${RL[@]}" "${EXTRA[@]}"
+fi
 if [ "$TIER" != tiny ]; then  # real tasks (ARC, MMLU, GSM8K) and ChatCORE for report.md's chat table
   for source in mid sft rl; do stage eval $RUN --stage eval --source $source "${MODEL[@]}"; done
 fi

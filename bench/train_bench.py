@@ -68,6 +68,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension (nanochat: 128)")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures the device")
     p.add_argument("--repo", default=REPO, help="the checkout whose nanochat_one.py is measured")
+    p.add_argument("--eval", action="store_true", help="also one validation pass on the same batch, as the stages run "
+                   "it (uncompiled, nc.token_losses): its seconds and peak memory")
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
@@ -108,6 +110,17 @@ def main():
     synchronize(device)
     seconds = time.perf_counter() - t0
 
+    evaluation = {}
+    if args.eval:  # the stages' validation: the uncompiled model, the loss per token, in slices of rows
+        model.eval()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            losses = nc.token_losses(model, x, y)
+        synchronize(device)
+        evaluation = dict(eval_s=round(time.perf_counter() - t0, 3), eval_loss=round(losses.mean().item(), 4),
+                          eval_peak_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None)
     matmul_rate = matmul_flops_per_second(device, args.matmul_size, torch.float32 if device.type == "cpu" else nc.COMPUTE_DTYPE)
     step_seconds = seconds / args.steps
     tok_per_s = B * T / step_seconds
@@ -128,7 +141,7 @@ def main():
         dtype=str(nc.COMPUTE_DTYPE).removeprefix("torch."), compile=use_compile, depth=args.depth,
         n_embd=config.n_embd, n_head=config.n_head, params=sum(p.numel() for p in model.parameters()),
         flops_per_token=flops_per_token, device_batch_size=B, seq_len=T, vocab_size=args.vocab_size,
-        steps=args.steps, warmup=args.warmup, torch=torch.__version__)))
+        steps=args.steps, warmup=args.warmup, torch=torch.__version__, **evaluation)))
 
 
 if __name__ == "__main__":
