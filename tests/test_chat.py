@@ -350,6 +350,19 @@ def test_real_chat_mixtures_from_local_files(tmp_path):
         nc.render_conversation(tok, conversation)
 
 
+def test_real_data_epochs(tmp_path, monkeypatch):
+    """--data hf trains mid and SFT for one epoch of their mixture: SFT's conversations over the
+    conversations a step, mid's rendered tokens over the tokens a step."""
+    pytest.importorskip("datasets")
+    write_chat_sources(tmp_path, "train", dict(smoltalk=60, mmlu=30, gsm8k=10, arc_easy=6, arc_challenge=4))
+    tok = bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS)
+    monkeypatch.setattr(nc, "get_tokenizer", lambda: tok)
+    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), device_batch_size=2, max_seq_len=32, total_batch_size=128)
+    assert nc.epoch_steps(args, nc.Dist(), "sft", tok) == 80 // (2 * 2)  # 80 conversations, 2 rows x 2 micro-steps a step
+    tokens = sum(len(nc.render_conversation(tok, c)[0]) for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train"))))
+    assert nc.epoch_steps(args, nc.Dist(), "mid", tok) == math.ceil(tokens / 128)
+
+
 def test_mmlu_flat_schema_and_a_missing_column(tmp_path):
     pytest.importorskip("datasets")
     (tmp_path / "mmlu").mkdir()
