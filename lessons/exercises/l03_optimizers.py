@@ -33,13 +33,19 @@ def compare(name, fn, weight, grads, oracle, hyper, hint):
                               f"Hint: {hint(s)}")
 
 
-def torch_adamw(weight, grads, lr, betas, eps, weight_decay):
+def oracle_steps(make_optimizer, weight, grads):
+    """The weights after a real optimizer (make_optimizer([parameter])) takes one step per gradient."""
     p = torch.nn.Parameter(weight.clone())
-    opt = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+    opt = make_optimizer([p])
     for g in grads:
         p.grad = g.clone()
         opt.step()
     return p.detach()
+
+
+def torch_adamw(weight, grads, lr, betas, eps, weight_decay):
+    return oracle_steps(lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                                         foreach=False), weight, grads)
 
 
 def adamw_hint(steps):
@@ -66,12 +72,7 @@ def adamw(fn):
 
 
 def nc_muon(weight, grads, lr, momentum):
-    p = torch.nn.Parameter(weight.clone())
-    opt = nc.Muon([p], lr=lr, momentum=momentum)
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
-    return p.detach()
+    return oracle_steps(lambda params: nc.Muon(params, lr=lr, momentum=momentum), weight, grads)
 
 
 def muon_hint(steps):
