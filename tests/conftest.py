@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -24,3 +23,13 @@ def run_stage(*argv):
     nc.finalize_args(args)
     torch.manual_seed(args.seed)
     return nc.STAGES[args.stage](args, nc.Dist())
+
+
+def train_in(folder, *stages):
+    """Run stages (each a list of CLI arguments) in this process with NANOCHAT_BASE_DIR=folder, for
+    module-wide fixtures; returns folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(folder))
+        for argv in stages:
+            run_stage(*argv)
+    return folder

@@ -7,7 +7,7 @@ import types
 import pytest
 
 import nanochat_one as nc
-from conftest import run_stage
+from conftest import run_stage, train_in
 from test_pipeline import TINY
 
 SECRET = [dict(messages=[dict(role="user", content=q), dict(role="assistant", content="The secret word is zebra.")])
@@ -17,14 +17,11 @@ SECRET = [dict(messages=[dict(role="user", content=q), dict(role="assistant", co
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """tok -> base -> mid -> sft on tiny settings, in a module-wide artifacts folder."""
-    runs = tmp_path_factory.mktemp("adapt") / "runs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(runs))
-        run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
-        run_stage("--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0")
-        run_stage("--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4")
-        run_stage("--stage", "sft", *TINY, "--num-iterations", "10", "--eval-every", "0", "--eval-items", "4")
-    return runs
+    return train_in(tmp_path_factory.mktemp("adapt") / "runs",
+                    ["--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000"],
+                    ["--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0"],
+                    ["--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4"],
+                    ["--stage", "sft", *TINY, "--num-iterations", "10", "--eval-every", "0", "--eval-items", "4"])
 
 
 @pytest.fixture

@@ -15,9 +15,10 @@ import time
 
 import pytest
 
+import bpe
 import nanochat_one as nc
 import serve
-from conftest import run_stage
+from conftest import train_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model just big enough that a reply of a few hundred tokens takes about a second on a CPU
@@ -28,12 +29,9 @@ MODEL = ["--depth", "2", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tokenizer and a base checkpoint (2 steps: it writes fluent nonsense, rarely stopping)."""
-    runs = tmp_path_factory.mktemp("serve") / "runs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(runs))
-        run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
-        run_stage("--stage", "base", *MODEL, "--num-iterations", "2", "--eval-every", "0")
-        yield runs, nc.get_tokenizer()
+    runs = train_in(tmp_path_factory.mktemp("serve") / "runs", ["--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000"],
+                    ["--stage", "base", *MODEL, "--num-iterations", "2", "--eval-every", "0"])
+    return runs, bpe.Tokenizer.load(runs / "tokenizer" / "tokenizer.json")
 
 
 class Server:
