@@ -139,5 +139,8 @@ def test_a_custom_reward_changes_what_rl_reinforces(in_runs):
         first, last = summary["history"][0], summary["history"][-1]
         assert last["pass1"] - first["pass1"] > 3 * (first["pass1_stderr"] ** 2 + last["pass1_stderr"] ** 2) ** 0.5
         lengths[reward] = [100 * abs(h["pass1"]) for h in (first, last)]  # mean reply length in characters
+    print(f"\nheld-out mean reply length (characters), before -> after 15 RL steps: preferring short replies "
+          f"{lengths['shorter'][0]:.1f} -> {lengths['shorter'][1]:.1f}; preferring long ones {lengths['longer'][0]:.1f} -> "
+          f"{lengths['longer'][1]:.1f}")
     assert lengths["shorter"][0] == lengths["longer"][0]  # the same start
     assert lengths["shorter"][1] < lengths["shorter"][0] < lengths["longer"][1]
