@@ -20,15 +20,17 @@ A whole reply (`"stream": false`) comes back with `content`, where calculator ca
 `parts` back as the assistant's content in the next request and the model sees its calculator
 calls as it made them (a plain string is read as plain text).
 
-One model answers one request at a time, in the order they arrived: on a CPU, generating for
-several conversations at once would not make any of them faster. Up to `max_queue` requests wait
-their turn; beyond that a request gets 503 "busy" with a Retry-After header at once. A client that
+One model answers one request at a time, in the order they arrived: each reply streams at the
+model's full speed, and there is no scheduler to read (batching several conversations into one
+forward pass would serve more of them per second, at the price of one). Up to `max_queue`
+requests wait their turn; beyond that a request gets 503 "busy" with a Retry-After header at once. A client that
 goes away (closes the page, presses Stop, Ctrl-C on curl) stops its generation at the next token.
 The server listens on 127.0.0.1, this machine only, unless told otherwise.
 """
 import codecs
 import itertools
 import json
+import math
 import secrets
 import select
 import socket
@@ -119,8 +121,8 @@ def number(body, name, default, kind, low, high):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
-            or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)) or not low <= value <= high:
         raise RequestError(f'"{name}" must be {"an integer" if kind is int else "a number"} from {low} to {high}, got {value!r}')
     return kind(value)
 

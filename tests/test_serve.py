@@ -170,6 +170,8 @@ def test_multi_turn_sends_history_and_special_tokens_stay_text(server, runs):
     (dict(messages=user("a"), max_tokens=301), 400, "max_tokens"),
     (dict(messages=user("a"), temperature="hot"), 400, "temperature"),
     (dict(messages=user("a"), top_k=0), 400, "top_k"),
+    (dict(messages=user("a"), top_k=float("inf"), temperature=float("nan")), 400, "temperature"),
+    (dict(messages=user("a"), top_k=float("inf")), 400, "top_k"),
     (dict(messages=user("a"), stream="yes"), 400, "stream"),
     ([1, 2], 400, "JSON object"),
 ])
