@@ -608,6 +608,19 @@ def newton_schulz_orthogonalize(G, steps=5):
 orthogonalize = torch.compile(newton_schulz_orthogonalize) if DEVICE_TYPE == "cuda" else newton_schulz_orthogonalize
 
 
+def orthogonalize_shared(updates, steps):
+    """orthogonalize() of a stack (n, rows, cols); under torch.distributed each of the W ranks does
+    ceil(n / W) of the matrices (the stack padded with zeros, which stay zero) and all-gathers the rest."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return orthogonalize(updates, steps)
+    world, n = dist.get_world_size(), updates.size(0)
+    share = -(-n // world)
+    padded = torch.cat([updates, updates.new_zeros(share * world - n, *updates.shape[1:])])
+    gathered = list(torch.empty_like(padded).chunk(world))
+    dist.all_gather(gathered, orthogonalize(padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], steps))
+    return torch.cat(gathered)[:n]
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz.
 
@@ -615,7 +628,9 @@ class Muon(torch.optim.Optimizer):
     orthogonalisation (all singular values ~1), scaled by sqrt(max(1, rows/cols)). Every
     direction of the matrix moves by a similar amount, which trains transformer matrices faster
     than Adam. Not for embeddings, the output head or 1-D parameters: use AdamW for those.
-    Under DDP the gradients are already averaged, so every rank computes the same update."""
+    Under DDP the gradients are already averaged, so every rank would compute the same update;
+    instead each orthogonalises its share of the matrices and they exchange the results (as
+    nanochat's DistMuon shares the work), so no rank does the whole Newton-Schulz."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
@@ -635,7 +650,7 @@ class Muon(torch.optim.Optimizer):
                         buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
                     updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
-                updates = orthogonalize(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
+                updates = orthogonalize_shared(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
                 scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for p, update in zip(same, updates):
                     p.add_(update, alpha=-group["lr"] * scale)
