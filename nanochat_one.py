@@ -21,17 +21,21 @@ One command per stage; each finds its input checkpoint by convention (base -> mi
     python nanochat_one.py --stage report          # gather everything into report.md
 
 Any training stage continues from its last checkpoint with --resume. The laptop pipeline is
-`bash speedrun.sh` (tiny depth, CPU, minutes). On one node with 8 GPUs:
+`bash speedrun.sh` (tiny depth, CPU, minutes); `bash speedrun.sh d20` is nanochat's speedrun on one
+node with 8 GPUs. What such a run costs, before paying for it, and its base stage by hand:
 
+    python nanochat_one.py --stage plan --depth 20 --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 \
+        --vocab-size 65536 --device-batch-size 32 --total-batch-size 524288 --target-param-data-ratio 20 --gpus 8
     torchrun --standalone --nproc_per_node=8 nanochat_one.py --stage base --data hf --depth 20 \
-        --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288
+        --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288 \
+        --target-param-data-ratio 20
 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
 optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
-companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data), sandbox.py
-(for HumanEval's model-written code), serve.py (HTTP for --stage serve) and report.py (report.md);
-none imports this file.
+companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data), realdata.py (the
+real datasets), sandbox.py (for HumanEval's model-written code), serve.py (HTTP for --stage serve)
+and report.py (report.md); none imports this file.
 """
 import argparse
 import contextlib
