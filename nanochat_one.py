@@ -1861,6 +1861,22 @@ def stage_sft(args, ddp):
 # Groups whose rewards are all equal have zero advantage everywhere: they carry no signal and
 # are skipped. Tokens forced in by the calculator and the prompt are never trained on.
 
+def reply_text(tokenizer, tokens):
+    """A sampled reply as its reader sees it, and as a reward receives it in training and in evaluation
+    alike: the text before the stop token, each calculator call written as the server's whole replies
+    write it, and no other special token. E.g. the tokens of 'It is <|python_start|>2*3<|python_end|>
+    <|output_start|>6<|output_end|> 6.<|assistant_end|>' give 'It is [calculator: 2*3 = 6] 6.'"""
+    s = tokenizer.special_tokens
+    shown = {s["<|python_start|>"]: b"[calculator: ", s["<|output_start|>"]: b" = ", s["<|output_end|>"]: b"]"}
+    special, stop = set(s.values()), {s["<|assistant_end|>"], s["<|bos|>"]}
+    pieces = []
+    for token in tokens:
+        if token in stop:
+            break
+        pieces.append(shown.get(token, b"") if token in special else tokenizer.token_to_bytes(token))
+    return b"".join(pieces).decode("utf-8", errors="replace")
+
+
 def correct_answer_reward(question, reply, answer):
     """The default reward: 1.0 if the reply's '####' answer is the reference answer, else 0.0."""
     return float(answer_is_correct(reply, answer))
@@ -1875,7 +1891,7 @@ def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=
         prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
         answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
         for j, problem in enumerate(chunk):
-            rewards = [reward(problem["question"], tokenizer.decode(a), problem["answer"]) for a in answers[j * k:(j + 1) * k]]
+            rewards = [reward(problem["question"], reply_text(tokenizer, a), problem["answer"]) for a in answers[j * k:(j + 1) * k]]
             means.append(sum(rewards) / k)
             bests.append(max(rewards))
     stats = torch.tensor([sum(means), sum(f * f for f in means), sum(bests), len(means)], dtype=torch.float64, device=ddp.device)
@@ -1990,6 +2006,17 @@ def plot_reward_curve(summary, path):
     fig.savefig(path)
 
 
+NO_SIGNAL_STEPS = 5  # steps in a row in which every group's rewards were all equal before RL says so
+
+
+def warn_no_signal(steps, mean_reward, examples):
+    """Say once that nothing is being learned, with a few of the last step's replies and their rewards."""
+    print0(f"rl: for {steps} steps in a row every group's rewards were all equal (mean {mean_reward:.3f}): the reward "
+           "never varies, so no step changes the model. Check the reward on replies like these from the last step:")
+    for reward, reply in examples[:3]:
+        print0(f"  reward {reward:.3f} for the reply {reply[:200]!r}")
+
+
 def stage_rl(args, ddp):
     tokenizer = get_tokenizer()
     model, optim_states, meta = start_model(args, ddp, "rl", tokenizer, source="sft")
@@ -2005,6 +2032,9 @@ def stage_rl(args, ddp):
         num_steps = args.num_iterations
     else:  # with GSM8K an epoch's worth of problems, as nanochat (drawn at random here)
         num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else 70
+    if start_step > num_steps:  # it would never meet step == num_steps, and its learning rate would turn negative
+        raise UserError(f"the rl checkpoint is at step {start_step}, past --num-iterations {num_steps}: "
+                        f"give --num-iterations above {start_step} to train on")
     reward = load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
@@ -2019,7 +2049,7 @@ def stage_rl(args, ddp):
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.special_tokens["<|bos|>"]
     t_start, t_steps = time.time(), 0.0
-    step = start_step
+    step, steps_without_signal = start_step, 0
     try:
         while True:
             if step == num_steps or (args.eval_every > 0 and step % args.eval_every == 0) or step == start_step:
@@ -2033,7 +2063,7 @@ def stage_rl(args, ddp):
             t0 = time.time()
             # 1) sample G answers for each of this rank's problems with the current policy
             model.eval()
-            rows, rewards_all, zero_signal = [], [], 0
+            rows, rewards_all, zero_signal, examples = [], [], 0, []
             rng = random.Random(f"rl-{args.seed}-{step}")  # a step's problems depend on the step alone: resumable
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
             prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
@@ -2042,8 +2072,10 @@ def stage_rl(args, ddp):
                                                      keep_stop_token=True) if prompts else ([], [])
             for i, (problem, prompt) in enumerate(zip(problems, prompts)):
                 group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
-                rewards = [reward(problem["question"], tokenizer.decode(a), problem["answer"]) for a in group_answers]
+                replies = [reply_text(tokenizer, a) for a in group_answers]  # as pass_at_k gives them: no stop token
+                rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
                 rewards_all += rewards
+                examples += list(zip(rewards, replies))[:2]
                 group = grpo_sequences(tokenizer, prompt, group_answers, group_sampled, rewards)
                 zero_signal += not group
                 rows += group
@@ -2083,6 +2115,9 @@ def stage_rl(args, ddp):
             eta = format_seconds((num_steps - step) * t_steps / (step - start_step))
             print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
                    f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
+            steps_without_signal = steps_without_signal + 1 if zero_groups == P else 0
+            if steps_without_signal == NO_SIGNAL_STEPS:
+                warn_no_signal(steps_without_signal, mean_reward, examples)
     except KeyboardInterrupt:
         raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
@@ -2278,7 +2313,9 @@ def build_parser():
     g.add_argument("--problems", default=None, help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '
                    "lines (one in ten held out for pass@k, by a hash of the question)")
     g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> float "
-                   "in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current folder)")
+                   "in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current folder); reply is the "
+                   "text a reader sees, the same in training and evaluation: no stop token, calculator calls as "
+                   "[calculator: 2*3 = 6]")
     g.add_argument("--num-shards", type=int, default=None, help="--data hf without --data-dir: FineWeb-EDU shards to download "
                    "(about 100 MB each): the first N-1 for training, plus the pinned validation shard (default: those the "
                    "base run's tokens need, with a 10%% margin)")

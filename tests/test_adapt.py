@@ -144,3 +144,67 @@ def test_a_custom_reward_changes_what_rl_reinforces(in_runs):
           f"{lengths['longer'][1]:.1f}")
     assert lengths["shorter"][0] == lengths["longer"][0]  # the same start
     assert lengths["shorter"][1] < lengths["shorter"][0] < lengths["longer"][1]
+
+
+def reward_module(folder, name, body):
+    """Write folder/name.py with one reward `score(question, reply, answer)` that also records its calls."""
+    (folder / f"{name}.py").write_text(f"calls = []\n\n\ndef score(question, reply, answer):\n    calls.append(reply)\n"
+                                       f"    return {body}\n")
+
+
+def test_the_reward_reads_the_same_reply_in_training_and_evaluation(in_runs, monkeypatch):
+    """Greedy sampling, one problem both to train on and to evaluate, the same batch shape (1 prompt x 2
+    samples): the tokens are the same, so the reward must receive the same text in both, and no special
+    token. Every group has equal rewards (greedy), so no step changes the model between the two."""
+    problem = dict(question="What is 12 plus 7?", answer="19")
+    monkeypatch.setattr(nc, "rl_problems", lambda args: ((lambda rng: problem), [problem], 1))
+    reward_module(in_runs, "recorder", "0.0")
+    run_stage("--stage", "rl", *TINY, "--reward", "recorder:score", "--num-iterations", "2", "--prompts-per-step", "1",
+              "--num-samples", "2", "--max-new-tokens", "48", "--temperature", "0", "--pass-k", "2",
+              "--pass-k-problems", "1", "--eval-every", "0", "--save-every", "0", "--eval-items", "4")
+    import recorder
+    evaluation, training = recorder.calls[:2] + recorder.calls[-2:], recorder.calls[2:-2]  # evaluated at start and end
+    assert len(training) == 4 and len(set(recorder.calls)) == 1, recorder.calls
+    assert "<|" not in recorder.calls[0]
+
+
+def test_a_reward_on_the_end_of_the_reply_rises_in_training(in_runs):
+    """A reward that reads the reply's end (1 for a reply under 20 characters that ends with a full stop)
+    rises over 15 steps: the mean training reward of the last 5 is above that of the first 5 by more
+    than 3 combined standard errors (each a mean over 5 x 8 x 4 = 160 samples), and above 0.25. (Handed
+    the stop token, the reward would pay nothing: a reply cut off at 32 tokens is not that short.)"""
+    arithmetic_problems(in_runs / "problems.jsonl")
+    reward_module(in_runs, "short_sentence", "float(len(reply) < 20 and reply.endswith('.'))")
+    summary = run_stage("--stage", "rl", *TINY, "--problems", "problems.jsonl", "--reward", "short_sentence:score",
+                        "--num-iterations", "15", "--prompts-per-step", "8", "--num-samples", "4", "--max-new-tokens", "32",
+                        "--pass-k", "2", "--pass-k-problems", "30", "--eval-every", "0", "--lr-scale", "1",
+                        "--save-every", "0", "--eval-items", "4")
+    first, last = ([c["mean_reward"] for c in summary["reward_curve"][s]] for s in (slice(0, 5), slice(10, 15)))
+    p_first, p_last = sum(first) / 5, sum(last) / 5
+    stderr = (p_first * (1 - p_first) / 160 + p_last * (1 - p_last) / 160) ** 0.5
+    print(f"\ntraining reward (a short reply ending with a full stop), steps 1-5 -> 11-15: {p_first:.3f} -> {p_last:.3f} "
+          f"(+- {stderr:.3f})")
+    assert p_last - p_first > 3 * stderr and p_last > 0.25
+
+
+def test_rl_says_when_the_reward_never_varies(in_runs, capsys):
+    arithmetic_problems(in_runs / "problems.jsonl")
+    reward_module(in_runs, "constant", "1.0")
+    run_stage("--stage", "rl", *TINY, "--problems", "problems.jsonl", "--reward", "constant:score",
+              "--num-iterations", str(nc.NO_SIGNAL_STEPS), "--prompts-per-step", "2", "--num-samples", "2",
+              "--max-new-tokens", "8", "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0", "--save-every", "0",
+              "--eval-items", "4")
+    out = capsys.readouterr().out
+    assert f"for {nc.NO_SIGNAL_STEPS} steps in a row every group's rewards were all equal" in out
+    assert out.count("  reward 1.000 for the reply") >= 1
+
+
+def test_rl_resumed_past_its_end_stops_with_one_line(in_runs):
+    """A checkpoint at step 3 resumed with --num-iterations 2 would never meet its last step, train with a
+    negative learning rate and delete the good checkpoint at its next save."""
+    arithmetic_problems(in_runs / "problems.jsonl")
+    flags = [*TINY, "--problems", "problems.jsonl", "--prompts-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
+             "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0", "--eval-items", "4"]
+    run_stage("--stage", "rl", *flags, "--num-iterations", "3")
+    with pytest.raises(nc.UserError, match="past --num-iterations 2"):
+        run_stage("--stage", "rl", *flags, "--num-iterations", "2", "--resume")
