@@ -1351,26 +1351,46 @@ def real_eval_report_lines(reports):
 # -----------------------------------------------------------------------------------------------
 # Checkpoints: <base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json
 #
-# Each file is written to a temporary name and renamed into place; the metadata goes last and
-# marks the checkpoint complete. Older checkpoints are removed only after a new one is complete,
-# so a crash or Ctrl-C at any moment leaves the last good checkpoint loadable.
+# Each file is written to a temporary name, flushed to the disk and renamed into place, and the
+# rename flushed too; the metadata goes last and marks the checkpoint complete. Older checkpoints
+# are removed only after a new one is complete and on the disk, so a crash, a Ctrl-C or a power cut
+# at any moment leaves the last good checkpoint loadable. Other files in the folder are left alone.
 
 def checkpoint_dir(stage, tag):
     return base_dir() / "checkpoints" / stage / tag
+
+
+def flush_to_disk(path):
+    """fsync a file (its bytes) or a folder (the names in it): until then the operating system may
+    hold a write or a rename in memory only, and a power cut undoes it after it has returned."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        flush_to_disk(tmp)  # the bytes before the rename: else the disk may get the new name on an empty file
         os.replace(tmp, path)
+        flush_to_disk(path.parent)  # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint file (model_000004.pt, optim_000004.pt, meta_000004.json -> 4), None for
+    any other name: your own files beside them (model_final.pt, meta_best.json) are neither read nor deleted."""
+    match = re.fullmatch(r"(?:model|optim)_(\d{6,})\.pt|meta_(\d{6,})\.json", path.name)
+    return int(match[1] or match[2]) if match else None
+
+
 def last_checkpoint_step(directory):
-    steps = [int(p.stem.split("_")[1]) for p in directory.glob("meta_*.json")]
-    return max((s for s in steps if (directory / f"model_{s:06d}.pt").exists()), default=None)
+    steps = [checkpoint_step(p) for p in directory.glob("meta_*.json")]
+    return max((s for s in steps if s is not None and (directory / f"model_{s:06d}.pt").exists()), default=None)
 
 
 def save_checkpoint(directory, step, model, optimizers, meta):
@@ -1387,8 +1407,8 @@ def save_checkpoint(directory, step, model, optimizers, meta):
         raise UserError(f"could not write the step {step} checkpoint in {directory} ({str(e).splitlines()[0]}); "
                         + (f"the step {kept} checkpoint is kept: free some space and continue with --resume"
                            if kept is not None else "no earlier checkpoint exists: free some space and run again")) from None
-    for old in directory.glob("*_*.*"):
-        if old.stem.rsplit("_", 1)[-1] != f"{step:06d}":
+    for old in directory.iterdir():  # the new step is on the disk now (atomic_write flushed it)
+        if checkpoint_step(old) not in (None, step):
             old.unlink(missing_ok=True)
 
 
@@ -1399,12 +1419,37 @@ def interrupted(step, directory):
     return UserError(f"interrupted at step {step}; {where or 'no checkpoint was written yet'}")
 
 
+def checkpoint_file_is_intact(path):
+    """Whether a file torch.save wrote is whole: a zip archive whose every entry matches its checksum.
+    A file cut short fails (zip keeps its table of contents at the end); a good file that could not
+    be loaded for another reason (not enough memory, say) passes."""
+    import zipfile  # needed only after a failed load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError):  # what an archive cut short or garbled raises
+        return False
+
+
 def torch_load(path, device):
+    """torch.load of the weights only (reading a checkpoint runs no code from it). A file that fails to
+    load is called corrupt only when checkpoint_file_is_intact finds it damaged; a whole file (one too
+    big for the memory left, say) is kept, and the error says why it did not load."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint file {path} (truncated or corrupt: {type(e).__name__}); "
-                        "delete that checkpoint directory and run the stage again") from None
+        try:
+            intact = checkpoint_file_is_intact(path)
+        except OSError as read_error:  # it cannot be read at all: permissions, a failing disk
+            raise UserError(f"cannot read checkpoint file {path} ({read_error})") from None
+        if not intact:
+            raise UserError(f"cannot read checkpoint file {path} (truncated or corrupt: {type(e).__name__}); "
+                            "delete that checkpoint directory and run the stage again") from None
+        cause = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+        out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        raise UserError(f"cannot load checkpoint file {path} onto {device} ({cause}); the file is whole, so keep it: "
+                        + (f"free memory on {device} (another process may hold it)" if out_of_memory else "fix that cause")
+                        + " and run again") from None
 
 
 def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
