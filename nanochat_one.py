@@ -294,14 +294,27 @@ def document_stream(args, split, start=0, rank=0, world_size=1):
 # (SmolTalk, MMLU and GSM8K: realdata.py) or your own
 
 def read_jsonl(path, read, expected):
-    """read(row) of each JSON line of a file, blank lines skipped; a bad line stops everything at
-    once with its file and line number."""
+    """read(row) of each JSON line of a UTF-8 file, blank lines skipped; a bad line stops everything at
+    once with its file and line number. Lines are decoded one by one, so text in another encoding
+    (a Latin-1 "café") is reported at its line too."""
     rows = []
-    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        where = f"{path}, line {line_number}"
         try:
-            rows += [read(json.loads(line))] if line.strip() else []
+            text = line.decode("utf-8")
+            if text.strip():
+                row = json.loads(text)
+                # JSON can spell half of a UTF-16 pair ("\ud800"), which no text holds: caught here, not when
+                # the text is first encoded (hashed, tokenized) far from its line
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+                rows.append(read(row))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 ({e}); save the file as UTF-8") from None
+        except UnicodeEncodeError as e:  # in UTF-8, only half of a surrogate pair fails to encode
+            raise UserError(f"{where}: \\u{ord(e.object[e.start]):04x} is half of a UTF-16 surrogate pair, not a "
+                            "character; write the character itself, or both halves of its pair") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{path}, line {line_number}: {type(e).__name__}: {e}; each line must be {expected}") from None
+            raise UserError(f"{where}: {type(e).__name__}: {e}; each line must be {expected}") from None
     return rows
 
 
