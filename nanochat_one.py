@@ -294,14 +294,27 @@ def document_stream(args, split, start=0, rank=0, world_size=1):
 # (SmolTalk, MMLU and GSM8K: realdata.py) or your own
 
 def read_jsonl(path, read, expected):
-    """read(row) of each JSON line of a file, blank lines skipped; a bad line stops everything at
-    once with its file and line number."""
+    """read(row) of each JSON line of a UTF-8 file, blank lines skipped; a bad line stops everything at
+    once with its file and line number. Lines are decoded one by one, so text in another encoding
+    (a Latin-1 "café") is reported at its line too."""
     rows = []
-    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for line_number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        where = f"{path}, line {line_number}"
         try:
-            rows += [read(json.loads(line))] if line.strip() else []
+            text = line.decode("utf-8")
+            if text.strip():
+                row = json.loads(text)
+                # JSON can spell half of a UTF-16 pair ("\ud800"), which no text holds: caught here, not when
+                # the text is first encoded (hashed, tokenized) far from its line
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+                rows.append(read(row))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 ({e}); save the file as UTF-8") from None
+        except UnicodeEncodeError as e:  # in UTF-8, only half of a surrogate pair fails to encode
+            raise UserError(f"{where}: \\u{ord(e.object[e.start]):04x} is half of a UTF-16 surrogate pair, not a "
+                            "character; write the character itself, or both halves of its pair") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{path}, line {line_number}: {type(e).__name__}: {e}; each line must be {expected}") from None
+            raise UserError(f"{where}: {type(e).__name__}: {e}; each line must be {expected}") from None
     return rows
 
 
@@ -1351,26 +1364,46 @@ def real_eval_report_lines(reports):
 # -----------------------------------------------------------------------------------------------
 # Checkpoints: <base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json
 #
-# Each file is written to a temporary name and renamed into place; the metadata goes last and
-# marks the checkpoint complete. Older checkpoints are removed only after a new one is complete,
-# so a crash or Ctrl-C at any moment leaves the last good checkpoint loadable.
+# Each file is written to a temporary name, flushed to the disk and renamed into place, and the
+# rename flushed too; the metadata goes last and marks the checkpoint complete. Older checkpoints
+# are removed only after a new one is complete and on the disk, so a crash, a Ctrl-C or a power cut
+# at any moment leaves the last good checkpoint loadable. Other files in the folder are left alone.
 
 def checkpoint_dir(stage, tag):
     return base_dir() / "checkpoints" / stage / tag
+
+
+def flush_to_disk(path):
+    """fsync a file (its bytes) or a folder (the names in it): until then the operating system may
+    hold a write or a rename in memory only, and a power cut undoes it after it has returned."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        flush_to_disk(tmp)  # the bytes before the rename: else the disk may get the new name on an empty file
         os.replace(tmp, path)
+        flush_to_disk(path.parent)  # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def checkpoint_step(path):
+    """The step of a checkpoint file (model_000004.pt, optim_000004.pt, meta_000004.json -> 4), None for
+    any other name: your own files beside them (model_final.pt, meta_best.json) are neither read nor deleted."""
+    match = re.fullmatch(r"(?:model|optim)_(\d{6,})\.pt|meta_(\d{6,})\.json", path.name)
+    return int(match[1] or match[2]) if match else None
+
+
 def last_checkpoint_step(directory):
-    steps = [int(p.stem.split("_")[1]) for p in directory.glob("meta_*.json")]
-    return max((s for s in steps if (directory / f"model_{s:06d}.pt").exists()), default=None)
+    steps = [checkpoint_step(p) for p in directory.glob("meta_*.json")]
+    return max((s for s in steps if s is not None and (directory / f"model_{s:06d}.pt").exists()), default=None)
 
 
 def save_checkpoint(directory, step, model, optimizers, meta):
@@ -1387,8 +1420,8 @@ def save_checkpoint(directory, step, model, optimizers, meta):
         raise UserError(f"could not write the step {step} checkpoint in {directory} ({str(e).splitlines()[0]}); "
                         + (f"the step {kept} checkpoint is kept: free some space and continue with --resume"
                            if kept is not None else "no earlier checkpoint exists: free some space and run again")) from None
-    for old in directory.glob("*_*.*"):
-        if old.stem.rsplit("_", 1)[-1] != f"{step:06d}":
+    for old in directory.iterdir():  # the new step is on the disk now (atomic_write flushed it)
+        if checkpoint_step(old) not in (None, step):
             old.unlink(missing_ok=True)
 
 
@@ -1399,12 +1432,37 @@ def interrupted(step, directory):
     return UserError(f"interrupted at step {step}; {where or 'no checkpoint was written yet'}")
 
 
+def checkpoint_file_is_intact(path):
+    """Whether a file torch.save wrote is whole: a zip archive whose every entry matches its checksum.
+    A file cut short fails (zip keeps its table of contents at the end); a good file that could not
+    be loaded for another reason (not enough memory, say) passes."""
+    import zipfile  # needed only after a failed load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError):  # what an archive cut short or garbled raises
+        return False
+
+
 def torch_load(path, device):
+    """torch.load of the weights only (reading a checkpoint runs no code from it). A file that fails to
+    load is called corrupt only when checkpoint_file_is_intact finds it damaged; a whole file (one too
+    big for the memory left, say) is kept, and the error says why it did not load."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint file {path} (truncated or corrupt: {type(e).__name__}); "
-                        "delete that checkpoint directory and run the stage again") from None
+        try:
+            intact = checkpoint_file_is_intact(path)
+        except OSError as read_error:  # it cannot be read at all: permissions, a failing disk
+            raise UserError(f"cannot read checkpoint file {path} ({read_error})") from None
+        if not intact:
+            raise UserError(f"cannot read checkpoint file {path} (truncated or corrupt: {type(e).__name__}); "
+                            "delete that checkpoint directory and run the stage again") from None
+        cause = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+        out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        raise UserError(f"cannot load checkpoint file {path} onto {device} ({cause}); the file is whole, so keep it: "
+                        + (f"free memory on {device} (another process may hold it)" if out_of_memory else "fix that cause")
+                        + " and run again") from None
 
 
 def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):

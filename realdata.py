@@ -83,24 +83,33 @@ FINEWEB_VAL_SHARD = 1822  # the dataset's last shard: always the validation shar
 
 def download(url, path, attempts=5, first_wait_s=1.0, hint=""):
     """Download url to path, retrying a failed request after 1, 2, 4, 8 s (exponential backoff).
-    The bytes go to a temporary name that is renamed to path when complete, so an interrupted
-    download never leaves a truncated file. hint ends the error after the last attempt."""
-    import urllib.request  # the standard library is enough for plain HTTPS downloads
+    The bytes go to a temporary name that is renamed to path when complete (as many bytes as the
+    server announced, when it announces a length), so an interrupted download never leaves a
+    truncated file. hint ends the error after the last attempt."""
+    import http.client  # the standard library is enough for plain HTTPS downloads
+    import urllib.request
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     for attempt in range(attempts):
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
                 shutil.copyfileobj(response, f, 1 << 20)
+                # a connection closed early ends the body as a complete one does: only the announced length tells
+                announced = response.headers.get("Content-Length", "")
+                if announced.isdigit() and f.tell() != int(announced):
+                    raise ConnectionError(f"the connection closed after {f.tell()} of {announced} bytes")
             os.replace(tmp, path)
             return
-        except OSError as e:  # URLError, HTTPError, timeouts and dropped connections are all OSErrors
-            tmp.unlink(missing_ok=True)
+        # URLError, HTTPError, timeouts and dropped connections are OSErrors; a chunked body cut short is
+        # an http.client.IncompleteRead, which is not
+        except (OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
-            if attempt == attempts - 1:
-                raise DataError(f"could not download {url} after {attempts} attempts ({reason}){hint}") from None
-            wait = first_wait_s * 2 ** attempt
-            print(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s", flush=True)
-            time.sleep(wait)
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failure of any kind (Ctrl-C too), no partial file stays
+        if attempt == attempts - 1:
+            raise DataError(f"could not download {url} after {attempts} attempts ({reason}){hint}") from None
+        wait = first_wait_s * 2 ** attempt
+        print(f"download of {path.name} failed ({reason}); retrying in {wait:.0f}s", flush=True)
+        time.sleep(wait)
 
 
 def download_shards(directory, num_shards, url=FINEWEB_SHARD_URL, val_shard=FINEWEB_VAL_SHARD, attempts=5, first_wait_s=1.0):

@@ -208,3 +208,36 @@ def test_rl_resumed_past_its_end_stops_with_one_line(in_runs):
     run_stage("--stage", "rl", *flags, "--num-iterations", "3")
     with pytest.raises(nc.UserError, match="past --num-iterations 2"):
         run_stage("--stage", "rl", *flags, "--num-iterations", "2", "--resume")
+
+def test_own_conversations_not_in_utf8_stop_with_their_file_and_line(tmp_path, base_dir):
+    """A .jsonl saved as Latin-1 (the é of "café" as the one byte 0xe9) is one line naming the file
+    and the line, not a UnicodeDecodeError traceback."""
+    run_stage("--stage", "tok", "--vocab-size", "300", "--tok-chars", "5000")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    cafe = dict(messages=[dict(role="user", content="Where do we meet?"),
+                          dict(role="assistant", content="At the café.")])
+    lines = [json.dumps(SECRET[0]), json.dumps(cafe, ensure_ascii=False)]
+    (folder / "latin1.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
+    nc.own_conversations.cache_clear()
+    with pytest.raises(nc.UserError) as info:
+        nc.own_conversations(str(folder))
+    message = str(info.value)
+    assert "latin1.jsonl, line 2:" in message and "UTF-8" in message and "\n" not in message
+    (folder / "latin1.jsonl").write_bytes("\n".join(lines).encode("utf-8"))  # saved as UTF-8, it reads
+    nc.own_conversations.cache_clear()
+    assert nc.own_conversations(str(folder)) == [SECRET[0], cafe]
+    nc.own_conversations.cache_clear()
+
+
+def test_own_problem_with_a_lone_surrogate_stops_with_its_file_and_line(tmp_path):
+    r"""JSON can spell half of a UTF-16 pair ("\ud800"), which is no character: the line says so,
+    instead of a UnicodeEncodeError traceback when the question is hashed or tokenized."""
+    path = arithmetic_problems(tmp_path / "problems.jsonl", n=30)
+    with path.open("a") as f:
+        f.write('{"question": "What is \\ud800 plus 1?", "answer": "2"}\n')
+    with pytest.raises(nc.UserError) as info:
+        nc.own_problems(path)
+    message = str(info.value)
+    assert "problems.jsonl, line 31:" in message and "\n" not in message
+    message.encode("utf-8")  # the message itself prints: it names the escape, it does not hold the half pair

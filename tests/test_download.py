@@ -1,7 +1,11 @@
 """download_shards without network: urllib.request.urlopen is replaced by a fake that serves the
-bytes of local parquet files (or fails), and time.sleep by a recorder."""
+bytes of local parquet files (or fails), or the files come from a real HTTP server on 127.0.0.1
+that can break a response the ways a network does; time.sleep is replaced by a recorder."""
+import http.server
 import io
 import socket
+import threading
+import types
 import urllib.error
 import urllib.request
 
@@ -35,6 +39,14 @@ def sleeps(monkeypatch):
     return waits
 
 
+class Response(io.BytesIO):
+    """What urlopen returns, as far as download reads it: the body, and its length in the headers."""
+
+    def __init__(self, body):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body))}
+
+
 def serve(monkeypatch, served, requests, failures=()):
     """Make urlopen serve `served`; failures is a list of callables that take the next requests
     instead (raising, or returning a broken response)."""
@@ -44,7 +56,7 @@ def serve(monkeypatch, served, requests, failures=()):
         requests.append(url.rsplit("/", 1)[-1])
         if failures:
             return failures.pop(0)(url)
-        return io.BytesIO(served[requests[-1]])
+        return Response(served[requests[-1]])
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
 
@@ -70,7 +82,7 @@ def test_download_retries_with_backoff_and_never_leaves_a_partial_shard(tmp_path
     data, requests = tmp_path / "data", []
     target = data / "shard_00000.parquet"
 
-    class DropsMidway(io.BytesIO):
+    class DropsMidway(Response):
         def read(self, size=-1):
             if self.tell() > 0:
                 raise ConnectionResetError("connection reset by peer")
@@ -122,3 +134,70 @@ def test_hf_data_dir_is_used_as_given(tmp_path, served, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("nothing should be downloaded"))
     nc.prepare_base_data(args, nc.Dist())
     assert next(nc.document_stream(args, "val")) == (0, "document 0 of shard 1822")
+
+
+@pytest.fixture
+def http_server(served, monkeypatch):
+    """A real HTTP server on 127.0.0.1 that serves `served`. Append to .breaks to break the next
+    responses: "short" announces the whole length (Content-Length) but sends half the body, "chunked"
+    sends half the body as one chunk of a chunked response; then each closes the connection."""
+    breaks, requests = [], []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            name = self.path.rsplit("/", 1)[-1]
+            requests.append(name)
+            body, broken = served[name], breaks.pop(0) if breaks else None
+            self.send_response(200)
+            if broken == "chunked":  # one chunk, and never the empty chunk that ends the body
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body) // 2, body[: len(body) // 2]))
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if broken == "short" else body)
+            self.close_connection = True
+
+        def log_message(self, *args):  # no request log in the test output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("no_proxy", "*")  # straight to 127.0.0.1, whatever proxy the environment names
+    yield types.SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}/shard_{{index:05d}}.parquet",
+                                breaks=breaks, requests=requests)
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_download_of_a_body_cut_short_is_retried(tmp_path, served, sleeps, http_server):
+    """The connection closes cleanly halfway through the announced length: only the length tells
+    that from a whole shard, and the half is a failed attempt, never renamed as the shard."""
+    data = tmp_path / "data"
+    http_server.breaks.append("short")
+    realdata.download_shards(data, 2, url=http_server.url)
+    assert (data / "shard_00000.parquet").read_bytes() == served["shard_00000.parquet"]
+    assert http_server.requests == ["shard_00000.parquet", "shard_00000.parquet", "shard_01822.parquet"]
+    assert sleeps == [1.0]
+    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_01822.parquet"]
+
+
+def test_download_of_a_broken_chunked_body_is_retried_and_leaves_no_file(tmp_path, served, sleeps, http_server):
+    """A chunked response cut short raises http.client.IncompleteRead, which is no OSError: it is
+    retried as well, and when every attempt fails the error is one line and the folder stays empty."""
+    data = tmp_path / "data"
+    http_server.breaks.extend(["chunked", "chunked"])
+    with pytest.raises(realdata.DataError) as info:
+        realdata.download_shards(data, 2, url=http_server.url, attempts=2)
+    assert "after 2 attempts (IncompleteRead(" in str(info.value) and "\n" not in str(info.value)
+    assert list(data.iterdir()) == []  # neither a shard nor a temporary file
+    assert sleeps == [1.0]
+    http_server.breaks.append("chunked")
+    realdata.download_shards(data, 2, url=http_server.url, attempts=2)
+    assert (data / "shard_00000.parquet").read_bytes() == served["shard_00000.parquet"]
+    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_01822.parquet"]

@@ -1,7 +1,10 @@
 """Bad flags, bad files and failed writes: each ends in one line that says what to do, before any
 work starts where it can be known then, and never leaves a run without its last complete checkpoint."""
+import dataclasses
 import errno
 import json
+import os
+import pathlib
 import sys
 
 import pytest
@@ -222,3 +225,102 @@ def test_real_data_without_datasets_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(realdata.DataError, match=r"pip install -e '\.\[hf\]'"):
         realdata.load_rows("gsm8k", "train", str(tmp_path))
+
+
+def save_tiny_checkpoint(directory, step):
+    """A checkpoint of a one-layer model, written by save_checkpoint as a stage writes it (no training)."""
+    config = nc.GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    model = nc.GPT(config)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters())
+    nc.save_checkpoint(directory, step, model, [optimizer], dict(step=step, model_config=dataclasses.asdict(config)))
+    return model
+
+
+def test_checkpoint_is_on_disk_before_older_steps_are_deleted(tmp_path, monkeypatch):
+    """Power cut safety: each file's bytes are flushed (fsync) before it is renamed into place, the
+    folder (which holds the names) after, and only then is an older step deleted; otherwise a power
+    cut can leave the new checkpoint empty and the old one gone."""
+    directory = tmp_path / "base" / "d1"
+    save_tiny_checkpoint(directory, 4)
+    events, real_fsync, real_replace, real_unlink = [], os.fsync, os.replace, pathlib.Path.unlink
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(source), str(target)))
+        real_replace(source, target)
+
+    def unlink(path, missing_ok=False):
+        if path.exists():
+            events.append(("unlink", str(path)))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    save_tiny_checkpoint(directory, 6)
+    replaces = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert [os.path.basename(events[i][2]) for i in replaces] == ["model_000006.pt", "optim_000006.pt",
+                                                                  "meta_000006.json"]
+    for i in replaces:
+        assert ("fsync", events[i][1]) in events[:i], f"{events[i][1]} was renamed before its bytes were flushed"
+        assert ("fsync", str(directory)) in events[i + 1:], f"the rename to {events[i][2]} was never flushed"
+    deleted = [i for i, e in enumerate(events) if e[0] == "unlink"]
+    assert sorted(os.path.basename(events[i][1]) for i in deleted) == ["meta_000004.json", "model_000004.pt",
+                                                                       "optim_000004.pt"]
+    last_folder_flush = max(i for i, e in enumerate(events) if e == ("fsync", str(directory)))
+    assert replaces[-1] < last_folder_flush < deleted[0]  # the new step is on the disk before the old one goes
+
+
+def test_checkpoint_cleanup_deletes_only_its_own_files(tmp_path):
+    directory = tmp_path / "base" / "d1"
+    directory.mkdir(parents=True)
+    yours = ["model_final.pt", "meta_best.json", "notes_v2.txt", "optim_old.pt", "model_000004.pt.bak"]
+    for name in yours:
+        (directory / name).write_text("the user's own file")
+    save_tiny_checkpoint(directory, 4)
+    save_tiny_checkpoint(directory, 6)
+    checkpoint = ["meta_000006.json", "model_000006.pt", "optim_000006.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(yours + checkpoint)
+
+
+def test_stray_meta_file_is_ignored(tmp_path, monkeypatch):
+    """A meta_best.json (or meta_notes.json) of your own beside the checkpoints is not a step."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "runs"))
+    directory = nc.checkpoint_dir("base", "d1")
+    saved = save_tiny_checkpoint(directory, 4)
+    for name in ("meta_best.json", "meta_notes.json", "meta_5.json"):
+        (directory / name).write_text("{}")
+    assert nc.last_checkpoint_step(directory) == 4
+    model, optimizer_states, meta = nc.load_checkpoint("base", "d1", "cpu", with_optimizer=True)
+    assert meta["step"] == 4 and len(optimizer_states) == 1
+    assert all(torch.equal(w, model.state_dict()[name]) for name, w in saved.state_dict().items())
+
+
+OUT_OF_MEMORY = [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["MemoryError", "OutOfMemoryError"])
+def test_out_of_memory_on_a_good_checkpoint_is_not_called_corrupt(tmp_path, monkeypatch, error):
+    saved = save_tiny_checkpoint(tmp_path, 4).state_dict()
+    path = tmp_path / "model_000004.pt"
+    real_load = torch.load
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(nc.UserError) as info:
+        nc.torch_load(path, "cpu")
+    message = str(info.value)
+    assert "corrupt" not in message and "delete" not in message, message
+    assert type(error).__name__ in message and "\n" not in message
+    monkeypatch.setattr(torch, "load", real_load)
+    loaded = nc.torch_load(path, "cpu")  # the file was good all along
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[name], w) for name, w in saved.items())
+    path.write_bytes(path.read_bytes()[:-100])  # a truncated file still is truncated
+    with pytest.raises(nc.UserError, match="truncated or corrupt"):
+        nc.torch_load(path, "cpu")
