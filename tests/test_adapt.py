@@ -209,6 +209,7 @@ def test_rl_resumed_past_its_end_stops_with_one_line(in_runs):
     with pytest.raises(nc.UserError, match="past --num-iterations 2"):
         run_stage("--stage", "rl", *flags, "--num-iterations", "2", "--resume")
 
+
 def test_own_conversations_not_in_utf8_stop_with_their_file_and_line(tmp_path, base_dir):
     """A .jsonl saved as Latin-1 (the é of "café" as the one byte 0xe9) is one line naming the file
     and the line, not a UnicodeDecodeError traceback."""
