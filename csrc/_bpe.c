@@ -769,7 +769,8 @@ done:
 /* ------------------------------------------------------------------------------------------
  * Encoder */
 
-/* the chunk cache stops growing at this many chunks or bytes of chunks and of ids */
+/* the chunk cache stops growing at this many chunks or bytes of chunks and of ids (bpe.py bounds its
+ * pure-Python cache with the same numbers) */
 #define CACHE_MAX_ENTRIES (1 << 20)
 #define CACHE_MAX_BYTES (64u << 20)
 #define CACHE_MAX_CHUNK 256 /* longer chunks are not cached */
