@@ -55,6 +55,10 @@ SANDBOX_DENIED_CALLS = {  # system call -> its number on x86_64, on aarch64 (Non
     "iopl": (172, None), "ioperm": (173, None), "modify_ldt": (154, None), "uselib": (134, None),
 }
 
+# The line that run_sandboxed(require_end=True) appends to a program: it hands back the token that
+# waits for it on the socket `fd` (see run_sandboxed for why this is evidence).
+SANDBOX_END_LINE = "\nimport os as _sandbox_os\n_sandbox_os.write({fd}, _sandbox_os.read({fd}, 64))\n"
+
 
 def sandbox_seccomp_filter():
     """The seccomp filter of the sandbox, as bwrap --seccomp reads it: a classic BPF program that the
@@ -97,8 +101,9 @@ def python_installation():
     return [path for path in paths if not any(Path(path).is_relative_to(shown) for shown in SANDBOX_READ_ONLY)]
 
 
-def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None):
-    """Run untrusted Python code; True when it exits with status 0 in time.
+def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None, require_end=False):
+    """Run untrusted Python code; True when it exits with status 0 in time (and, with require_end,
+    when it also ran to its last line).
 
     The code runs under bwrap with the interpreter of the Python that runs this file (`python -I`,
     its standard library, an empty environment) and gets
@@ -113,10 +118,22 @@ def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None
     Without bwrap the code is not run and this raises; when bwrap cannot build the sandbox it runs
     nothing and this returns False (sandbox_problem() says why). At the timeout, or if this process
     dies, bwrap is killed and takes the sandbox with it (--die-with-parent).
-    error_file: a file that receives bwrap's and the code's error output (default: discarded)."""
+    error_file: a file that receives bwrap's and the code's error output (default: discarded).
+    require_end: exit status 0 is not evidence that a program finished, since its code may call
+    os._exit(0) or sys.exit() before the tests run. With require_end, a fresh random token waits on
+    a socket that the program inherits; SANDBOX_END_LINE, appended after its last line, reads it and
+    writes it back; the run passes only if the token came back. The token is nowhere else: not in
+    the program's text (which its code can read back from standard input or from its code object),
+    its arguments, environment or files, so no line before the end can learn it from them. What this
+    cannot stop: code that reads that socket on purpose before the end. The program and its last
+    line are one process, and one process keeps no secret from itself (nor can it stop an answer
+    from returning an object equal to everything): this catches answers that end early, and an
+    answer built to cheat the check is beyond what any check run in the same process can catch."""
     import resource
+    import secrets
     import shutil
     import signal
+    import socket
     import subprocess
     import tempfile
     if sys.platform != "linux":
@@ -137,7 +154,14 @@ def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None
                              (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(which, (value, value))
 
-    with tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
+    ours, theirs = socket.socketpair()  # the token's way in and back out (require_end)
+    token = secrets.token_hex(16).encode()
+    with ours, theirs, tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
+        passed_fds = [rules.fileno()]
+        if require_end:
+            ours.sendall(token)
+            program += SANDBOX_END_LINE.format(fd=theirs.fileno())
+            passed_fds.append(theirs.fileno())
         code.write(program.encode())
         rules.write(seccomp_filter)
         code.seek(0)
@@ -151,14 +175,21 @@ def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None
         command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/",
                     "--seccomp", str(rules.fileno()), os.path.realpath(sys.executable), "-I", "-"]
         with subprocess.Popen(command, env={}, stdin=code, stdout=subprocess.DEVNULL,
-                              stderr=error_file or subprocess.DEVNULL, pass_fds=[rules.fileno()],
+                              stderr=error_file or subprocess.DEVNULL, pass_fds=passed_fds,
                               preexec_fn=limit, start_new_session=True) as process:
             try:
-                return process.wait(timeout=timeout_s) == 0
+                status = process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 return False
+        if status != 0 or not require_end:
+            return status == 0
+        ours.setblocking(False)
+        try:
+            return ours.recv(64) == token
+        except BlockingIOError:  # nothing came back: the program ended before its last line
+            return False
 
 
 def sandbox_problem():

@@ -340,6 +340,35 @@ def test_output_to_a_given_file_is_limited_in_size(tmp_path):
     assert (tmp_path / "errors.txt").stat().st_size <= 1 << 20
 
 
+@needs_sandbox
+def test_only_a_program_that_runs_to_its_end_passes_when_that_is_required():
+    """With require_end, exit status 0 is not enough: the program's last line must have run."""
+    assert sandbox.run_sandboxed("x = 1\n", require_end=True)
+    assert sandbox.run_sandboxed("def f():\n    return 1", require_end=True)  # no newline, an indented end
+    for early_exit in ("import os\nos._exit(0)\n", "raise SystemExit(0)\n", "import sys\nsys.exit()\n"):
+        assert sandbox.run_sandboxed(early_exit, require_end=False)
+        assert not sandbox.run_sandboxed(early_exit + "x = 1\n", require_end=True)
+
+
+@needs_sandbox
+def test_the_end_token_is_nowhere_the_program_can_read_before_its_end():
+    """The token is not in the program's text (which it can read back through standard input or its
+    code object), its arguments or environment: writing all of these to every file it holds open
+    and stopping early does not pass."""
+    program = """import gc, os, sys
+found = [os.lseek(0, 0, 0) == 0 and os.read(0, 1 << 20), open("/proc/self/cmdline", "rb").read(),
+         repr(dict(os.environ)).encode(), repr(sys.argv).encode(), repr(sys._getframe().f_code.co_consts).encode()]
+for fd in map(int, os.listdir("/proc/self/fd")):
+    for text in found:
+        try:
+            os.write(fd, text)
+        except OSError:
+            pass
+os._exit(0)
+"""
+    assert not sandbox.run_sandboxed(program, require_end=True)
+
+
 def test_without_bubblewrap_humaneval_refuses_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
     assert sandbox.sandbox_problem().startswith("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap")
@@ -393,3 +422,23 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
     assert result["chat_tasks"]["HumanEval"] == dict(nc.accuracy_stats(1, 2), centered=0.5)
     assert "HumanEval      50.0% +- 35.4 (N=2)" in capsys.readouterr().out
 
+
+
+@needs_sandbox
+@pytest.mark.parametrize("early_exit", ["import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "exit()\n",
+                                        "raise SystemExit\n"])
+def test_humaneval_answers_that_exit_before_the_tests_fail(monkeypatch, early_exit):
+    tokenizer = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)
+    replies = {"add": "def add(a, b):\n    return a + b\n" + early_exit, "double": "    return 2 * x\n"}
+
+    class ScriptedEngine:  # a right answer that ends the program before check() runs, and a right one
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
+            name = next(name for name in replies if f"def {name}(" in tokenizer.decode(prompt))
+            return [tokenizer.encode(replies[name])], None
+
+    monkeypatch.setattr(nc, "Engine", ScriptedEngine)
+    assert nc.evaluate_humaneval(None, tokenizer, [nc.chat_eval_item("HumanEval", row) for row in HUMANEVAL],
+                                 nc.Dist()) == nc.accuracy_stats(1, 2)
