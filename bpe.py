@@ -40,6 +40,14 @@ SPLIT_PATTERN = (
 )
 FILE_FORMAT = "nanochat-one-bpe-v1"
 
+# The encoder remembers the ids of the chunks it has seen (common words recur), within the C
+# encoder's bounds, so that distinct requests cannot grow it without end: chunks longer than
+# CACHE_MAX_CHUNK bytes are not kept (they seldom recur), and it stops growing at
+# CACHE_MAX_ENTRIES chunks or CACHE_MAX_BYTES of chunks or of ids (4 bytes each, as C stores them).
+CACHE_MAX_ENTRIES = 1 << 20
+CACHE_MAX_BYTES = 64 << 20
+CACHE_MAX_CHUNK = 256
+
 # ---------------------------------------------------------------------------------------------
 # Backend selection: the C extension if it was built and not disabled, else pure Python.
 
@@ -187,7 +195,8 @@ class Tokenizer:
         first_special = 256 + len(self.merges)
         self.special_tokens = {s: first_special + i for i, s in enumerate(special_tokens)}
         self.inverse_special = {i: s for s, i in self.special_tokens.items()}
-        self._cache = {}  # chunk bytes -> ids, for the pure-Python encoder
+        self._cache = {}  # chunk bytes -> ids, for the pure-Python encoder (bounded: CACHE_MAX_...)
+        self._cache_bytes = self._cache_ids = 0  # what the cache holds: bytes of chunks, ids
         self._c_encoder = _c.Encoder(self.merges) if _c is not None else None
         self._c_splits = _c_splits(pattern)
 
@@ -244,8 +253,11 @@ class Tokenizer:
             cached = self._cache.get(chunk)
             if cached is None:
                 cached = encode_chunk_python(chunk, self.ranks)
-                if len(self._cache) < 1_000_000:
+                if (len(chunk) <= CACHE_MAX_CHUNK and len(self._cache) < CACHE_MAX_ENTRIES
+                        and self._cache_bytes < CACHE_MAX_BYTES and 4 * self._cache_ids < CACHE_MAX_BYTES):
                     self._cache[chunk] = cached
+                    self._cache_bytes += len(chunk)
+                    self._cache_ids += len(cached)
             ids.extend(cached)
         return ids
 

@@ -1295,12 +1295,14 @@ def humaneval_program(item, reply):
 
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
-    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats)."""
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats).
+    An answer passes only if its program ran past check() (require_end): exiting with status 0 is not
+    enough, since an answer can call os._exit(0) or sys.exit() before the tests run."""
     engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)))
+        passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)), require_end=True)
     return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
 
 

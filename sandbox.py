@@ -16,17 +16,48 @@ import os
 import sys
 from pathlib import Path
 
-# What the sandbox shows, read-only, besides the Python installation: the system's programs and
-# libraries. Home folders, /etc, /tmp, /var, the data and the checkpoints are absent, whatever
-# their permissions.
+# What the sandbox shows, read-only, besides the interpreter and its library folder
+# (python_installation): the system's programs and libraries. Home folders, /etc, /tmp, /var, the
+# data and the checkpoints are absent, whatever their permissions.
 SANDBOX_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 
-SANDBOX_DENIED_CALLS = {  # system call -> its number on x86_64, on aarch64 (which has no fork or vfork)
-    "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "vfork": (58, None),  # processes, threads
-    "unshare": (272, 97),  # a nested user namespace would let it mount a memory file system of its own
-    "shmget": (29, 194), "msgget": (68, 186), "semget": (64, 190),  # System V IPC: memory outside RLIMIT_AS
-    "io_uring_setup": (425, 425), "bpf": (321, 280),  # kernel worker threads; kernel-memory maps
+# The calls the seccomp filter refuses: all that a HumanEval program (arithmetic, strings, lists,
+# the standard library) has no use for and that reach past the namespaces, to other processes, the
+# user's keys or the machine. A denylist rather than a list of what is allowed: what Python and the
+# C library call at start-up changes with their versions, and a refused call there would fail
+# every answer on some machine; the namespaces, not this list, are what hides files and processes.
+SANDBOX_DENIED_CALLS = {  # system call -> its number on x86_64, on aarch64 (None: no such call there)
+    # processes and threads: the program stays one process with one thread
+    "clone": (56, 220), "clone3": (435, 435), "fork": (57, None), "vfork": (58, None),
+    # namespaces and mounts: a nested user namespace would let it mount a memory file system of its own
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    # memory outside RLIMIT_AS: System V and POSIX IPC, io_uring's kernel workers, bpf's kernel-memory maps
+    "shmget": (29, 194), "msgget": (68, 186), "semget": (64, 190), "mq_open": (240, 180),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "bpf": (321, 280),
+    # the kernel's keyrings: the evaluating user's and session's keys (tokens, credentials) are not
+    # in any namespace, so only refusing these calls keeps them out of reach
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    # other processes' memory and files, the kernel's insides: tracing, profiling, page-fault handlers,
+    # handles that open files by number, address-space randomisation switched off (personality)
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kcmp": (312, 272),
+    "pidfd_open": (434, 434), "pidfd_getfd": (438, 438), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "personality": (135, 92), "name_to_handle_at": (303, 264), "open_by_handle_at": (304, 265),
+    "fanotify_init": (300, 262), "lookup_dcookie": (212, 18),
+    # the machine: kernel modules, kexec, reboot, swap, clocks, names, accounting, quotas, the kernel
+    # log, I/O ports (these need capabilities it does not have; refused before the kernel looks)
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106), "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294), "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225),
+    "settimeofday": (164, 170), "clock_settime": (227, 112), "clock_adjtime": (305, 266), "adjtimex": (159, 171),
+    "sethostname": (170, 161), "setdomainname": (171, 162), "acct": (163, 89), "quotactl": (179, 60),
+    "quotactl_fd": (443, 443), "syslog": (103, 116), "vhangup": (153, 58),
+    "iopl": (172, None), "ioperm": (173, None), "modify_ldt": (154, None), "uselib": (134, None),
 }
+
+# The line that run_sandboxed(require_end=True) appends to a program: it hands back the token that
+# waits for it on the socket `fd` (see run_sandboxed for why this is evidence).
+SANDBOX_END_LINE = "\nimport os as _sandbox_os\n_sandbox_os.write({fd}, _sandbox_os.read({fd}, 64))\n"
 
 
 def sandbox_seccomp_filter():
@@ -57,25 +88,52 @@ def sandbox_seccomp_filter():
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
-def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None):
-    """Run untrusted Python code; True when it exits with status 0 in time.
+def python_installation():
+    """What the sandbox shows of the Python installation: the interpreter, and the folder that holds
+    its standard library, e.g. <prefix>/lib above lib/python3.X, with lib-dynload and the shared
+    libraries that the interpreter and those modules link to (libpython; libffi, libssl, ... in a
+    conda environment). The rest of the prefix stays out: a conda environment keeps activation
+    scripts under etc/ and environment variables, sometimes secrets, under conda-meta/. Paths
+    already in SANDBOX_READ_ONLY (a system Python) are left out."""
+    import sysconfig
+    library = os.path.dirname(os.path.realpath(sysconfig.get_path("stdlib")))  # of the base, not of a venv
+    paths = [os.path.realpath(sys.executable), library]
+    return [path for path in paths if not any(Path(path).is_relative_to(shown) for shown in SANDBOX_READ_ONLY)]
+
+
+def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None, require_end=False):
+    """Run untrusted Python code; True when it exits with status 0 in time (and, with require_end,
+    when it also ran to its last line).
 
     The code runs under bwrap with the interpreter of the Python that runs this file (`python -I`,
     its standard library, an empty environment) and gets
-      - files: SANDBOX_READ_ONLY and the Python installation (sys.base_prefix), read-only; nothing
-        else exists, and nothing is writable (the code arrives on standard input);
+      - files: SANDBOX_READ_ONLY and python_installation(), read-only; nothing else exists, and
+        nothing is writable (the code arrives on standard input);
       - processes: only itself, as PID 1 of a new PID namespace, with no capabilities; the seccomp
-        filter above refuses it any new process or thread;
+        filter above refuses it any new process or thread, the kernel's keyrings, tracing and the
+        other calls in SANDBOX_DENIED_CALLS;
       - no network (a new network namespace: not even the host's localhost), IPC or host name;
       - limits on address space, CPU seconds, file size (what it may write to a file it was given,
         such as error_file) and open files.
     Without bwrap the code is not run and this raises; when bwrap cannot build the sandbox it runs
     nothing and this returns False (sandbox_problem() says why). At the timeout, or if this process
     dies, bwrap is killed and takes the sandbox with it (--die-with-parent).
-    error_file: a file that receives bwrap's and the code's error output (default: discarded)."""
+    error_file: a file that receives bwrap's and the code's error output (default: discarded).
+    require_end: exit status 0 is not evidence that a program finished, since its code may call
+    os._exit(0) or sys.exit() before the tests run. With require_end, a fresh random token waits on
+    a socket that the program inherits; SANDBOX_END_LINE, appended after its last line, reads it and
+    writes it back; the run passes only if the token came back. The token is nowhere else: not in
+    the program's text (which its code can read back from standard input or from its code object),
+    its arguments, environment or files, so no line before the end can learn it from them. What this
+    cannot stop: code that reads that socket on purpose before the end. The program and its last
+    line are one process, and one process keeps no secret from itself (nor can it stop an answer
+    from returning an object equal to everything): this catches answers that end early, and an
+    answer built to cheat the check is beyond what any check run in the same process can catch."""
     import resource
+    import secrets
     import shutil
     import signal
+    import socket
     import subprocess
     import tempfile
     if sys.platform != "linux":
@@ -84,9 +142,11 @@ def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None
     if not bwrap:
         raise OSError("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap; "
                       "Fedora: sudo dnf install bubblewrap; Arch: sudo pacman -S bubblewrap)")
-    for private in (Path.home(), Path.cwd()):  # e.g. a Python installed in /
-        if private.is_relative_to(sys.base_prefix):
-            raise OSError(f"the Python installation {sys.base_prefix} holds {private}, which the sandbox would show")
+    installation = python_installation()
+    for private in (Path.home(), Path.cwd()):  # should the Python installation's lib folder hold either
+        for path in installation:
+            if private.is_relative_to(path):
+                raise OSError(f"the Python installation's {path} holds {private}, which the sandbox would show")
     seccomp_filter = sandbox_seccomp_filter()
 
     def limit():  # runs in the child between fork and exec; bwrap and the code inherit the limits
@@ -94,26 +154,42 @@ def run_sandboxed(program, timeout_s=10.0, memory_bytes=1 << 30, error_file=None
                              (resource.RLIMIT_FSIZE, 1 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(which, (value, value))
 
-    with tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
+    ours, theirs = socket.socketpair()  # the token's way in and back out (require_end)
+    token = secrets.token_hex(16).encode()
+    with ours, theirs, tempfile.TemporaryFile() as code, tempfile.TemporaryFile() as rules:
+        passed_fds = [rules.fileno()]
+        if require_end:
+            ours.sendall(token)
+            program += SANDBOX_END_LINE.format(fd=theirs.fileno())
+            passed_fds.append(theirs.fileno())
         code.write(program.encode())
         rules.write(seccomp_filter)
         code.seek(0)
         rules.seek(0)
         command = [bwrap, "--unshare-all", "--unshare-user", "--cap-drop", "ALL",  # as root too: no capabilities
                    "--die-with-parent", "--new-session", "--as-pid-1"]  # setsid: no way to the terminal
-        for path in (*SANDBOX_READ_ONLY, sys.base_prefix):
+        for path in SANDBOX_READ_ONLY:
             command += ["--ro-bind-try", path, path]
+        for path in installation:
+            command += ["--ro-bind", path, path]
         command += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/",
                     "--seccomp", str(rules.fileno()), os.path.realpath(sys.executable), "-I", "-"]
         with subprocess.Popen(command, env={}, stdin=code, stdout=subprocess.DEVNULL,
-                              stderr=error_file or subprocess.DEVNULL, pass_fds=[rules.fileno()],
+                              stderr=error_file or subprocess.DEVNULL, pass_fds=passed_fds,
                               preexec_fn=limit, start_new_session=True) as process:
             try:
-                return process.wait(timeout=timeout_s) == 0
+                status = process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 return False
+        if status != 0 or not require_end:
+            return status == 0
+        ours.setblocking(False)
+        try:
+            return ours.recv(64) == token
+        except BlockingIOError:  # nothing came back: the program ended before its last line
+            return False
 
 
 def sandbox_problem():

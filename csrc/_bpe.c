@@ -666,20 +666,22 @@ static PyObject *train_merges(PyObject *module, PyObject *args)
     Py_ssize_t num_merges;
     if (!PyArg_ParseTuple(args, "OOn:train_merges", &chunks_arg, &counts_arg, &num_merges))
         return NULL;
-    PyObject *chunks = PySequence_Fast(chunks_arg, "chunks must be a sequence of bytes");
+    /* Tuples, not the caller's lists: reading a count may run Python code (its __index__) that
+     * changes a list, and the chunks' lengths are measured once, before the copy below. */
+    PyObject *chunks = PySequence_Tuple(chunks_arg);
     if (chunks == NULL)
         return NULL;
-    PyObject *counts = PySequence_Fast(counts_arg, "counts must be a sequence of int");
+    PyObject *counts = PySequence_Tuple(counts_arg);
     if (counts == NULL) {
         Py_DECREF(chunks);
         return NULL;
     }
-    Py_ssize_t nchunks = PySequence_Fast_GET_SIZE(chunks);
+    Py_ssize_t nchunks = PyTuple_GET_SIZE(chunks);
     Trainer t;
     memset(&t, 0, sizeof(t));
     int32_t *out = NULL;
     PyObject *result = NULL;
-    if (PySequence_Fast_GET_SIZE(counts) != nchunks) {
+    if (PyTuple_GET_SIZE(counts) != nchunks) {
         PyErr_SetString(PyExc_ValueError, "chunks and counts differ in length");
         goto done;
     }
@@ -692,7 +694,7 @@ static PyObject *train_merges(PyObject *module, PyObject *args)
     /* copy the chunks with two or more bytes (the others have no pairs) as words of ids */
     size_t total = 0, nwords = 0;
     for (Py_ssize_t i = 0; i < nchunks; i++) {
-        PyObject *chunk = PySequence_Fast_GET_ITEM(chunks, i);
+        PyObject *chunk = PyTuple_GET_ITEM(chunks, i);
         if (!PyBytes_Check(chunk)) {
             PyErr_SetString(PyExc_TypeError, "chunks must be bytes");
             goto done;
@@ -722,9 +724,9 @@ static PyObject *train_merges(PyObject *module, PyObject *args)
     }
     size_t pos = 0;
     for (Py_ssize_t i = 0; i < nchunks; i++) {
-        PyObject *chunk = PySequence_Fast_GET_ITEM(chunks, i);
+        PyObject *chunk = PyTuple_GET_ITEM(chunks, i);
         Py_ssize_t len = PyBytes_GET_SIZE(chunk);
-        long long count = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(counts, i));
+        long long count = PyLong_AsLongLong(PyTuple_GET_ITEM(counts, i));
         if (count == -1 && PyErr_Occurred())
             goto done;
         if (len < 2)
@@ -767,7 +769,8 @@ done:
 /* ------------------------------------------------------------------------------------------
  * Encoder */
 
-/* the chunk cache stops growing at this many chunks or bytes of chunks and of ids */
+/* the chunk cache stops growing at this many chunks or bytes of chunks and of ids (bpe.py bounds its
+ * pure-Python cache with the same numbers) */
 #define CACHE_MAX_ENTRIES (1 << 20)
 #define CACHE_MAX_BYTES (64u << 20)
 #define CACHE_MAX_CHUNK 256 /* longer chunks are not cached */
@@ -970,10 +973,11 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Encoder is already initialized");
         return -1;
     }
-    PyObject *merges = PySequence_Fast(merges_arg, "merges must be a sequence of pairs");
+    /* a tuple, not the caller's list: reading a pair may run Python code (__iter__, __index__) */
+    PyObject *merges = PySequence_Tuple(merges_arg);
     if (merges == NULL)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(merges);
+    Py_ssize_t n = PyTuple_GET_SIZE(merges);
     if (n > INT32_MAX - 256) {
         Py_DECREF(merges);
         PyErr_SetString(PyExc_ValueError, "too many merges");
@@ -995,7 +999,7 @@ static int Encoder_init(Encoder *e, PyObject *args, PyObject *kwds)
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         int a, b;
-        PyObject *pair = PySequence_Fast_GET_ITEM(merges, k);
+        PyObject *pair = PyTuple_GET_ITEM(merges, k);
         PyObject *tuple = PySequence_Tuple(pair);
         if (tuple == NULL || !PyArg_ParseTuple(tuple, "ii", &a, &b)) {
             Py_XDECREF(tuple);
@@ -1040,34 +1044,32 @@ static PyObject *Encoder_encode_chunks(Encoder *e, PyObject *chunks_arg)
 {
     if (!encoder_ready(e))
         return NULL;
-    PyObject *chunks = PySequence_Fast(chunks_arg, "chunks must be a sequence of bytes");
+    /* A tuple, not the caller's list: another thread may change the list while this one waits
+     * for the encoder's lock without the GIL. The items are checked once the lock is held. */
+    PyObject *chunks = PySequence_Tuple(chunks_arg);
     if (chunks == NULL)
         return NULL;
     IntVec out = {NULL, 0, 0};
     PyObject *result = NULL;
-    int failed = 0;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(chunks);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyBytes_Check(PySequence_Fast_GET_ITEM(chunks, i))) {
-            PyErr_SetString(PyExc_TypeError, "chunks must be bytes");
-            goto done;
-        }
-    }
-    /* with the GIL held the list cannot change under us, so only take the encoder's lock */
+    int failed = 0, not_bytes = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(chunks);
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(e->lock, WAIT_LOCK);
     Py_END_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !failed; i++) {
-        PyObject *chunk = PySequence_Fast_GET_ITEM(chunks, i);
-        failed = encode_cached(e, (const unsigned char *)PyBytes_AS_STRING(chunk),
-                               (size_t)PyBytes_GET_SIZE(chunk), &out);
+    for (Py_ssize_t i = 0; i < n && !failed && !not_bytes; i++) {
+        PyObject *chunk = PyTuple_GET_ITEM(chunks, i);
+        not_bytes = !PyBytes_Check(chunk);
+        if (!not_bytes)
+            failed = encode_cached(e, (const unsigned char *)PyBytes_AS_STRING(chunk),
+                                   (size_t)PyBytes_GET_SIZE(chunk), &out);
     }
     PyThread_release_lock(e->lock);
-    if (failed)
+    if (not_bytes)
+        PyErr_SetString(PyExc_TypeError, "chunks must be bytes");
+    else if (failed)
         PyErr_NoMemory();
     else
         result = ids_to_list(e, &out);
-done:
     free(out.v);
     Py_DECREF(chunks);
     return result;
@@ -1207,6 +1209,11 @@ static PyObject *ChunkCounter_counts(ChunkCounter *c, PyObject *unused)
     PyObject *dict = PyDict_New();
     if (dict == NULL)
         return NULL;
+    /* add() grows the table in another thread without the GIL, so read it under the lock. Nothing
+     * below runs Python code (bytes keys, int values), so nothing can call add() while it is held. */
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(c->lock, WAIT_LOCK);
+    Py_END_ALLOW_THREADS
     for (size_t i = 0; i < c->table.n; i++) {
         const StrEntry *e = &c->table.entries[i];
         PyObject *key = PyBytes_FromStringAndSize((const char *)c->table.arena + e->off, e->len);
@@ -1214,12 +1221,13 @@ static PyObject *ChunkCounter_counts(ChunkCounter *c, PyObject *unused)
         if (value == NULL || PyDict_SetItem(dict, key, value)) {
             Py_XDECREF(key);
             Py_XDECREF(value);
-            Py_DECREF(dict);
-            return NULL;
+            Py_CLEAR(dict);
+            break;
         }
         Py_DECREF(key);
         Py_DECREF(value);
     }
+    PyThread_release_lock(c->lock);
     return dict;
 }
 

@@ -130,3 +130,36 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_backend_is_reported():
     assert bpe.BACKEND in ("c", "python")
+
+
+def python_tokenizer(monkeypatch, merges):
+    monkeypatch.setattr(bpe, "_c", None)  # the pure-Python encoder and its cache, whether or not C is built
+    tok = Tokenizer(merges)
+    assert tok._c_encoder is None
+    return tok
+
+
+def test_python_cache_keeps_no_long_chunks(monkeypatch):
+    # distinct long requests, one chunk each: the cache would keep every one of them
+    tok = python_tokenizer(monkeypatch, [(97, 98), (256, 256)])
+    for i in range(1, 60):
+        text = "ab" * 200 + "c" * i
+        assert tok.encode(text) == bpe.encode_chunk_python(text.encode(), tok.ranks)
+    assert not tok._cache
+
+
+SHORT_WORDS = [" w" + a + b for a in "abcdefgh" for b in "ijkl"]  # 4 bytes, 3 ids: " w" a b
+LONG_WORDS = ["ab" * 64 + c for c in "cdefghijklmnop"]  # 129 bytes, 2 ids: (ab)*64 c
+
+
+@pytest.mark.parametrize("limit, value, words, kept", [
+    ("CACHE_MAX_ENTRIES", 8, SHORT_WORDS, 8),
+    ("CACHE_MAX_BYTES", 40, SHORT_WORDS, 4),  # ids (4 bytes each, as the C encoder stores them): 12, 24, 36, 48
+    ("CACHE_MAX_BYTES", 300, LONG_WORDS, 3),  # chunk bytes: 129, 258, 387
+])
+def test_python_cache_stops_growing(monkeypatch, limit, value, words, kept):
+    monkeypatch.setattr(bpe, limit, value)
+    tok = python_tokenizer(monkeypatch, [(32, 119), (97, 98)] + [(257 + k, 257 + k) for k in range(6)])
+    for word in words:
+        assert tok.encode(word) == bpe.encode_chunk_python(word.encode(), tok.ranks)
+    assert len(tok._cache) == kept

@@ -3,7 +3,10 @@
 import contextlib
 import itertools
 import random
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import regex
@@ -217,6 +220,76 @@ def test_threads_share_an_encoder():
     for t in threads:
         t.join()
     assert got == expected
+
+
+# The C code reads Python lists; Python code that runs meanwhile (a count's __index__, another
+# thread while this one waits for a lock without the GIL) may change them. Each case runs in a
+# fresh interpreter, so that an out-of-bounds read or write shows as a failed test, not a dead run,
+# and must give a clear error or the result for the lists as they were passed.
+MUTATED_DURING_THE_CALL = {
+    "a count's __index__ empties the chunks": """
+chunks = [b"abab", b"abc", b"bcd", b"cdcd"]
+original = list(chunks)
+class Count:
+    def __index__(self):
+        chunks.clear()
+        return 2
+assert _bpe.train_merges(chunks, [1, Count(), 1, 1], 10) == bpe.train_merges_python(original, [1, 2, 1, 1], 10)
+""",
+    "a count's __index__ lengthens a chunk": """
+chunks = [b"abab", b"abc", b"bcd", b"cdcd"]
+original = list(chunks)
+class Count:
+    def __index__(self):
+        chunks[3] = b"cd" * (32 << 20)  # 64 MiB where the copy has room for 4 bytes
+        return 2
+assert _bpe.train_merges(chunks, [1, Count(), 1, 1], 10) == bpe.train_merges_python(original, [1, 2, 1, 1], 10)
+""",
+    "an id's __index__ empties the merges": """
+merges = [(97, 98), None, (257, 100)]
+original = [(97, 98), (256, 99), (257, 100)]
+class Id:
+    def __index__(self):
+        merges.clear()
+        return 256
+merges[1] = (Id(), 99)
+encoder = _bpe.Encoder(merges)
+assert encoder.encode_chunks([b"abcd", b"xabc"]) == [258, 120, 257]
+""",
+    "another thread empties the chunks while encode_chunks waits for the lock": """
+import threading, time
+encoder = _bpe.Encoder([(97, 98)] + [(256 + k, 256 + k) for k in range(8)])
+busy = threading.Thread(target=encoder.encode_text, args=((" " + "ab" * 256) * 40000,))  # ~1 s with the lock
+busy.start()
+time.sleep(0.2)
+chunks = [b"ab", b"abab", b"xab"]
+emptier = threading.Thread(target=lambda: (time.sleep(0.2), chunks.clear()))
+emptier.start()
+assert encoder.encode_chunks(chunks) == [256, 257, 120, 256]
+busy.join()
+emptier.join()
+""",
+    "counts() while another thread adds": """
+import itertools, string, threading, time
+text = " ".join("".join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=4))
+counter = _bpe.ChunkCounter()
+adder = threading.Thread(target=counter.add, args=(text,))
+adder.start()
+seen = []
+while adder.is_alive():
+    seen.append(len(counter.counts()))
+    time.sleep(0.001)  # let the adder take the GIL and start
+adder.join()
+assert all(n in (0, 26 ** 4) for n in seen), sorted(set(seen))[:5]
+""",
+}
+
+
+@pytest.mark.parametrize("program", MUTATED_DURING_THE_CALL.values(), ids=MUTATED_DURING_THE_CALL.keys())
+def test_lists_changed_during_a_call_are_safe(program):
+    result = subprocess.run([sys.executable, "-c", "import _bpe, bpe\n" + program], cwd=Path(bpe.__file__).parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-1500:]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ files unchanged, processes alive, the listener untouched, nothing left running, 
 limit. The bombs first try one fork (one thread) and stop if it works, so a broken sandbox fails
 the test instead of running a bomb on the machine.
 """
+import ctypes
+import errno
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -150,6 +153,86 @@ raise SystemExit(len(reached) + 10 * (visible != ["1"]))
         signal.signal(signal.SIGUSR1, previous)
 
 
+@needs_sandbox
+def test_the_python_installation_shows_only_the_interpreter_and_its_lib_folder():
+    """A conda environment keeps activation scripts and environment variables (sometimes secrets)
+    under its prefix: the sandbox shows the interpreter and the folder of its standard library
+    and shared libraries, not the rest of the prefix."""
+    prefix, interpreter = Path(sys.base_prefix), Path(sys.executable).resolve()
+    if any(prefix.is_relative_to(path) for path in sandbox.SANDBOX_READ_ONLY):
+        pytest.skip(f"Python is part of the system here ({prefix})")
+    library = Path(os.__file__).resolve().parent.parent  # e.g. <prefix>/lib, above lib/python3.X
+    program = f"""import os
+assert sorted(os.listdir({str(prefix)!r})) == {sorted({interpreter.relative_to(prefix).parts[0],
+                                                         library.relative_to(prefix).parts[0]})!r}
+assert os.listdir({str(interpreter.parent)!r}) == [{interpreter.name!r}]
+"""
+    passed, seconds = run_timed(program)
+    assert passed and seconds < 5
+
+
+KEYRING_CALLS = {"x86_64": (248, 249, 250), "aarch64": (217, 218, 219)}  # add_key, request_key, keyctl
+
+
+@needs_sandbox
+def test_the_callers_keyrings_are_out_of_reach():
+    """A key the evaluating process put in its session keyring can be neither found nor read."""
+    if platform.machine() not in KEYRING_CALLS:
+        pytest.skip(f"no keyring call numbers for {platform.machine()}")
+    add_key, request_key, keyctl = KEYRING_CALLS[platform.machine()]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    description, secret = f"nanochat-sandbox-probe-{os.getpid()}".encode(), b"the caller's secret"
+    serial = libc.syscall(add_key, b"user", description, secret, len(secret), ctypes.c_int(-3))  # session keyring
+    if serial < 0:
+        pytest.skip(f"this process cannot use keyrings ({os.strerror(ctypes.get_errno())}): nothing to probe")
+    program = f"""import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+found = []
+serial = libc.syscall({request_key}, b"user", {description!r}, None, ctypes.c_int(0))
+found += [serial] if serial >= 0 else []
+for key in (serial, {serial}):
+    buffer = ctypes.create_string_buffer(64)
+    if libc.syscall({keyctl}, 11, ctypes.c_long(key), buffer, 64) >= 0:  # KEYCTL_READ
+        found.append(buffer.value)
+for keyring in (-3, -4, -5):  # the session, user and user-session keyrings: KEYCTL_GET_KEYRING_ID
+    if libc.syscall({keyctl}, 0, ctypes.c_int(keyring), 0) >= 0:
+        found.append(keyring)
+raise SystemExit(len(found))
+"""
+    try:
+        passed, seconds = run_timed(program)
+        assert passed and seconds < 5
+    finally:
+        libc.syscall(keyctl, 21, ctypes.c_long(serial))  # KEYCTL_INVALIDATE
+
+
+@needs_sandbox
+def test_calls_a_program_has_no_use_for_are_refused():
+    """Every call in SANDBOX_DENIED_CALLS, made with zero arguments, fails with EPERM before the
+    kernel looks at it (the calls that make processes are left to the bomb tests below)."""
+    expected = {"keyctl", "add_key", "request_key", "ptrace", "perf_event_open", "userfaultfd", "process_vm_readv",
+                "process_vm_writev", "personality", "mount", "setns", "pivot_root", "chroot", "open_tree",
+                "move_mount", "fsopen", "kexec_load", "init_module", "finit_module", "bpf", "io_uring_setup"}
+    assert expected <= set(sandbox.SANDBOX_DENIED_CALLS)
+    column = 1 if platform.machine() == "aarch64" else 0
+    numbers = {name: pair[column] for name, pair in sandbox.SANDBOX_DENIED_CALLS.items()
+               if pair[column] is not None and name not in ("clone", "clone3", "fork", "vfork")}
+    program = f"""import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+allowed = []
+for name, number in {numbers!r}.items():
+    if libc.syscall(number, 0, 0, 0, 0, 0, 0) != -1 or ctypes.get_errno() != {errno.EPERM}:
+        allowed.append(name)
+print(*allowed, file=__import__("sys").stderr)
+raise SystemExit(len(allowed))
+"""
+    passed, seconds = run_timed(program)
+    assert passed and seconds < 5
+
+
 FORK_BOMB = """import os
 try:
     if os.fork() == 0:
@@ -257,6 +340,35 @@ def test_output_to_a_given_file_is_limited_in_size(tmp_path):
     assert (tmp_path / "errors.txt").stat().st_size <= 1 << 20
 
 
+@needs_sandbox
+def test_only_a_program_that_runs_to_its_end_passes_when_that_is_required():
+    """With require_end, exit status 0 is not enough: the program's last line must have run."""
+    assert sandbox.run_sandboxed("x = 1\n", require_end=True)
+    assert sandbox.run_sandboxed("def f():\n    return 1", require_end=True)  # no newline, an indented end
+    for early_exit in ("import os\nos._exit(0)\n", "raise SystemExit(0)\n", "import sys\nsys.exit()\n"):
+        assert sandbox.run_sandboxed(early_exit, require_end=False)
+        assert not sandbox.run_sandboxed(early_exit + "x = 1\n", require_end=True)
+
+
+@needs_sandbox
+def test_the_end_token_is_nowhere_the_program_can_read_before_its_end():
+    """The token is not in the program's text (which it can read back through standard input or its
+    code object), its arguments or environment: writing all of these to every file it holds open
+    and stopping early does not pass."""
+    program = """import gc, os, sys
+found = [os.lseek(0, 0, 0) == 0 and os.read(0, 1 << 20), open("/proc/self/cmdline", "rb").read(),
+         repr(dict(os.environ)).encode(), repr(sys.argv).encode(), repr(sys._getframe().f_code.co_consts).encode()]
+for fd in map(int, os.listdir("/proc/self/fd")):
+    for text in found:
+        try:
+            os.write(fd, text)
+        except OSError:
+            pass
+os._exit(0)
+"""
+    assert not sandbox.run_sandboxed(program, require_end=True)
+
+
 def test_without_bubblewrap_humaneval_refuses_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
     assert sandbox.sandbox_problem().startswith("bubblewrap is not installed (Debian/Ubuntu: sudo apt-get install bubblewrap")
@@ -309,3 +421,24 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
     result = nc.evaluate_real_chat(args, None, tokenizer, nc.Dist())
     assert result["chat_tasks"]["HumanEval"] == dict(nc.accuracy_stats(1, 2), centered=0.5)
     assert "HumanEval      50.0% +- 35.4 (N=2)" in capsys.readouterr().out
+
+
+
+@needs_sandbox
+@pytest.mark.parametrize("early_exit", ["import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "exit()\n",
+                                        "raise SystemExit\n"])
+def test_humaneval_answers_that_exit_before_the_tests_fail(monkeypatch, early_exit):
+    tokenizer = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)
+    replies = {"add": "def add(a, b):\n    return a + b\n" + early_exit, "double": "    return 2 * x\n"}
+
+    class ScriptedEngine:  # a right answer that ends the program before check() runs, and a right one
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
+            name = next(name for name in replies if f"def {name}(" in tokenizer.decode(prompt))
+            return [tokenizer.encode(replies[name])], None
+
+    monkeypatch.setattr(nc, "Engine", ScriptedEngine)
+    assert nc.evaluate_humaneval(None, tokenizer, [nc.chat_eval_item("HumanEval", row) for row in HUMANEVAL],
+                                 nc.Dist()) == nc.accuracy_stats(1, 2)
