@@ -391,12 +391,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             server.queue.leave()
         if generated:
             try:
-                self.wfile.flush()
+                self.wfile.flush()  # what the client has not taken yet, by its deadline
             except (ConnectionError, TimeoutError) as e:
-                server.count("cancelled")
-                server.log(f"client did not take its reply ({e}); connection closed")
-                return
-            server.count("served")
+                server.log(f"client did not take all of its reply ({e}); connection closed")
 
     def chunk(self, delta, finish_reason=None, **extra):
         return dict(id=self.reply_id, object="chat.completion.chunk", created=self.created, model=self.server.info["model"],
@@ -430,6 +427,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         except Exception as e:  # the model failed: say so in the stream (the status line is already sent)
             event(dict(error=dict(message=f"generation failed: {type(e).__name__}: {e}", type="server_error")))
             raise
+        self.server.count("served")
         usage = dict(prompt_tokens=prompt_tokens, completion_tokens=tokens, total_tokens=prompt_tokens + tokens)
         event(self.chunk({}, "length" if tokens == max_tokens else "stop", usage=usage))
         self.wfile.write(b"data: [DONE]\n\n")
@@ -447,6 +445,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         except Exception as e:
             self.server.log(f"generation failed: {type(e).__name__}: {e}")
             raise RequestError(f"generation failed: {type(e).__name__}: {e}", 500, "server_error") from None
+        self.server.count("served")
         self.send_json(200, dict(
             id=f"chatcmpl-{next(self.server.ids)}", object="chat.completion", created=int(time.time()),
             model=self.server.info["model"],
