@@ -2265,12 +2265,15 @@ def stage_serve(args, ddp):
     """The chat page (chat.html) and an OpenAI-style API for a checkpoint, over HTTP (serve.py)."""
     tokenizer = get_tokenizer()
     model, meta = load_trained(args, ddp, args.source, tokenizer)
-    info = dict(model=args.model_tag or f"d{args.depth}", stage=args.source, step=meta["step"], context=model.rotary_len,
+    # the context is the length the model was trained on (its rotary tables run 10x longer, to positions it never saw)
+    info = dict(model=args.model_tag or f"d{args.depth}", stage=args.source, step=meta["step"],
+                context=model.config.sequence_len,
                 defaults=dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens))
     limits = serve.Limits(max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
     try:
         serve.serve(Engine(model.eval(), tokenizer), lambda messages: render_for_completion(tokenizer, dict(messages=messages)),
-                    info, args.host, args.port, limits, log=lambda line: print(line, flush=True))
+                    info, args.host, args.port, limits, log=lambda line: print(line, flush=True),
+                    allowed_hosts=args.allow_host)
     except OSError as e:
         raise UserError(str(e)) from None
 
@@ -2431,9 +2434,13 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: chat and serve 50, "
                    "rl all tokens; nanochat's rl: 50)")
     g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface; there is no login)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface; "
+                   "there is no login)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is answered; more get 503 busy")
+    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is answered; "
+                   "more get 503 busy")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="also answer requests whose Host "
+                   "or Origin header names NAME, as behind a proxy (repeatable; the --host address needs none)")
     g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the training flags)")
     g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="GPUs the run will use")
     g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in percent (nanochat measures "

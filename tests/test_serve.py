@@ -1,17 +1,24 @@
 """--stage serve, driven as users drive it: the real CLI in a subprocess on a free port, plain HTTP
-clients (streaming, multi-turn, limits, bad requests, a client that leaves, 20 at once) and a
-headless Chromium on the chat page. Also reply_pieces, the engine's reply as content parts."""
+clients (streaming, multi-turn, limits, bad requests, a client that leaves, 20 at once), raw sockets
+for what a plain client would not send, and a headless Chromium on the chat page. Also reply_pieces,
+the engine's reply as content parts, and the server's defences against one greedy client (deadlines,
+slow readers, a flood of connections) on a scripted engine whose replies are as long and slow as a
+test needs."""
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,9 +28,11 @@ import serve
 from conftest import train_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a model just big enough that a reply of a few hundred tokens takes about a second on a CPU
-MODEL = ["--depth", "2", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
-         "--total-batch-size", "256", "--eval-batches", "1", "--log-every", "100"]
+# a model just big enough that a reply of a few hundred tokens takes about a second on a CPU, trained on a
+# context long enough for such a reply
+MODEL = ["--depth", "2", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "512", "--device-batch-size", "4",
+         "--total-batch-size", "2048", "--eval-batches", "1", "--log-every", "100"]
+CONTEXT = int(MODEL[MODEL.index("--max-seq-len") + 1])
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +69,11 @@ class Server:
     def connection(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
 
-    def request(self, method, path, body=None, raw=None):
-        """(status, headers, parsed JSON body)."""
+    def request(self, method, path, body=None, raw=None, headers=()):
+        """(status, headers, parsed JSON body); `headers` add to (or replace) Content-Type and Host."""
         connection = self.connection()
         payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        connection.request(method, path, body=payload, headers={"Content-Type": "application/json", **dict(headers)})
         response = connection.getresponse()
         data = response.read()
         connection.close()
@@ -96,9 +105,33 @@ def events(response):
             yield json.loads(line[len("data: "):])
 
 
+def post(port, body, length=None):
+    """The bytes of a POST /chat/completions with `body`, its Content-Length `length` (default: the body's)."""
+    length = str(len(body)).encode() if length is None else length
+    return (b"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %s\r\n\r\n" % (port, length)) + body
+
+
+def exchange(port, data, half_close=False, send_buffer=None):
+    """Send `data` on a new connection and read until the server closes it: (status, JSON body or the bytes;
+    status None when no status line came). half_close: then close our sending side, as some clients do.
+    send_buffer: the socket's send buffer, so small that sending all of `data` waits for the server to read it."""
+    with socket.socket() as s:
+        if send_buffer:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        s.settimeout(60)
+        s.connect(("127.0.0.1", port))
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        reply = b"".join(iter(lambda: s.recv(1 << 16), b""))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]) if head else None, json.loads(body) if body.startswith(b"{") else body
+
+
 @pytest.fixture(scope="module")
 def server(runs):
-    s = Server(runs[0], "--max-new-tokens", "300")
+    s = Server(runs[0], "--max-new-tokens", "300", "--allow-host", "chat.example")
     yield s
     s.stop()
 
@@ -183,10 +216,92 @@ def test_bad_requests_get_400_with_a_message(server, body, status, needle):
 def test_malformed_json_oversized_body_and_unknown_path(server):
     code, _, answer = server.request("POST", "/chat/completions", raw=b'{"messages": [')
     assert code == 400 and "not valid JSON" in answer["error"]["message"]
-    code, _, answer = server.request("POST", "/chat/completions", raw=b" " * (1 << 20 + 1))
+    # twice the 1 MiB limit, sent whole before the answer is read: the server reads (and drops) that much, so
+    # the client can finish sending and read its 413
+    code, _, answer = server.request("POST", "/chat/completions", raw=b" " * (2 << 20))
     assert code == 413
     assert server.request("POST", "/v2/chat", dict(messages=user("a")))[0] == 404
     assert server.health()["status"] == "ok"  # still serving
+
+
+def test_an_oversized_body_gets_its_413_while_still_being_sent(server):
+    """The client's send buffer is too small to hold the 2 MiB body: its send finishes only if the server
+    reads on after it has answered 413 (closing with the body unread would reset the connection under it)."""
+    status, answer = exchange(server.port, post(server.port, b" " * (2 << 20)), send_buffer=4096)
+    assert status == 413 and "at most 1048576" in answer["error"]["message"]
+
+
+REQUEST = b'{"messages": [{"role": "user", "content": "a"}], '
+
+
+@pytest.mark.parametrize("request_bytes,status,needle", [
+    (lambda port: post(port, b"", length=b"\xb2"), 400, "Content-Length must be a number"),  # "²": isdigit(), no int()
+    (lambda port: post(port, b"[" * 100_000), 400, "nested too deeply"),
+    (lambda port: post(port, REQUEST + b'"top_k": ' + b"7" * 5000 + b"}"), 400, "5,000 digits"),
+    (lambda port: post(port, REQUEST + b'"seed": ' + b"9" * 400 + b"}"), 400, "400 digits"),
+    (lambda port: b"GET http://[/ HTTP/1.0\r\n\r\n", 404, "nothing at http://[/"),  # a target urlsplit() refuses
+], ids=["superscript-length", "deep-nesting", "long-top-k", "long-seed", "bad-target"])
+def test_hostile_inputs_get_a_status_and_a_message(server, request_bytes, status, needle):
+    """Each of these once ended the handler's thread with a traceback, the connection closed without a status."""
+    code, answer = exchange(server.port, request_bytes(server.port))
+    assert code == status and needle in answer["error"]["message"], (code, answer)
+    assert server.health()["status"] == "ok"  # still serving
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_other_sites_pages_are_refused_by_host_and_origin(server):
+    """A web page from elsewhere may send a request here (a text/plain POST needs no preflight) and, if its
+    site points its name at 127.0.0.1 (DNS rebinding), read the answer: the Host and Origin headers, set by
+    the browser, give it away. This server's own page, its names and --allow-host's are answered."""
+    port, ask = server.port, dict(messages=user("a"), max_tokens=2)
+    code, _, answer = server.request("GET", "/health", headers={"Host": f"rebound.example:{port}"})
+    assert code == 403 and "--allow-host rebound.example" in answer["error"]["message"]
+    for origin in ("http://elsewhere.example", f"http://elsewhere.example:{port}", "null", f"http://localhost:{port}"):
+        headers = {"Origin": origin, "Content-Type": "text/plain"}
+        code, _, answer = server.request("POST", "/chat/completions", ask, headers=headers)
+        assert code == 403 and "may not use this server" in answer["error"]["message"], origin
+    answered = [(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"), (f"localhost:{port}", f"http://localhost:{port}"),
+                ("chat.example", "https://chat.example"), (f"127.0.0.1:{port}", "https://chat.example")]
+    for host, origin in answered:
+        code, _, answer = server.request("POST", "/chat/completions", ask, headers={"Host": host, "Origin": origin})
+        assert code == 200, (host, origin, answer)
+    assert server.request("GET", "/", headers={"Host": f"localhost:{port}"})[0] == 200
+
+
+def test_control_characters_of_a_request_line_are_escaped_in_the_log(server):
+    """A request line may hold terminal escapes (here: erase the line, a backspace, C1's CSI); the log shows them as
+    \\x1b and such, so none reaches the terminal of whoever reads the log."""
+    status, _ = exchange(server.port, b"GET /\x1b[2K\x08\x9bforged HTTP/1.0\r\n\r\n")
+    assert status == 404
+    for _ in range(200):  # the line comes through the server's stdout, read by another thread
+        if any("forged" in line for line in server.lines):
+            break
+        time.sleep(0.05)
+    logged = [line for line in server.lines if "forged" in line]
+    assert logged and "/\\x1b[2K\\x08\\x9bforged" in logged[0], logged
+    assert not any(c in line for line in server.lines for c in "\x1b\x08\x9b")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_half_closes_gets_its_reply(server, stream):
+    """A client may close its sending side once the request is sent (shutdown(SHUT_WR)) and still read."""
+    body = json.dumps(dict(messages=user("Hi"), temperature=0, max_tokens=8, stream=stream)).encode()
+    status, answer = exchange(server.port, post(server.port, body), half_close=True)
+    assert status == 200
+    if stream:
+        assert answer.rstrip().endswith(b"data: [DONE]")
+    else:
+        assert answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_context_is_the_length_the_model_was_trained_on(server, runs):
+    """A prompt longer than the trained context (but shorter than the rotary tables) is a 400."""
+    assert server.health()["context"] == CONTEXT
+    text = " ".join(f"q{i}z" for i in range(600))
+    prompt = nc.render_for_completion(runs[1], dict(messages=user(text)))
+    assert CONTEXT < len(prompt) < 10 * CONTEXT and len(text) <= 4000
+    code, _, answer = server.request("POST", "/chat/completions", dict(messages=user(text), max_tokens=1))
+    assert code == 400 and f"reads at most {CONTEXT}" in answer["error"]["message"]
 
 
 def full_length_seed(server, messages, max_tokens):
@@ -305,6 +420,136 @@ def test_reply_pieces_by_hand(runs):
     assert serve.display(parts) == "So [calculator: 12*7 = 84] costs 5€"
     assert [text for text, _ in pieces][-3:] == ["", "", "€"]  # the euro sign comes whole, with its last byte
     assert len(list(serve.reply_pieces(Scripted(), [0], 3))) == 3
+
+
+class Scripted:
+    """An engine that writes every reply as max_tokens tokens, each `piece` (bytes), one every `pace`
+    seconds, never stopping early: replies as long and slow as a test needs, with no model."""
+
+    def __init__(self, piece, pace):
+        names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+        self.tokenizer = SimpleNamespace(special_tokens={name: i for i, name in enumerate(names, 1)},
+                                         token_to_bytes=lambda token: piece)
+        self.stop_tokens, self.pace = set(), pace
+
+    def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
+        for _ in range(max_tokens):
+            time.sleep(self.pace)
+            yield (0,), (True,)
+
+
+@contextlib.contextmanager
+def scripted_server(piece=b"x", pace=0.0, **limits):
+    """A serve.ChatServer in this process on a free port, answering with Scripted(piece, pace)."""
+    info = dict(model="scripted", stage="none", step=0, context=1 << 20,
+                defaults=dict(temperature=0.6, top_k=50, max_tokens=8))
+    server = serve.ChatServer(("127.0.0.1", 0), Scripted(piece, pace), lambda messages: [0], info,
+                              serve.Limits(**limits), log=lambda line: None)
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_by_server(s):
+    """Whether the server has closed connection `s`: it reads as ready, with nothing (or a reset) to read."""
+    try:
+        return bool(select.select([s], [], [], 0)[0]) and s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def wait_for(condition, seconds):
+    """Poll `condition` every 10 ms for at most `seconds`; its last value."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("head", [b"", b"POST /chat/completions HTTP/1.0\r\nContent-Length: 100\r\n\r\n"],
+                         ids=["headers", "body"])
+def test_a_request_that_trickles_in_is_cut_off_at_its_deadline(head):
+    """A byte every `interval` (a tenth of the deadline): a timeout per read would never fire, the deadline does."""
+    deadline, interval = 1.0, 0.1
+    with scripted_server(timeout_seconds=deadline) as server:
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.server_port)) as s:
+            s.sendall(head)
+            for _ in range(int(3 * deadline / interval)):
+                if select.select([s], [], [], interval)[0]:  # readable: the server has closed it
+                    break
+                try:
+                    s.send(b"X")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            elapsed = time.monotonic() - start
+            assert closed_by_server(s), f"still open after {elapsed:.1f} s"
+        assert deadline <= elapsed < 2 * deadline
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_slow_reader_does_not_delay_the_next_client(stream):
+    """A client asks for a reply far larger than the socket buffers (64 tokens of 128 KiB) and reads none of it.
+    Its reply takes tokens * pace = 0.32 s to generate, and then it has its deadline to read it: the next client
+    is answered after the generation, well before that deadline, and the reader's connection ends at it."""
+    tokens, pace, deadline = 64, 0.005, 2.0
+    with scripted_server(piece=b"x" * (1 << 17), pace=pace, timeout_seconds=deadline) as server:
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", server.server_port))
+            ask = dict(messages=user("a"), max_tokens=tokens, stream=stream)
+            reader.sendall(post(server.server_port, json.dumps(ask).encode()))
+            assert wait_for(lambda: server.counts["generated_tokens"] > 0, deadline)  # it holds the model
+            start = time.monotonic()
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=deadline)
+            connection.request("POST", "/chat/completions", json.dumps(dict(messages=user("b"), max_tokens=1)))
+            response = connection.getresponse()
+            reply = json.loads(response.read())
+            assert response.status == 200 and len(reply["choices"][0]["message"]["content"]) == 1 << 17
+            connection.close()
+            assert time.monotonic() - start < deadline
+            assert wait_for(lambda: not server.connections, 2 * deadline), "the slow reader still holds its connection"
+            assert server.counts["served"] == 2 and server.counts["cancelled"] == 0
+
+
+def test_a_flood_of_idle_connections_leaves_room_for_a_request():
+    """200 connections that send nothing (each would hold a thread): from max_connections on, each new one closes
+    the oldest silent one at once, and a request after the flood is answered."""
+    with scripted_server() as server:
+        cap, flood = server.limits.max_connections, []
+        try:
+            for i in range(200):
+                flood.append(socket.create_connection(("127.0.0.1", server.server_port), timeout=10))
+                if i >= cap:
+                    assert flood[i - cap].recv(1) == b"", "the oldest idle connection was not closed"
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+            connection.request("POST", "/chat/completions", json.dumps(dict(messages=user("there?"), max_tokens=2)))
+            assert connection.getresponse().status == 200
+            connection.close()
+            assert flood[200 - cap].recv(1) == b"" and len(server.connections) <= cap
+        finally:
+            for s in flood:
+                s.close()
+
+
+def test_when_every_connection_is_being_answered_a_new_one_gets_503():
+    """max_connections 2: one request generating (100 tokens, one each 10 ms: a second), one waiting its turn;
+    a third connection, with nothing to close to make room, is told so at once and closed."""
+    with scripted_server(pace=0.01, max_connections=2) as server:
+        ask = json.dumps(dict(messages=user("a"), max_tokens=100)).encode()
+        with socket.create_connection(("127.0.0.1", server.server_port)) as first, \
+                socket.create_connection(("127.0.0.1", server.server_port)) as second:
+            first.sendall(post(server.server_port, ask))
+            assert wait_for(lambda: server.counts["generated_tokens"] > 0, 1.0)
+            second.sendall(post(server.server_port, ask))
+            assert wait_for(lambda: server.queue.waiting == 1, 1.0)
+            status, answer = exchange(server.server_port, b"")
+            assert status == 503 and "too many connections" in answer["error"]["message"]
+            assert server.counts["generated_tokens"] < 100 and server.counts["rejected"] == 1
 
 
 @pytest.mark.skipif(not (shutil.which("chromedriver") and shutil.which("chromium")),
