@@ -991,6 +991,24 @@ def evaluate_loss(model, batches, num_batches):
     return (total / count.clamp(min=1)).item()
 
 
+@torch.no_grad()
+def induction_score(model, tokenizer, num_sequences=16, length=50, seed=0):
+    """Does the model read its context? Each row is <|bos|> then `length` random token ids, then the
+    same ids again. Nothing can predict the first copy; a model with induction heads (attend to the
+    token after the previous occurrence of the current token, and copy it) predicts the second.
+    Returns (mean loss of the first copy, of the second, second / first): about 1.0 without
+    induction heads, near 0 with perfect copying. The ids are drawn from 300..4000 (merged tokens,
+    not raw bytes), within the vocabulary less its special tokens."""
+    vocab = min(tokenizer.special_tokens.values())  # the special tokens come after the merges
+    low, high = min(300, (256 + vocab) // 2), min(4000, vocab)  # merged tokens, not raw bytes
+    copy = torch.randint(low, high, (num_sequences, length), generator=torch.Generator().manual_seed(seed))
+    bos = torch.full((num_sequences, 1), tokenizer.special_tokens["<|bos|>"], dtype=torch.long)
+    ids = torch.cat([bos, copy, copy], dim=1).to(model.cos.device)  # (N, 1 + 2 * length)
+    losses = token_losses(model, ids[:, :-1], ids[:, 1:]).view(num_sequences, 2 * length)
+    first, second = losses[:, :length].mean().item(), losses[:, length:].mean().item()
+    return first, second, second / first
+
+
 # -----------------------------------------------------------------------------------------------
 # Evaluation: chat tasks (multiple choice, factual questions, word problems with the tool)
 
@@ -1093,39 +1111,69 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
     return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
 
 
+def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
+    """Greedy replies (the calculator available) to this rank's share of the items' questions: [(item, reply)]."""
+    engine, pairs = Engine(model, tokenizer), []
+    for chunk in batched(shard(items, ddp), GENERATE_ROWS):  # prompts of different lengths share a batch, padded left
+        prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+                   for item in chunk]
+        pairs += zip(chunk, (tokenizer.decode(t) for t in engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]))
+    return pairs
+
+
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
     """Accuracy (accuracy_stats) of greedy answers: facts graded by tinyworld.fact_is_correct, word
     problems by their '####' number (answer_is_correct; the calculator tool is available)."""
-    engine, correct, mine = Engine(model, tokenizer), 0, shard(items, ddp)
-    for chunk in batched(mine, GENERATE_ROWS):  # prompts of different lengths share a batch, padded on the left
-        prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
-                   for item in chunk]
-        for item, tokens in zip(chunk, engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]):
-            reply = tokenizer.decode(tokens)
-            correct += (answer_is_correct(reply, item["answer"]) if task == "word_problem"
-                        else tinyworld.fact_is_correct(reply, item))
-    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
+    pairs = greedy_replies(model, tokenizer, items, ddp, max_tokens)
+    return share_of(ddp, [answer_is_correct(reply, item["answer"]) if task == "word_problem"
+                          else tinyworld.fact_is_correct(reply, item) for item, reply in pairs])
+
+
+def share_of(ddp, hits):
+    """accuracy_stats of a list of booleans, summed over the ranks."""
+    return accuracy_stats(*all_reduce_counts(sum(hits), len(hits), ddp.device))
+
+
+def mentions(reply, name):
+    """Whether the reply names `name` as a whole word, case aside: mentions("A cat meows.", "cat") -> True."""
+    return re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", reply.lower()) is not None
 
 
 def evaluate_chat(model, tokenizer, ddp, n=400):
-    """The TinyWorld chat report card on held-out (test split) items: accuracy_stats per task,
-    with multiple choice scored twice, by the letter and by cloze."""
+    """The TinyWorld chat report card on held-out (test split) items: accuracy_stats per task, with
+    multiple choice scored twice (by the letter and by cloze), each fact asked once, world knowledge
+    and mental arithmetic apart; and two measures of reading the context: whether a reply to a world
+    knowledge question names its subject ("Kenya" in a reply to "What is the capital of Kenya?") and
+    whether a reply to a harder word problem names its person."""
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
+    facts = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp)
+    world = [(item, reply) for item, reply in facts if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
+    arithmetic = [(item, reply) for item, reply in facts if item["key"].split(":")[0] in tinyworld.ARITHMETIC_KINDS]
+    hard = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("hard_word_problem", n=n), ddp, 128)
     return dict(
         multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
-        fact=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp, "fact"),
-        word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp, "word_problem"),
-        hard_word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("hard_word_problem", n=n),
-                                              ddp, "word_problem", max_tokens=128),
+        world_knowledge=share_of(ddp, [tinyworld.fact_is_correct(reply, item) for item, reply in world]),
+        arithmetic=share_of(ddp, [tinyworld.fact_is_correct(reply, item) for item, reply in arithmetic]),
+        word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp,
+                                         "word_problem"),
+        hard_word_problem=share_of(ddp, [answer_is_correct(reply, item["answer"]) for item, reply in hard]),
+        names_subject=share_of(ddp, [mentions(reply, item["key"].split(":", 1)[1]) for item, reply in world]),
+        keeps_name=share_of(ddp, [mentions(reply, item["name"]) for item, reply in hard]),
     )
 
 
-def print_chat_eval(heading, results):
+def chat_report_card(model, tokenizer, ddp, n, heading):
+    """evaluate_chat and the induction score, printed under `heading`: (the chat results, the induction
+    score as a dict of the first copy's loss, the second's and their ratio)."""
+    results = evaluate_chat(model, tokenizer, ddp, n)
+    first, second, ratio = induction_score(model, tokenizer)
     print0(f"{heading} (+- one standard error):")
     for task, stats in results.items():
         print0(f"  {task:22s} {format_accuracy(stats)}")
+    print0(f"  induction: a repeated random sequence's loss {first:.2f} -> {second:.2f} nats/token (ratio {ratio:.2f})")
+    return results, dict(first=round(first, 3), second=round(second, 3), ratio=round(ratio, 3))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1825,7 +1873,8 @@ def stage_base(args, ddp):
         return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
 
     def evaluate(model):
-        return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes))
+        return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes),
+                    induction=induction_score(model, tokenizer)[2])
 
     summary = train(args, ddp, "base", model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta)
     summary["val_bpb"] = round(summary["metrics"]["val_bpb"], 4)
@@ -1885,8 +1934,8 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     summary = train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta, lr_scale)
     summary["chat_eval"] = {}
     if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
-        summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-        print_chat_eval(f"{stage} held-out accuracy", summary["chat_eval"])
+        summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
+                                                                      f"{stage} held-out accuracy")
     if ddp.is_master:
         write_report(stage, summary)
     return summary
@@ -2183,8 +2232,8 @@ def stage_rl(args, ddp):
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
                    held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
     if args.data == "tinyworld":
-        summary["chat_eval"] = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-        print_chat_eval("rl held-out accuracy", summary["chat_eval"])
+        summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
+                                                                      "rl held-out accuracy")
     if ddp.is_master:
         write_report("rl", summary)
         plot_reward_curve(summary, base_dir() / "report" / "rl.png")
@@ -2213,8 +2262,7 @@ def stage_eval(args, ddp):
     print0(f"{args.source} checkpoint {tag} (step {meta['step']})"
            + (f": validation bits per byte {results['val_bpb']:.4f}" if "val_bpb" in results else ""))
     if args.data == "tinyworld":
-        chat = evaluate_chat(model, tokenizer, ddp, n=args.eval_items)
-        print_chat_eval("held-out accuracy", chat)
+        chat, results["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items, "held-out accuracy")
         results |= chat
     if ddp.is_master:
         write_report(f"eval_{args.source}", results | real)

@@ -63,7 +63,8 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
     rows = [(name, r) for name, r in rows if "multiple_choice_letter" in r]
     if rows:
         columns = dict(multiple_choice_letter="multiple choice, letter (chance 25%)",
-                       multiple_choice_cloze="multiple choice, cloze (chance 25%)", fact="factual questions",
+                       multiple_choice_cloze="multiple choice, cloze (chance 25%)",
+                       world_knowledge="world knowledge (each fact once)", arithmetic="mental arithmetic",
                        word_problem="word problems (calculator)", hard_word_problem="harder word problems (SFT, RL)")
         columns = {task: title for task, title in columns.items() if all(task in r for _, r in rows)}
         lines += ["", "## Chat evaluations (held-out TinyWorld items, greedy)", "",
@@ -71,7 +72,21 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
         lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in columns) + " |" for name, r in rows]
         lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items. Multiple choice by "
                   "letter: the highest-logit letter after the lettered list; by cloze: the choice that best completes "
-                  "the answer sentence (what the model knows, whatever its letter)."]
+                  "the answer sentence (what the model knows, whatever its letter). World knowledge and arithmetic: "
+                  "each held-out fact asked once, in one of its wordings; held-out facts are stated in the "
+                  "pretraining text, but no chat stage trains on their questions."]
+        lines += ["", "## Reading the context", "", "| after stage | induction: loss of a repeated random sequence, "
+                  "first copy -> second (nats/token) | ratio | reply names the question's subject | word problem "
+                  "reply keeps the person's name |", "|---|---|---|---|---|"]
+        for name, r in rows:
+            induction = reports[sources[name]].get("induction")
+            copy = (f"{induction['first']:.2f} -> {induction['second']:.2f} | {induction['ratio']:.2f}"
+                    if induction else "- | -")
+            lines.append(f"| {name} | {copy} | " + " | ".join(format_accuracy(r[task]) if task in r else "-"
+                                                             for task in ("names_subject", "keeps_name")) + " |")
+        lines += ["", "Induction: 16 rows of <|bos|> and 50 random token ids, then the same 50 again; a model that "
+                  "reads its context predicts the second copy (ratio near 0), one that does not finds it as hard "
+                  "as the first (ratio near 1)."]
     lines += list(real_eval_lines)
     if "rl" in reports:
         r, k = reports["rl"], reports["rl"]["pass_k"]

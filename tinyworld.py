@@ -7,8 +7,10 @@ continents; animals with their sounds, legs, homes, food and young; the colours 
 opposites; days and months; numbers in words; jobs, foods, shapes, planets, materials) and
 invented people (a few ordinary names and 280 built from syllables with a fixed seed). From the
 tables the generators below write:
-- pretraining documents: short encyclopedic paragraphs and 15 kinds of short stories
-  (tinyworld_document, tinyworld_documents);
+- pretraining documents: short encyclopedic paragraphs, 15 kinds of short stories, and (COPY_SHARE
+  of the paragraphs) text that only a model reading its context can predict: lists read back, codes
+  written twice, questions answered in sentences that repeat their subject, quizzes with lettered
+  choices (tinyworld_document, tinyworld_documents);
 - fact questions with one-sentence replies, and MMLU-style multiple choice whose wrong choices
   are answers of the same kind (tinyworld_fact_question, tinyworld_multiple_choice);
 - conversations: identity, small talk, one to three fact questions (tinyworld_conversation);
@@ -23,7 +25,7 @@ random.Random: a fixed seed always gives the same data. The facts are real; the 
 
 Splits by hash. Every item has a key that names what it is about, never its wording
 ("capital:France", "wp:share:3,4"; document i has the key "doc:i"), and tinyworld_split(key)
-puts it in train, val or test (about 80/10/10) by a CRC32 of the key. So every phrasing of a
+puts it in train, val or test (about 80/10/10; fact questions 60/5/35) by a CRC32 of the key. So every phrasing of a
 question lands in the same split, and stories that quote a question quote only training ones
 (train_item). A conversation of two or three questions joins their keys
 ("capital:France|colour:snow") and belongs to a split only when every one of its questions does,
@@ -346,7 +348,14 @@ def legs_sentence(animal, legs):
 # Splits: a stable hash of an item's key decides whether it is train, val or test
 
 def tinyworld_split(key):
-    """Stable split by a hash of the key: about 80% train, 10% val, 10% test."""
+    """Stable split by a hash of the key: about 80% train, 10% val, 10% test; a fact question's key
+    ("capital:Kenya", "add:3+4") 60% train, 5% val, 35% test, so that about 170 distinct facts of world
+    knowledge are held out, each asked once. A held-out fact is still stated in the pretraining text;
+    only its questions stay out of training: the test measures whether a model answers about what it
+    read, not whether it saw the question."""
+    if key.split(":", 1)[0] in FACT_KINDS:
+        bucket = zlib.crc32(key.encode("utf-8")) % 20
+        return "train" if bucket < 12 else "val" if bucket == 12 else "test"
     bucket = zlib.crc32(key.encode("utf-8")) % 10
     return "train" if bucket < 8 else "val" if bucket == 8 else "test"
 
@@ -373,6 +382,7 @@ ALL_WORDS_WITH_OPPOSITES = sorted(OPPOSITE_OF)
 LEG_WORDS = [legs_word(n) for n in (0, 2, 4, 6, 8)]
 FACT_KINDS = ["capital", "continent", "country", "sound", "legs", "young", "colour", "opposite", "day_after",
               "day_before", "month_after", "add", "sub"]
+ARITHMETIC_KINDS = ("add", "sub")  # mental arithmetic; the other kinds are world knowledge
 # The possible answers of each kind of question: multiple choice draws its wrong choices from them,
 # and nanochat_one.py's grader looks for them in a reply. Sums and differences are whole numbers.
 FACT_ANSWERS = dict(capital=ALL_CAPITALS, continent=CONTINENTS, country=ALL_COUNTRIES, sound=ALL_SOUNDS,
@@ -729,6 +739,58 @@ def story_shop(rng):
             f"dollars and {a_an(b)} cost {y} dollars. {name} bought both, so {p} paid {x} plus {y}, which is {x + y} "
             f"dollars. The shopkeeper said, \"Thank you, come again!\"")
 
+# -----------------------------------------------------------------------------------------------
+# Text that pays for reading the context. A small model learns to copy from its context (induction
+# heads: find the earlier occurrence of the current token, predict what followed it) only when
+# copying is, for many steps, the best way to lower the loss. In the paragraphs above a name or a
+# subject comes back at the same places of the same templates, which a model predicts without
+# looking back. Here what comes back is drawn at random, so only a look back predicts it: lists
+# read back, made-up codes written down twice, questions answered in sentences that repeat them.
+
+LIST_WORDS = sorted({*NAMES, *ALL_CAPITALS, *ALL_COUNTRIES, *(a[0] for a in ANIMALS), *COLOURS, *DAYS, *MONTHS,
+                     *(t[0] for t in THINGS), *NUMBER_WORDS[:21], *INSTRUMENTS, *SPORTS, *(j[0] for j in JOBS)})
+
+
+def made_up_word(rng):
+    """A nonsense word of 2-3 syllables or a number, for codes no model can guess."""
+    if rng.random() < 0.2:
+        return str(rng.randint(0, 999))
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3))))
+
+
+def copy_memory_game(rng):
+    name, friend, _ = two_names(rng)
+    words = ", ".join(rng.sample(LIST_WORDS, rng.randint(5, 16)))
+    said, back = rng.choice([("said", "said them back"), ("read out a list", "repeated the list"),
+                             ("wrote down some words", "read the words aloud")])
+    return f"{name} and {friend} played a memory game. {name} {said}: {words}. Then {friend} {back}: {words}."
+
+
+def copy_secret_code(rng):
+    name, friend, p = two_names(rng)
+    code = " ".join(made_up_word(rng) for _ in range(rng.randint(4, 12)))
+    return (f"{name} made up a secret code and wrote it on a card: {code}. {cap(p)} gave the card to {friend}. "
+            f"{friend} read it slowly, \"{code}\", and smiled.")
+
+
+def copy_interview(rng):
+    name, friend, _ = two_names(rng)
+    facts = [train_item(tinyworld_fact_question, rng) for _ in range(rng.randint(2, 4))]
+    return f"{name} asked {friend} some questions. " + " ".join(
+        f"\"{f['question']}\" {friend} answered, \"{f['reply']}\"" for f in facts)
+
+
+def copy_quiz(rng):
+    """A quiz question with lettered choices and its letter: the letter is found by looking back for the
+    choice that answers the question (the form of multiple_choice_conversation, in plain text)."""
+    item = train_item(tinyworld_multiple_choice, rng)
+    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item["choices"]))
+    return f"Quiz: {item['question']}\n{options}\nAnswer: {LETTERS[item['answer']]}"
+
+
+COPYING = [copy_memory_game, copy_secret_code, copy_interview, copy_quiz]
+COPY_SHARE = 0.3  # of the paragraphs of a document
+
 PARAGRAPHS = [para_country, para_continent, para_animal, para_colours, para_opposites, para_days, para_months,
               para_counting, para_arithmetic, para_job, para_food, para_science]
 STORIES = [story_outing, story_market, story_trip, story_dialogue, story_lost, story_fable, story_counting,
@@ -739,8 +801,12 @@ STORIES = [story_outing, story_market, story_trip, story_dialogue, story_lost, s
 def tinyworld_document(rng):
     """One pretraining document: 1-6 paragraphs separated by blank lines, a bit under half of them stories."""
     count = rng.choice((1, 2, 3, 3, 4, 4, 5, 6))  # favour 3-4 so most documents are 300-1500 characters
-    return "\n\n".join((rng.choice(STORIES) if rng.random() < 0.45 else rng.choice(PARAGRAPHS))(rng)
-                       for _ in range(count))
+    def paragraph():
+        r = rng.random()
+        return rng.choice(COPYING if r < COPY_SHARE else STORIES if r < COPY_SHARE + 0.45 * (1 - COPY_SHARE)
+                          else PARAGRAPHS)(rng)
+
+    return "\n\n".join(paragraph() for _ in range(count))
 
 
 def tinyworld_documents(split, start=0):
@@ -960,7 +1026,7 @@ def tinyworld_hard_word_problem(rng):
     steps = [(m.group(1), int(m.group(2))) for m in re.finditer(r"<<([^=]*)=(\d+)>>", " ".join(texts))]
     # the key names the arithmetic, not the wording: the same problem told in other words is in the same split
     return {"key": "hwp:" + ",".join(expression for expression, _ in steps), "question": question, "steps": steps,
-            "answer_text": " ".join(texts) + f"\n#### {have}", "answer": have}
+            "answer_text": " ".join(texts) + f"\n#### {have}", "answer": have, "name": name}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1021,11 +1087,12 @@ def tinyworld_hard_word_problem_chat(rng):
 
 
 # Each chat stage's mixture of TinyWorld tasks, generator -> weight. Mid teaches the format: small
-# talk, facts in letter form, the calculator on easy problems. SFT keeps those and adds what mid
-# never shows, the harder word problems, which RL then practises.
+# talk, facts in letter form, the calculator on easy problems. SFT adds what mid never shows, the
+# harder word problems, which RL then practises, and keeps all of mid's mixture (two thirds of its
+# examples), as nanochat keeps SmolTalk in its SFT: a stage that stops showing a task forgets it.
 CHAT_TASKS = dict(
     mid={tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tinyworld_word_problem_chat: 2},
-    sft={tinyworld_conversation: 2, tinyworld_multiple_choice_chat: 1, tinyworld_word_problem_chat: 1,
+    sft={tinyworld_conversation: 4, tinyworld_multiple_choice_chat: 2, tinyworld_word_problem_chat: 2,
          tinyworld_hard_word_problem_chat: 4},
 )
 
@@ -1052,11 +1119,13 @@ def tinyworld_eval_items(task, split="test", n=400, seed=0):
     of word problems."""
     make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
                 word_problem=tinyworld_word_problem, hard_word_problem=tinyworld_hard_word_problem)[task]
+    by_fact = task in ("fact", "multiple_choice")  # a fact asked twice is one item, however it is worded
     rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
     for _ in range(1000 * n):  # the rarest questions take ~100,000 draws to meet
         item = make(rng)
-        if tinyworld_split(item["key"]) == split and item["question"] not in seen:
-            seen.add(item["question"])
+        name = item["key"] if by_fact else item["question"]
+        if tinyworld_split(item["key"]) == split and name not in seen:
+            seen.add(name)
             items.append(item)
             if len(items) == n:
                 break

@@ -226,9 +226,20 @@ def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
 
 def test_chat_report_card_gives_each_accuracy_with_its_items_and_error(tok):
     results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=3)
-    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem", "hard_word_problem"]
+    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "world_knowledge", "arithmetic",
+                             "word_problem", "hard_word_problem", "names_subject", "keeps_name"]
     for stats in results.values():
-        assert stats == nc.accuracy_stats(round(stats["accuracy"] * 3), 3)
+        assert stats == nc.accuracy_stats(round(stats["accuracy"] * stats["items"]), stats["items"])
+    facts = tinyworld.tinyworld_eval_items("fact", n=3)
+    assert results["world_knowledge"]["items"] + results["arithmetic"]["items"] == len(facts)
+    assert results["names_subject"]["items"] == results["world_knowledge"]["items"]
+    assert results["keeps_name"]["items"] == results["hard_word_problem"]["items"] == 3
+
+
+def test_mentions_finds_whole_words_case_aside():
+    assert nc.mentions("A cat meows.", "cat") and nc.mentions("Kenya is in Africa.", "kenya")
+    assert not nc.mentions("Cats meow.", "cat") and not nc.mentions("The capital is Paris.", "Kenya")
+    assert nc.mentions("The opposite of up is down.", "up") and not nc.mentions("Upstairs.", "up")
 
 
 def test_mid_loader_masks_only_tool_outputs(tok):
@@ -275,14 +286,16 @@ def test_sft_mixture_adds_hard_word_problems_and_no_stage_trains_on_test_keys():
     hard = {(stage, split): sum(key.startswith("hwp:") for key in chat_keys(split, stage)) / 400
             for stage, split in (("mid", "train"), ("mid", "test"), ("sft", "train"))}
     assert hard["mid", "train"] == hard["mid", "test"] == 0
-    # 4 of sft's weight 8; a hard problem is kept with p ~ 0.8, the others with 0.8 to 0.8**3: 50..61% of those
-    # kept, give or take 5 standard errors, 5 * sqrt(0.25 / 400) = 0.125
-    assert 0.5 - 0.125 < hard["sft", "train"] < 0.61 + 0.125
+    # 4 of sft's weight 12; a hard problem is kept with p ~ 0.8, the others with 0.6**3 (three fact questions
+    # in one conversation) to 0.8: 33..47% of those kept, give or take 5 standard errors, 5 * sqrt(0.25 / 400)
+    assert 0.33 - 0.125 < hard["sft", "train"] < 0.47 + 0.125
     held_out = {item["key"] for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem")
                 for item in tinyworld.tinyworld_eval_items(task, "test", n=400)}
     for stage in ("mid", "sft"):
         train, test = ({key for keys in chat_keys(split, stage) for key in keys.split("|")} for split in ("train", "test"))
-        assert all(zlib.crc32(key.encode()) % 10 < 8 for key in train)  # buckets 0..7 are train
+        assert all(tinyworld.tinyworld_split(key) == "train" for key in train)
+        assert all(zlib.crc32(key.encode()) % (20 if key.split(":")[0] in tinyworld.FACT_KINDS else 10)
+                   < (12 if key.split(":")[0] in tinyworld.FACT_KINDS else 8) for key in train)  # the train buckets
         assert not train & test and not train & held_out
         assert test & held_out  # the streams and the evaluation ask about the same things
 
@@ -395,5 +408,7 @@ def test_tiny_mid_and_sft_reduce_loss(base_dir):
     sft = run_stage("--stage", "sft", *common, "--num-iterations", "20", "--lr-scale", "0.5")
     losses = [h["val_loss"] for h in sft["history"]]
     assert losses[-1] < losses[0]
-    assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "fact", "word_problem",
-                                     "hard_word_problem"}
+    assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "world_knowledge", "arithmetic",
+                                     "word_problem", "hard_word_problem", "names_subject", "keeps_name"}
+    assert 0 < sft["induction"]["first"] and sft["induction"]["ratio"] == pytest.approx(
+        sft["induction"]["second"] / sft["induction"]["first"], abs=2e-3)

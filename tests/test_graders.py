@@ -102,11 +102,14 @@ def test_accuracy_with_its_standard_error():
 
 def test_report_table_shows_each_accuracy_with_its_error(base_dir, tmp_path):
     chat_eval = dict(multiple_choice_letter=nc.accuracy_stats(100, 400), multiple_choice_cloze=nc.accuracy_stats(222, 400),
-                     fact=nc.accuracy_stats(300, 400), word_problem=nc.accuracy_stats(40, 400))
+                     world_knowledge=nc.accuracy_stats(120, 160), arithmetic=nc.accuracy_stats(180, 240),
+                     word_problem=nc.accuracy_stats(40, 400), names_subject=nc.accuracy_stats(152, 160))
     (base_dir / "report").mkdir(parents=True)
     (base_dir / "report" / "mid.json").write_text(json.dumps(dict(chat_eval=chat_eval)))
     args = nc.build_parser().parse_args(["--stage", "report", "--report-path", str(tmp_path / "report.md")])
     nc.finalize_args(args)
     nc.stage_report(args, nc.Dist())
     markdown = (tmp_path / "report.md").read_text()
-    assert "| mid | 25.0% +- 2.2 (N=400) | 55.5% +- 2.5 (N=400) | 75.0% +- 2.2 (N=400) | 10.0% +- 1.5 (N=400) |" in markdown
+    assert ("| mid | 25.0% +- 2.2 (N=400) | 55.5% +- 2.5 (N=400) | 75.0% +- 3.4 (N=160) | 75.0% +- 2.8 (N=240) | "
+            "10.0% +- 1.5 (N=400) |") in markdown
+    assert "| mid | - | - | 95.0% +- 1.7 (N=160) | - |" in markdown  # reading the context: no induction score saved

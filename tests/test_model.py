@@ -1,6 +1,7 @@
 """The GPT against naive oracles: a hand-written attention, full forwards for the KV cache."""
 import math
 import shutil
+import types
 
 import pytest
 import torch
@@ -275,3 +276,47 @@ def test_kv_cache_on_gpu():
     # in bf16 (COMPUTE_DTYPE on recent GPUs) logits in [1, 2) move in steps of 2^-7 = 0.008 and the two
     # paths differ by 1-2 of them (measured through the CPU's bf16 autocast); 5e-2 allows 6 or more
     torch.testing.assert_close(torch.cat(steps, 1), model(idx), atol=5e-2, rtol=5e-2)
+
+
+class LookBack(torch.nn.Module):
+    """An oracle for induction_score: uniform logits, except that from position `lag` on it puts logit
+    `boost` on the token `lag` positions back (a perfect copier of a sequence repeated after `lag`)."""
+
+    def __init__(self, vocab, lag, boost):
+        super().__init__()
+        self.config = nc.GPTConfig(sequence_len=256, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.register_buffer("cos", torch.zeros(1))
+        self.lag, self.boost = lag, boost
+
+    def forward(self, idx, targets, loss_reduction="mean"):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for t in range(self.lag, idx.size(1)):  # position t predicts t + 1, which repeats t + 1 - lag
+            logits[torch.arange(idx.size(0)), t, idx[:, t + 1 - self.lag]] = self.boost
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=loss_reduction)
+
+
+@pytest.mark.parametrize("boost", [0.0, 12.0])
+def test_induction_score_by_hand(boost):
+    vocab = 4096
+    tokenizer = types.SimpleNamespace(special_tokens={s: vocab - len(nc.SPECIAL_TOKENS) + i
+                                                      for i, s in enumerate(nc.SPECIAL_TOKENS)})
+    first, second, ratio = nc.induction_score(LookBack(vocab, 50, boost), tokenizer, length=50)
+    assert first == pytest.approx(math.log(vocab), rel=1e-6)  # nothing predicts the first copy
+    p = math.exp(boost) / (math.exp(boost) + vocab - 1)  # the copied token's probability in the second
+    # float32: the softmax's sum of 4096 terms carries up to 4096 x 2^-24 of relative error, 2.5e-4 of a loss
+    # of 12, absolute; the second copy's loss is that small difference (0.025 at a boost of 12)
+    assert second == pytest.approx(-math.log(p), abs=4096 * 2 ** -24 * 12) and ratio == pytest.approx(second / first)
+    assert (ratio == pytest.approx(1.0)) == (boost == 0.0)
+
+
+def test_induction_score_ids_are_merged_tokens_below_the_special_ones():
+    """With a vocabulary of 512 (256 bytes, 247 merges, 9 specials) the ids are merges: 300..502."""
+    seen = []
+    model = LookBack(512, 10, 0.0)
+    forward = model.forward
+    model.forward = lambda idx, targets, **kw: (seen.append(idx), forward(idx, targets, **kw))[1]
+    tokenizer = types.SimpleNamespace(special_tokens={s: 503 + i for i, s in enumerate(nc.SPECIAL_TOKENS)})
+    nc.induction_score(model, tokenizer, length=10)
+    ids = seen[0]
+    assert (ids[:, 0] == 503).all() and ids[:, 1:].min() >= 300 and ids[:, 1:].max() < 503
+    assert torch.equal(ids[:, 1:10], ids[:, 11:20])  # the model reads all but the last token

@@ -167,13 +167,40 @@ def test_split_fractions():
     keys = [f"k{i}" for i in range(10_000)]
     counts = {s: sum(tinyworld.tinyworld_split(k) == s for k in keys) for s in ("train", "val", "test")}
     assert 7600 < counts["train"] < 8400 and 800 < counts["val"] < 1200 and 800 < counts["test"] < 1200
+    keys = [f"capital:k{i}" for i in range(10_000)]  # fact questions: 60/5/35, each bound about 4 standard deviations
+    counts = {s: sum(tinyworld.tinyworld_split(k) == s for k in keys) for s in ("train", "val", "test")}
+    assert 5800 < counts["train"] < 6200 and 410 < counts["val"] < 590 and 3310 < counts["test"] < 3690
+
+
+def test_at_least_150_distinct_world_facts_are_held_out():
+    facts = tinyworld.tinyworld_eval_items("fact", "test", n=1000)
+    world = {f["key"] for f in facts if f["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS}
+    assert len(world) >= 150 and len(facts) == len({f["key"] for f in facts})
+
+
+def test_copying_paragraphs_repeat_what_they_drew():
+    rng = random.Random(0)
+    for _ in range(200):
+        game = tinyworld.copy_memory_game(rng)
+        first, second = re.findall(r": ([^:]*)\.", game)
+        assert first == second and len(first.split(", ")) >= 5
+        card = tinyworld.copy_secret_code(rng)
+        code = re.search(r"on a card: (.*?)\. ", card).group(1)
+        assert card.count(code) == 2 and len(code.split()) >= 4
+    documents = [t for _, t in zip(range(400), (t for _, t in tinyworld.tinyworld_documents("train")))]
+    paragraphs = [p for d in documents for p in d.split("\n\n")]
+    copying = sum(("memory game" in p or "secret code" in p or "some questions." in p or p.startswith("Quiz:"))
+                  for p in paragraphs)
+    n, share = len(paragraphs), tinyworld.COPY_SHARE  # the share of paragraphs, within 4 standard errors
+    assert abs(copying / n - share) < 4 * (share * (1 - share) / n) ** 0.5
+
 
 
 def test_held_out_questions_never_appear_in_pretraining_text():
     held_out = [item["question"] for item in tinyworld.tinyworld_eval_items("multiple_choice", "test", n=100)]
     held_out += [item["question"] for item in tinyworld.tinyworld_eval_items("fact", "test", n=100)]
     text = "\n".join(t for _, t in zip(range(3000), (t for _, t in tinyworld.tinyworld_documents("train"))))
-    quizzed = set(re.findall(r'asked the class, "(.*?)"', text))
+    quizzed = set(re.findall(r'asked the class, "(.*?)"', text)) | set(re.findall(r'"([^"]*\?)" \w+ answered', text))
     assert len(quizzed) > 50  # the documents do quote questions...
     assert not quizzed & set(held_out)  # ...but never held-out ones
 
@@ -185,19 +212,19 @@ def digest(items):
 # sha256 of the first items of every TinyWorld stream, recorded once. Any change to a table, a
 # template, a seed or the split moves a digest: if the change is meant, record the new digests.
 DIGESTS = {
-    ("documents", "train"): "d84d55eaae735018dd4e3f1b82bc302a56587da0decce1d8be442240a0407027",
-    ("documents", "val"): "e35f39eab3d0628f42936a6c54ec2a6d8b1394e5e18f12fc37834b0f82a961e4",
-    ("documents", "test"): "6f3c91e0d24ae872c9d8ec2afd0a614c5447feba501d5362a2e2351da361549d",
-    ("chat", "train"): "9f138825313ecbf28a5b4e92416b732f6b1e4d1cbec98664a8298ff8e6f39a13",
-    ("chat", "val"): "1e94c31dce63b7d4d5264b343572c7a4df9d7056932e70b2d5758205dde7a2cf",
-    ("chat", "test"): "b87393c0e3ba7d2cd0a54dc10d5b06c33c3eaad2e3ddda02c5118e62330f51c1",
-    ("chat-sft", "train"): "9a66052156253bc95314c567c82349b08e2931b4715c0d9160ae122d1018aaec",
-    ("chat-sft", "val"): "78b42b290918452a8e056ebe538469e1ec76477c310d03c9a19fac272732a3bf",
-    ("chat-sft", "test"): "1630aa70082d51f177afe03e4c41fca55e9fad0a8c453bac80fb7e092949dda3",
-    ("eval", "fact"): "b8c3b5706d7d47a740a5da516ab68a886914db572235ffe66a3bfa8c98741dc0",
-    ("eval", "multiple_choice"): "27c3967ef20345498882459cd823528fce04bb44fe8aa337a4b44f176ba27cc3",
+    ("documents", "train"): "05e82598d1c63ecdc7ef56645d2e735fe4c9f10be8c950118e2ebcb92b42334f",
+    ("documents", "val"): "0c5a132d9b7a9d858d3e33f60df7e42e1c8ca94c52b4ee87aaa0ccca67bd6b8e",
+    ("documents", "test"): "10a83d8693233eb27e5b0adea7447a6a5622af1ba859dedc6e429861cc661b50",
+    ("chat", "train"): "48020de9e29fd75c5ddfa7ddf526436638b7347c687a23f0a31e979c544315f9",
+    ("chat", "val"): "397a80c5d77a8b876564b9a3a9de89549a1029a3764bd38b9f82b7a904154e75",
+    ("chat", "test"): "bffbbb2aca2b3ddf0a6a3fa96072bb41f47465842369f8ab4f3d985e15846fcb",
+    ("chat-sft", "train"): "8b59ac9dcbb6e140ed23ab1d0757079208519ccae094b42f67f88c77d5017612",
+    ("chat-sft", "val"): "c8a5b14024a4a7702230f68a74f88bebab90b1b4d26dfe89c4402d8caa36ffa9",
+    ("chat-sft", "test"): "b3f7fe2fcaa3b8bdc0fd533f60c728ec3767b64fe1e0285cc90bcfd62a46f23c",
+    ("eval", "fact"): "83c1d18645659b4fd8765e54a18c01459fc91fba46eee20fecafb35308a62ae6",
+    ("eval", "multiple_choice"): "d6422150cc7cb714d4be84d71afd20b25d7c5b2aa19daa27031f019b85970f35",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
-    ("eval", "hard_word_problem"): "6d04baaa968794ea575944995cf3bc841c27f7250a48302fc499871b23a5691e",
+    ("eval", "hard_word_problem"): "eb7faade84c275adc3aaadbf00a207ecc790a66ea0dbe8b5cd3e11cf6cfc88bd",
 }
 
 
@@ -232,8 +259,10 @@ def test_training_conversations_never_ask_a_held_out_question():
     assert several > 300 and len(asked & held_out) == 0, sorted(asked & held_out)[:5]
 
 
-def test_400_distinct_held_out_items_per_task():
+def test_distinct_held_out_items_per_task():
+    """Word problems: 400 distinct questions. Facts and multiple choice: each held-out fact once (about 400)."""
     for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem"):
         items = tinyworld.tinyworld_eval_items(task, "test", n=400)
-        assert len(items) == 400 == len({item["question"] for item in items})
+        distinct = {item["key"] if task in ("fact", "multiple_choice") else item["question"] for item in items}
+        assert len(items) == len(distinct) and (len(items) == 400 if "word" in task else 380 <= len(items) <= 400)
         assert {tinyworld.tinyworld_split(item["key"]) for item in items} == {"test"}
