@@ -1117,7 +1117,8 @@ def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
     for chunk in batched(shard(items, ddp), GENERATE_ROWS):  # prompts of different lengths share a batch, padded left
         prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
-        pairs += zip(chunk, (tokenizer.decode(t) for t in engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]))
+        replies = engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]
+        pairs += zip(chunk, (tokenizer.decode(tokens) for tokens in replies))
     return pairs
 
 

@@ -176,14 +176,14 @@ def test_a_reward_on_the_end_of_the_reply_rises_in_training(in_runs):
     arithmetic_problems(in_runs / "problems.jsonl")
     reward_module(in_runs, "short_sentence", "float(len(reply) < 20 and reply.endswith('.'))")
     summary = run_stage("--stage", "rl", *TINY, "--problems", "problems.jsonl", "--reward", "short_sentence:score",
-                        "--num-iterations", "15", "--prompts-per-step", "8", "--num-samples", "4", "--max-new-tokens", "32",
-                        "--pass-k", "2", "--pass-k-problems", "30", "--eval-every", "0", "--lr-scale", "1",
-                        "--save-every", "0", "--eval-items", "4")
+                        "--num-iterations", "15", "--prompts-per-step", "8", "--num-samples", "4",
+                        "--max-new-tokens", "32", "--pass-k", "2", "--pass-k-problems", "30", "--eval-every", "0",
+                        "--lr-scale", "1", "--save-every", "0", "--eval-items", "4")
     first, last = ([c["mean_reward"] for c in summary["reward_curve"][s]] for s in (slice(0, 5), slice(10, 15)))
     p_first, p_last = sum(first) / 5, sum(last) / 5
     stderr = (p_first * (1 - p_first) / 160 + p_last * (1 - p_last) / 160) ** 0.5
-    print(f"\ntraining reward (a short reply ending with a full stop), steps 1-5 -> 11-15: {p_first:.3f} -> {p_last:.3f} "
-          f"(+- {stderr:.3f})")
+    print(f"\ntraining reward (a short reply ending with a full stop), steps 1-5 -> 11-15: {p_first:.3f} -> "
+          f"{p_last:.3f} (+- {stderr:.3f})")
     assert p_last - p_first > 3 * stderr and p_last > 0.25
 
 
@@ -192,8 +192,8 @@ def test_rl_says_when_the_reward_never_varies(in_runs, capsys):
     reward_module(in_runs, "constant", "1.0")
     run_stage("--stage", "rl", *TINY, "--problems", "problems.jsonl", "--reward", "constant:score",
               "--num-iterations", str(nc.NO_SIGNAL_STEPS), "--prompts-per-step", "2", "--num-samples", "2",
-              "--max-new-tokens", "8", "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0", "--save-every", "0",
-              "--eval-items", "4")
+              "--max-new-tokens", "8", "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0",
+              "--save-every", "0", "--eval-items", "4")
     out = capsys.readouterr().out
     assert f"for {nc.NO_SIGNAL_STEPS} steps in a row every group's rewards were all equal" in out
     assert out.count("  reward 1.000 for the reply") >= 1
@@ -203,8 +203,8 @@ def test_rl_resumed_past_its_end_stops_with_one_line(in_runs):
     """A checkpoint at step 3 resumed with --num-iterations 2 would never meet its last step, train with a
     negative learning rate and delete the good checkpoint at its next save."""
     arithmetic_problems(in_runs / "problems.jsonl")
-    flags = [*TINY, "--problems", "problems.jsonl", "--prompts-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
-             "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0", "--eval-items", "4"]
+    flags = [*TINY, "--problems", "problems.jsonl", "--prompts-per-step", "2", "--num-samples", "2",
+             "--max-new-tokens", "8", "--pass-k", "1", "--pass-k-problems", "2", "--eval-every", "0", "--eval-items", "4"]
     run_stage("--stage", "rl", *flags, "--num-iterations", "3")
     with pytest.raises(nc.UserError, match="past --num-iterations 2"):
         run_stage("--stage", "rl", *flags, "--num-iterations", "2", "--resume")

@@ -292,7 +292,8 @@ def test_sft_mixture_adds_hard_word_problems_and_no_stage_trains_on_test_keys():
     held_out = {item["key"] for task in ("fact", "multiple_choice", "word_problem", "hard_word_problem")
                 for item in tinyworld.tinyworld_eval_items(task, "test", n=400)}
     for stage in ("mid", "sft"):
-        train, test = ({key for keys in chat_keys(split, stage) for key in keys.split("|")} for split in ("train", "test"))
+        train, test = ({key for keys in chat_keys(split, stage) for key in keys.split("|")}
+                       for split in ("train", "test"))
         assert all(tinyworld.tinyworld_split(key) == "train" for key in train)
         assert all(zlib.crc32(key.encode()) % (20 if key.split(":")[0] in tinyworld.FACT_KINDS else 10)
                    < (12 if key.split(":")[0] in tinyworld.FACT_KINDS else 8) for key in train)  # the train buckets
