@@ -95,7 +95,7 @@ def download(url, path, attempts=5, first_wait_s=1.0, hint=""):
                 shutil.copyfileobj(response, f, 1 << 20)
                 # a connection closed early ends the body as a complete one does: only the announced length tells
                 announced = response.headers.get("Content-Length", "")
-                if announced.isdigit() and f.tell() != int(announced):
+                if announced.isascii() and announced.isdigit() and f.tell() != int(announced):  # "²".isdigit()
                     raise ConnectionError(f"the connection closed after {f.tell()} of {announced} bytes")
             os.replace(tmp, path)
             return

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import bpe
 import nanochat_one as nc
+from test_download import Response
 import realdata
 from conftest import run_stage
 import sandbox
@@ -161,7 +162,7 @@ def test_download_retries_unpacks_atomically_and_records_sha256(tmp_path, monkey
         calls.append(url)
         if len(calls) == 1:
             raise urllib.error.URLError("connection reset")
-        return io.BytesIO(served)
+        return Response(served)
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(realdata.time, "sleep", lambda s: None)

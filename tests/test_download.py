@@ -201,3 +201,15 @@ def test_download_of_a_broken_chunked_body_is_retried_and_leaves_no_file(tmp_pat
     realdata.download_shards(data, 2, url=http_server.url, attempts=2)
     assert (data / "shard_00000.parquet").read_bytes() == served["shard_00000.parquet"]
     assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_01822.parquet"]
+
+
+def test_a_length_that_is_no_ascii_number_is_not_read_as_one(monkeypatch, tmp_path):
+    """"²".isdigit() is True and int("²") raises: a server's odd Content-Length must not crash the download."""
+    class Odd(Response):
+        def __init__(self, body):
+            super().__init__(body)
+            self.headers = {"Content-Length": "²"}
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Odd(b"PAR1 body"))
+    realdata.download("https://example.invalid/x.parquet", tmp_path / "x.parquet")
+    assert (tmp_path / "x.parquet").read_bytes() == b"PAR1 body"
