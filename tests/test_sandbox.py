@@ -390,6 +390,19 @@ HUMANEVAL = [dict(task_id="HumanEval/0", prompt='def add(a, b):\n    """Sum of a
                   test="def check(f):\n    assert f(2, 3) == 5\n", entry_point="add"),
              dict(task_id="HumanEval/1", prompt='def double(x):\n    """Twice x."""\n',
                   test="def check(f):\n    assert f(4) == 8\n", entry_point="double")]
+def scripted_engine(tokenizer, replies):
+    """An Engine class that answers each HumanEval problem with replies[its function's name]."""
+    class ScriptedEngine:
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
+            name = next(name for name in replies if f"def {name}(" in tokenizer.decode(prompt))
+            return [tokenizer.encode(replies[name])], None
+
+    return ScriptedEngine
+
+
 REPLIES = {"add": "    return a + b\n", "double": "```python\ndef double(x):\n    return x + 1\n```"}  # right, wrong
 
 
@@ -406,16 +419,8 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
             return local(path, *a, **k)
         raise ConnectionError("no network")
 
-    class ScriptedEngine:  # answers each problem with its reply in REPLIES
-        def __init__(self, model, tokenizer):
-            pass
-
-        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
-            name = next(name for name in REPLIES if f"def {name}(" in tokenizer.decode(prompt))
-            return [tokenizer.encode(REPLIES[name])], None
-
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
-    monkeypatch.setattr(nc, "Engine", ScriptedEngine)
+    monkeypatch.setattr(nc, "Engine", scripted_engine(tokenizer, REPLIES))
     args = nc.build_parser().parse_args(["--stage", "eval", "--data", "hf", "--data-dir", str(tmp_path), "--humaneval"])
     nc.finalize_args(args)
     result = nc.evaluate_real_chat(args, None, tokenizer, nc.Dist())
@@ -431,14 +436,7 @@ def test_humaneval_answers_that_exit_before_the_tests_fail(monkeypatch, early_ex
     tokenizer = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)
     replies = {"add": "def add(a, b):\n    return a + b\n" + early_exit, "double": "    return 2 * x\n"}
 
-    class ScriptedEngine:  # a right answer that ends the program before check() runs, and a right one
-        def __init__(self, model, tokenizer):
-            pass
-
-        def generate_batch(self, prompt, num_samples, max_tokens, temperature):
-            name = next(name for name in replies if f"def {name}(" in tokenizer.decode(prompt))
-            return [tokenizer.encode(replies[name])], None
-
-    monkeypatch.setattr(nc, "Engine", ScriptedEngine)
+    # a right answer that ends the program before check() runs, and a right one
+    monkeypatch.setattr(nc, "Engine", scripted_engine(tokenizer, replies))
     assert nc.evaluate_humaneval(None, tokenizer, [nc.chat_eval_item("HumanEval", row) for row in HUMANEVAL],
                                  nc.Dist()) == nc.accuracy_stats(1, 2)
