@@ -2473,7 +2473,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
-    g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations (TinyWorld's test split has 415 fact questions)")
+    g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations (TinyWorld's test split "
+                   "holds 398 facts, each asked once)")
     g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
                    "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
     g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")

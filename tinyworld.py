@@ -1113,10 +1113,10 @@ def tinyworld_chat_examples(split, start=0, stage="mid"):
 
 
 def tinyworld_eval_items(task, split="test", n=400, seed=0):
-    """n held-out items of one task ("fact", "multiple_choice", "word_problem" or "hard_word_problem"), no two with the
-    same question; fewer if the split runs out. The test split asks 415 fact questions (a few
-    phrasings of each of 116 facts), so up to 415 fact or multiple-choice items, and thousands
-    of word problems."""
+    """n held-out items of one task ("fact", "multiple_choice", "word_problem" or "hard_word_problem"); fewer
+    if the split runs out. Word problems: no two with the same question (thousands in the test split).
+    Facts and multiple choice: no two about the same fact, in one of its wordings each; the test split
+    holds 398 facts (169 of world knowledge, 229 sums and differences), so n=400 takes them all."""
     make = dict(fact=tinyworld_fact_question, multiple_choice=tinyworld_multiple_choice,
                 word_problem=tinyworld_word_problem, hard_word_problem=tinyworld_hard_word_problem)[task]
     by_fact = task in ("fact", "multiple_choice")  # a fact asked twice is one item, however it is worded
