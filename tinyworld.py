@@ -1121,7 +1121,8 @@ def tinyworld_eval_items(task, split="test", n=400, seed=0):
                 word_problem=tinyworld_word_problem, hard_word_problem=tinyworld_hard_word_problem)[task]
     by_fact = task in ("fact", "multiple_choice")  # a fact asked twice is one item, however it is worded
     rng, items, seen = random.Random(f"eval-{task}-{seed}"), [], set()
-    for _ in range(1000 * n):  # the rarest questions take ~100,000 draws to meet
+    # the rarest question takes ~100,000 draws to meet; the rarest fact (a sum of two given numbers) ~6,000
+    for _ in range((200 if by_fact else 1000) * n):
         item = make(rng)
         name = item["key"] if by_fact else item["question"]
         if tinyworld_split(item["key"]) == split and name not in seen:
