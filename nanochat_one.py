@@ -1511,9 +1511,9 @@ def torch_load(path, device):
                             "delete that checkpoint directory and run the stage again") from None
         cause = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
         out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        what_to_do = f"free memory on {device} (another process may hold it)" if out_of_memory else "fix that cause"
         raise UserError(f"cannot load checkpoint file {path} onto {device} ({cause}); the file is whole, so keep it: "
-                        + (f"free memory on {device} (another process may hold it)" if out_of_memory else "fix that cause")
-                        + " and run again") from None
+                        f"{what_to_do} and run again") from None
 
 
 def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
@@ -2001,7 +2001,8 @@ def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=
         prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
         answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
         for j, problem in enumerate(chunk):
-            rewards = [reward(problem["question"], reply_text(tokenizer, a), problem["answer"]) for a in answers[j * k:(j + 1) * k]]
+            replies = [reply_text(tokenizer, a) for a in answers[j * k:(j + 1) * k]]
+            rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
             means.append(sum(rewards) / k)
             bests.append(max(rewards))
     stats = torch.tensor([sum(means), sum(f * f for f in means), sum(bests), len(means)], dtype=torch.float64, device=ddp.device)
@@ -2182,7 +2183,7 @@ def stage_rl(args, ddp):
                                                      keep_stop_token=True) if prompts else ([], [])
             for i, (problem, prompt) in enumerate(zip(problems, prompts)):
                 group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
-                replies = [reply_text(tokenizer, a) for a in group_answers]  # as pass_at_k gives them: no stop token
+                replies = [reply_text(tokenizer, a) for a in group_answers]  # as pass_at_k reads them: no stop token
                 rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
                 rewards_all += rewards
                 examples += list(zip(rewards, replies))[:2]
@@ -2424,10 +2425,10 @@ def build_parser():
                    "other training conversation")
     g.add_argument("--problems", default=None, help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '
                    "lines (one in ten held out for pass@k, by a hash of the question)")
-    g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> float "
-                   "in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current folder); reply is the "
-                   "text a reader sees, the same in training and evaluation: no stop token, calculator calls as "
-                   "[calculator: 2*3 = 6]")
+    g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> "
+                   "float in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current "
+                   "folder); reply is the text a reader sees, the same in training and evaluation: no stop token, "
+                   "calculator calls as [calculator: 2*3 = 6]")
     g.add_argument("--num-shards", type=int, default=None, help="--data hf without --data-dir: FineWeb-EDU shards to download "
                    "(about 100 MB each): the first N-1 for training, plus the pinned validation shard (default: those the "
                    "base run's tokens need, with a 10%% margin)")
@@ -2473,8 +2474,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
-    g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations (TinyWorld's test split "
-                   "holds 398 facts, each asked once)")
+    g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations "
+                   "(TinyWorld's test split holds 398 facts, each asked once)")
     g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
                    "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
     g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")

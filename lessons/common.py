@@ -110,7 +110,9 @@ def gap(before, after):
     a gain of more than about 2 standard errors is unlikely to be noise."""
     difference = after["accuracy"] - before["accuracy"]
     se = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
-    return difference, difference / se if se > 0 else float("inf") * (difference != 0)
+    if se == 0:  # both exactly 0 or 1: no gap, or one no amount of noise explains
+        return difference, 0.0 if difference == 0 else float("inf") if difference > 0 else float("-inf")
+    return difference, difference / se
 
 
 def plot_accuracies(results, tasks=None, title="held-out accuracy"):
