@@ -345,7 +345,7 @@ def chat_examples(args, split, start=0, stage="mid"):
 
 
 # -----------------------------------------------------------------------------------------------
-# Model: GPT with rotary embeddings, QK-norm, ReLU^2 MLP, untied head and logit softcap
+# Model: GPT with rotary embeddings, QK-norm, smeared keys, ReLU^2 MLP, tied head and logit softcap
 #
 # Departures from the textbook GPT-2, each for a reason:
 # - RMSNorm with no learnable weights: as good in practice, fewer parameters to think about.
@@ -353,7 +353,15 @@ def chat_examples(args, split, start=0, stage="mid"):
 #   which makes training stable at high learning rates.
 # - Rotary position embeddings instead of learned positions: relative, no extra parameters.
 # - ReLU^2 instead of GELU: slightly better in speedruns, and simpler.
-# - Untied wte / lm_head, zero-initialised output projections: each block starts as identity.
+# - Zero-initialised output projections: each block starts as the identity.
+# - The head is the embedding read backwards (tied, as GPT-2; nanochat unties them). A head that
+#   copies a token from the context then copies any token: whatever moves wte[t] into the
+#   residual stream scores t. Untied, each token's pair must line up on its own, and the tiny
+#   model never learned to copy a token it had not copied in training.
+# - Smeared keys: each head's key mixes in the previous position's key with a learned weight,
+#   so one layer can find "the token after the last time this token appeared" and copy it:
+#   the induction head (Olsson et al. 2022), which a 4-layer model otherwise did not form
+#   within the laptop's 320 steps. Both are measured in lesson 04.
 # - No biases anywhere.
 # - Logits softcapped with 15*tanh(x/15), in fp32: stops logits from running away.
 
@@ -431,6 +439,16 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.smear = nn.Parameter(torch.zeros(self.n_kv_head))  # the previous key's weight, sigmoid(0) = 0.5
+
+    def smeared(self, k, valid=None):
+        """k_t <- (1 - w) k_t + w k_{t-1}, w = sigmoid(smear) per key head; k: (B, Hkv, T, D). There is no
+        key before the first position, nor before the first of a padded row's tokens (valid: (B, T))."""
+        previous = F.pad(k, (0, 0, 1, 0))[:, :, :-1]
+        if valid is not None:
+            previous = previous * F.pad(valid, (1, 0))[:, None, :-1, None]
+        w = torch.sigmoid(self.smear).to(k.dtype)[None, :, None, None]
+        return torch.lerp(k, previous, w)
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
@@ -441,10 +459,11 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)  # QK-norm (autocast may run norms in fp32)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, self.smeared(k), v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D), all positions so far
+            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D), all positions so far, unsmeared
             Tk = k.size(2)
+            k = self.smeared(k, None if kv_cache.valid is None else kv_cache.valid[:, :Tk])
             # T new tokens after Tk - T cached ones: query i sees keys 0 .. Tk - T + i
             mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
             if kv_cache.valid is not None:  # and not the padding; a pad sees itself (a row of -inf gives NaN)
@@ -531,7 +550,6 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # rotary tables for 10x the training length (generation may run longer); buffers that
         # are not saved, so the state dict holds exactly the parameters
         self.rotary_len = config.sequence_len * 10
@@ -548,8 +566,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         # wte ~ N(0, 1); matrices that read the residual stream ~ N(0, s) with
-        # s = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)); the output projections and lm_head
-        # start at zero, so at init every block is the identity and the model predicts uniform.
+        # s = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)); the output projections start at zero,
+        # so at init every block is the identity. Each key head starts as a copy of its first query
+        # head (c_k = c_q), so a query scores highest the keys of its own token, and keys start half
+        # smeared (sigmoid(0)): from the first step a head prefers the position after an earlier
+        # occurrence of its token, the match an induction head needs, and training only has to
+        # sharpen it (lesson 04 measures it: the base model copies more, val bpb lower).
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
@@ -558,16 +580,20 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(linear.weight, mean=0.0, std=std)
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        torch.nn.init.zeros_(self.lm_head.weight)
+            attn = block.attn
+            group = attn.n_head // attn.n_kv_head  # query heads per key head
+            attn.c_k.weight.copy_(attn.c_q.weight.view(attn.n_head, attn.head_dim, -1)[::group].flatten(0, 1))
+            torch.nn.init.zeros_(attn.smear)
         cos, sin = self.rotary_tables(self.rotary_len, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def estimate_flops(self):
         """Training FLOPs per token: 6 per matmul parameter (2 forward, 4 backward) plus attention
-        scores and values, 12 * n_layer * n_head * head_dim * T (the embedding lookup is free)."""
+        scores and values, 12 * n_layer * n_head * head_dim * T. wte counts once, as the head: the
+        embedding lookup is free (and the smear weights, a few scalars, are not matrices)."""
         c = self.config
-        matmul_params = sum(p.numel() for p in self.parameters()) - self.transformer.wte.weight.numel()
+        matmul_params = sum(p.numel() for p in self.parameters() if p.ndim == 2)
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.sequence_len
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -581,7 +607,7 @@ class GPT(nn.Module):
             for block in self.transformer.h:
                 x = block(x, cos, sin, kv_cache)
             x = norm(x)
-            logits = self.lm_head(x)  # (B, T, vocab)
+            logits = F.linear(x, self.transformer.wte.weight) * self.config.n_embd ** -0.5  # (B, T, vocab), tied
         logits = logits.float()  # the softcap and the loss in fp32
         if targets is None:
             return 15 * torch.tanh(logits / 15)
@@ -673,15 +699,16 @@ class Muon(torch.optim.Optimizer):
                     p.add_(update, alpha=-group["lr"] * scale)
 
 
-def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0):
-    """Muon for every matrix in the blocks; AdamW for wte and lm_head, whose learning rates are
-    scaled by (n_embd/768)^-0.5 (tuned at width 768, wider models take smaller steps).
-    Returns [adamw, muon]; each group remembers its base lr in "initial_lr" for the schedule."""
-    matrices = list(model.transformer.h.parameters())
+def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.05, smear_lr=0.05, weight_decay=0.0):
+    """Muon for every matrix in the blocks; AdamW for wte (the embedding and the head), its
+    learning rate scaled by (n_embd/768)^-0.5 (wider models take smaller steps), and for the
+    smear weights. Returns [adamw, muon]; each group remembers its base lr in "initial_lr"."""
+    matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
+    smears = [block.attn.smear for block in model.transformer.h]
     scale = (model.config.n_embd / 768) ** -0.5
     adamw = torch.optim.AdamW(
         [dict(params=[model.transformer.wte.weight], lr=embedding_lr * scale),
-         dict(params=[model.lm_head.weight], lr=unembedding_lr * scale)],
+         dict(params=smears, lr=smear_lr)],
         betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=DEVICE_TYPE == "cuda")
     muon = Muon(matrices, lr=matrix_lr, momentum=0.95)
     for opt in (adamw, muon):
@@ -1624,7 +1651,7 @@ def start_model(args, ddp, stage, tokenizer, source=None):
 def stage_optimizers(args, model, lr_scale, optim_states=None):
     """setup_optimizers with the CLI's learning rates times lr_scale, restored when resuming."""
     optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
-                                  args.unembedding_lr * lr_scale, args.weight_decay)
+                                  args.smear_lr * lr_scale, args.weight_decay)
     for opt, state in zip(optimizers, optim_states or []):
         opt.load_state_dict(state)
     return optimizers
@@ -2450,8 +2477,9 @@ def build_parser():
     g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
     g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.125, rl 0.05)")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW learning rate for wte (scaled by (width/768)^-0.5)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW learning rate for lm_head (scaled likewise)")
+    g.add_argument("--embedding-lr", type=float, default=0.05,
+                   help="AdamW learning rate for wte, the embedding and the head (scaled by (width/768)^-0.5)")
+    g.add_argument("--smear-lr", type=float, default=0.05, help="AdamW learning rate for the keys' smear weights")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warm-up")
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps at the end with linear LR decay")
@@ -2507,7 +2535,7 @@ FLAG_RULES = [
     (("depth", "aspect_ratio", "n_kv_head", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
       "prompts_per_step", "pass_k", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
     (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
-    (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "unembedding_lr"), lambda v: v > 0, "positive"),
+    (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "smear_lr"), lambda v: v > 0, "positive"),
     (("gpus",), lambda v: v >= 1, "at least 1"),
     (("mfu",), lambda v: 0 < v <= 100, "a percentage above 0, at most 100"),
     (("weight_decay", "eval_every", "save_every", "max_queue"), lambda v: v >= 0, "0 or more"),

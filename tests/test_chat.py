@@ -136,7 +136,7 @@ def tiny_chat_model(tok, seed=0):
     model = nc.GPT(config)
     model.init_weights()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.02)  # near uniform, but not exactly
+        model.transformer.wte.weight.normal_(0, 0.1)  # the tied head near uniform, but not exactly
     return model.eval()
 
 

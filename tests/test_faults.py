@@ -62,7 +62,7 @@ BAD_FLAGS = [
     (["--stage", "base", "--lr-scale", "inf"], "--lr-scale must be positive"),
     (["--stage", "base", "--matrix-lr", "-0.02"], "--matrix-lr must be positive"),
     (["--stage", "base", "--embedding-lr", "0"], "--embedding-lr must be positive"),
-    (["--stage", "base", "--unembedding-lr", "-1"], "--unembedding-lr must be positive"),
+    (["--stage", "base", "--smear-lr", "-1"], "--smear-lr must be positive"),
     (["--stage", "base", "--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--stage", "base", "--warmup-ratio", "1.5"], "--warmup-ratio must be between 0 and 1"),
     (["--stage", "base", "--warmdown-ratio", "-0.2"], "--warmdown-ratio must be between 0 and 1"),

@@ -26,9 +26,9 @@ def tiny_model(n_kv_head=4, seed=0, vocab=97, T=32):
 def test_state_dict_names_and_shapes():
     config = nc.GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     sd = nc.GPT(config).state_dict()
-    expected = {"transformer.wte.weight": (50, 64), "lm_head.weight": (50, 64)}
+    expected = {"transformer.wte.weight": (50, 64)}  # the head is wte (tied)
     for i in range(2):
-        expected |= {f"transformer.h.{i}.attn.c_q.weight": (64, 64), f"transformer.h.{i}.attn.c_k.weight": (32, 64),
+        expected |= {f"transformer.h.{i}.attn.smear": (2,), f"transformer.h.{i}.attn.c_q.weight": (64, 64), f"transformer.h.{i}.attn.c_k.weight": (32, 64),
                      f"transformer.h.{i}.attn.c_v.weight": (32, 64), f"transformer.h.{i}.attn.c_proj.weight": (64, 64),
                      f"transformer.h.{i}.mlp.c_fc.weight": (256, 64), f"transformer.h.{i}.mlp.c_proj.weight": (64, 256)}
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
@@ -50,10 +50,23 @@ def test_init_gives_uniform_predictions():
     model = nc.GPT(config)
     model.init_weights()
     idx = torch.randint(0, 50, (2, 16))
-    loss = model(idx, idx)
-    # zero lm_head: uniform over the vocab. The logits are exactly 0, so the only rounding is
-    # log(50) and a mean of 32 equal float32 terms, at most ~32 u = 2e-6 relative
-    assert loss.item() == pytest.approx(math.log(50), rel=1e-5)
+    # zero output projections: every block is the identity, so each position's logits are its own
+    # token's normalised embedding read by the tied head, wte . rms(wte[t]) / sqrt(32), softcapped
+    wte = model.transformer.wte.weight
+    e = wte[idx] / wte[idx].pow(2).mean(-1, keepdim=True).sqrt()
+    expected = 15 * torch.tanh(e / e.pow(2).mean(-1, keepdim=True).sqrt() @ wte.T / math.sqrt(32) / 15)
+    torch.testing.assert_close(model(idx), expected, rtol=1e-5, atol=1e-5)  # float32 rounding of 32-term dots
+    assert all((block.attn.smear == 0).all() for block in model.transformer.h)  # keys start half smeared
+
+
+def test_each_key_head_starts_as_its_first_query_head():
+    config = nc.GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    model = nc.GPT(config)
+    model.init_weights()
+    for block in model.transformer.h:
+        q, k = block.attn.c_q.weight.view(4, 8, 32), block.attn.c_k.weight.view(2, 8, 32)
+        assert torch.equal(k[0], q[0]) and torch.equal(k[1], q[2])  # query heads 0-1 read key head 0, 2-3 key head 1
+        assert not torch.equal(q[0], q[1])
     w = model.transformer.h[0].attn.c_q.weight
     assert w.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)  # 1024 samples: 2% standard error
 
@@ -143,12 +156,14 @@ def naive_forward(model, idx):
             for head in range(c.n_head):
                 kv = head // (c.n_head // c.n_kv_head)
                 qh, kh = rms(rope(q[b, :, head])), rms(rope(k[b, :, kv]))
+                w = torch.sigmoid(a.smear[kv])  # each key mixed with the previous position's key
+                kh = torch.stack([(1 - w) * kh[t] + w * (kh[t - 1] if t else 0 * kh[t]) for t in range(T)])
                 scores = qh @ kh.T / math.sqrt(hd)
                 scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
                 out[b, :, head] = torch.softmax(scores, -1) @ v[b, :, kv]
         x = x + out.reshape(B, T, c.n_embd) @ a.c_proj.weight.T
         x = x + torch.relu(rms(x) @ block.mlp.c_fc.weight.T).square() @ block.mlp.c_proj.weight.T
-    logits = rms(x) @ model.lm_head.weight.T
+    logits = rms(x) @ model.transformer.wte.weight.T / math.sqrt(c.n_embd)  # tied head
     return 15 * torch.tanh(logits / 15)
 
 
@@ -249,7 +264,7 @@ def test_estimate_flops_by_hand():
     config = nc.GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     model = nc.GPT(config)
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 64 * 256  # q, k+v (GQA), proj, mlp
-    matmul_params = 2 * per_layer + 100 * 64  # + lm_head; the embedding is a lookup
+    matmul_params = 2 * per_layer + 100 * 64  # + wte as the tied head (its lookup is free)
     assert model.estimate_flops() == 6 * matmul_params + 12 * 2 * 4 * 16 * 32
 
 
@@ -260,8 +275,8 @@ def test_bf16_autocast_path_runs_on_cpu(monkeypatch):
     idx = torch.randint(0, 97, (2, 8))
     logits = model(idx)
     assert logits.dtype == torch.float32  # softcap and loss in fp32
-    assert model.lm_head.weight.dtype == torch.float32  # master weights stay fp32
-    # bf16 keeps 8 significant bits: logits in [1, 2) come out of lm_head in steps of 2^-7 = 0.008,
+    assert model.transformer.wte.weight.dtype == torch.float32  # master weights stay fp32
+    # bf16 keeps 8 significant bits: logits in [1, 2) come out of the head in steps of 2^-7 = 0.008,
     # and the bf16 forward lands within ~2 such steps of the fp32 one; 0.05 allows 6
     torch.testing.assert_close(logits, naive_forward(model, idx), atol=0.05, rtol=0)
 

@@ -61,7 +61,7 @@ def test_one_step_raises_logp_of_rewarded_answer(tok):
     model = tiny_policy(tok.vocab_size, seed=1)
     prompt, good, bad = [1, 2, 3], [40, 41, 42], [50, 51, 52]
     before = sequence_logp(model, prompt, good), sequence_logp(model, prompt, bad)
-    optimizers = nc.setup_optimizers(model, matrix_lr=0.01, embedding_lr=0.05, unembedding_lr=0.01)
+    optimizers = nc.setup_optimizers(model, matrix_lr=0.01, embedding_lr=0.05)
     rows = nc.grpo_sequences(tok, prompt, [good, bad], [[1] * 3, [1] * 3], [1.0, 0.0])
     nc.grpo_loss(model, rows, 6, "cpu", 0).backward()
     for opt in optimizers:

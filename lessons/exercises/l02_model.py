@@ -33,12 +33,12 @@ def count_parameters(fn):
         if got == expected:
             continue
         block = sum(p.numel() for p in model.transformer.h[0].parameters())
-        wte, head = model.transformer.wte.weight.numel(), model.lm_head.weight.numel()
+        wte = model.transformer.wte.weight.numel()
         raise AssertionError(
-            f"count_parameters({config}) returned {got:,}; nc.GPT has {expected:,}: wte {wte:,} + "
-            f"{config.n_layer} blocks of {block:,} + lm_head {head:,} (untied). A block holds c_q, c_k, c_v, "
-            f"c_proj and the MLP's c_fc, c_proj; c_k and c_v have n_kv_head * head_dim rows, and nothing "
-            f"has a bias")
+            f"count_parameters({config}) returned {got:,}; nc.GPT has {expected:,}: wte {wte:,} (also the "
+            f"head: tied) + {config.n_layer} blocks of {block:,}. A block holds c_q, c_k, c_v, c_proj, one "
+            f"smear weight per key head and the MLP's c_fc, c_proj; c_k and c_v have n_kv_head * head_dim "
+            f"rows, and nothing has a bias")
 
 
 def model_tables(T, D):

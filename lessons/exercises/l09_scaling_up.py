@@ -52,8 +52,9 @@ def flops_per_token(fn):
             continue
         hints = []
         if math.isclose(got, expected + 6 * vocab_size * c.n_embd, rel_tol=1e-12):
-            hints.append("that is 6 FLOPs too many for each of the vocab x width embedding (wte) parameters: "
-                         "the embedding is a lookup, not a matmul, and costs nothing")
+            hints.append("that is 6 FLOPs too many for each of the vocab x width wte parameters: wte is both "
+                         "the embedding and the head (tied); as the head it is a matmul, as the embedding a "
+                         "lookup that costs nothing")
         if math.isclose(got, expected - 12 * c.n_layer * c.n_embd * seq_len, rel_tol=1e-12):
             hints.append("the attention term 12 x layers x heads x head_dim x T is missing")
         if depth * aspect_ratio != c.n_embd:

@@ -7,7 +7,8 @@ def count_parameters(config):
     head_dim = C // config.n_head
     attention = C * C + 2 * C * config.n_kv_head * head_dim + C * C  # c_q, c_k and c_v, c_proj
     mlp = C * 4 * C + 4 * C * C  # c_fc, c_proj
-    return V * C + config.n_layer * (attention + mlp) + C * V  # wte, the blocks, lm_head
+    smear = config.n_kv_head  # one weight per key head
+    return V * C + config.n_layer * (attention + mlp + smear)  # wte (also the head), the blocks
 
 
 def rope(x, base=10000):

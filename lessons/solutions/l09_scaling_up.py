@@ -6,7 +6,7 @@ def flops_per_token(depth, vocab_size, seq_len, aspect_ratio=64, head_dim=128):
     n_head = math.ceil(depth * aspect_ratio / head_dim)  # the width, rounded up to whole heads
     C = n_head * head_dim
     per_block = 4 * C * C + 8 * C * C  # c_q, c_k, c_v, c_proj (no grouping: as many k/v heads as heads); the MLP
-    matmul_params = depth * per_block + C * vocab_size  # the blocks and lm_head; wte is a lookup
+    matmul_params = depth * per_block + C * vocab_size  # the blocks and wte as the head (its lookup is free)
     return 6 * matmul_params + 12 * depth * n_head * head_dim * seq_len
 
 
