@@ -2476,7 +2476,8 @@ def build_parser():
                    "sft 150, rl 70; with --data hf one epoch of mid's, SFT's or RL's data, as nanochat)")
     g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
     g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.125, rl 0.05)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate for the block matrices")
+    g.add_argument("--matrix-lr", type=float, default=None,
+                   help="Muon learning rate for the block matrices (default 0.02; 0.08 for sft, times its --lr-scale)")
     g.add_argument("--embedding-lr", type=float, default=0.05,
                    help="AdamW learning rate for wte, the embedding and the head (scaled by (width/768)^-0.5)")
     g.add_argument("--smear-lr", type=float, default=0.05, help="AdamW learning rate for the keys' smear weights")
@@ -2560,6 +2561,8 @@ def finalize_args(args):
         args.max_new_tokens = 128 if args.stage == "rl" else 256
     if args.top_k is None and args.stage in ("chat", "serve"):
         args.top_k = 50
+    if args.matrix_lr is None:  # SFT's matrices move 4x the embedding's pace: it teaches new sums, not new words
+        args.matrix_lr = 0.08 if args.stage == "sft" else 0.02
     for names, ok, must in FLAG_RULES:
         for name in names:
             value = getattr(args, name)
