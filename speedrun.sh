@@ -4,9 +4,10 @@
 #
 # Usage: bash speedrun.sh [tier] [extra flags for every training stage]
 #   tiny (default)  TinyWorld, depth 4, on whatever device exists: minutes on a laptop CPU
-#   d20             nanochat's speedrun on one 8-GPU node (torchrun): 561M parameters, 11.2B FineWeb-EDU
-#                   tokens, then an epoch each of mid (SmolTalk/MMLU/GSM8K), SFT (ARC/GSM8K/SmolTalk), RL (GSM8K)
-#   d26             the same at depth 26 (~1.1B parameters, GPT-2 grade), d32 at depth 32 (~1.9B, 37.6B tokens)
+#   d20             nanochat's speedrun on one 8-GPU node (torchrun): 477M parameters (nanochat's 561M less
+#                   the untied head), 9.5B FineWeb-EDU tokens, then an epoch each of mid (SmolTalk/MMLU/GSM8K),
+#                   SFT (ARC/GSM8K/SmolTalk), RL (GSM8K)
+#   d26             the same at depth 26 (~1.0B parameters), d32 at depth 32 (~1.7B, 34.9B tokens)
 # The GPU tiers print their plan (python nanochat_one.py --stage plan) and download the FineWeb-EDU
 # shards the base run needs in one process before torchrun starts.
 # Artifacts go to $NANOCHAT_BASE_DIR (default ./runs); the report to ./report.md.

@@ -183,6 +183,7 @@ def main(out, with_stage=False):
     # process, or 2 micro-batches on each of 2 ranks
     args = nc.build_parser().parse_args(["--stage", "base", *TINY, "--model-tag", "t", "--total-batch-size", "128",
                                          "--num-iterations", "4", "--eval-every", "0", "--save-every", "2"])
+    nc.finalize_args(args)  # the per-stage defaults (--matrix-lr), as main() fills them in
     torch.nn.parallel.DistributedDataParallel = CountingDDP  # train() builds its DDP wrapper from here
     torch.manual_seed(0)
     model = nc.GPT(nc.config_from_depth(2, VOCAB, 16, aspect_ratio=32, head_dim=16))
@@ -223,6 +224,7 @@ def main(out, with_stage=False):
         stage_args = nc.build_parser().parse_args(["--stage", "base", *TINY, "--model-tag", "s", "--total-batch-size", "128",
                                                    "--num-iterations", "2", "--eval-every", "0", "--eval-batches", "2",
                                                    "--sample-prompts", "The"])
+        nc.finalize_args(stage_args)
         result["stage_summary"] = nc.stage_base(stage_args, ddp)
     torch.save(result, run_dir / "result.pt")
     if ddp.is_ddp:

@@ -45,7 +45,7 @@ def test_depth_dial():
         nc.config_from_depth(4, 100, 64, head_dim=32, aspect_ratio=32, n_kv_head=3)
 
 
-def test_init_gives_uniform_predictions():
+def test_init_blocks_are_the_identity_under_the_tied_head():
     config = nc.GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
     model = nc.GPT(config)
     model.init_weights()
