@@ -39,7 +39,7 @@ else
   MODEL=(--depth "$DEPTH" --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --data hf)
   TRAIN=(--device-batch-size "$BATCH" --total-batch-size 524288 --eval-every 250 --save-every 1000 --log-every 10)
   # nanochat's SFT: 4 conversations per GPU a step, LR 0.02 of base's decaying linearly to 0; RL: 16 x 16 samples
-  SFT=(--device-batch-size 4 --total-batch-size $((4 * 2048 * NPROC)) --lr-scale 0.02 --matrix-lr 0.02 --warmdown-ratio 1.0 --eval-every 100)
+  SFT=(--device-batch-size 4 --total-batch-size $((4 * 2048 * NPROC)) --lr-scale 0.02 --matrix-lr 0.02 --embedding-lr 0.05 --warmdown-ratio 1.0 --eval-every 100)
   RL=(--num-samples 16 --prompts-per-step 16 --max-new-tokens 256 --top-k 50 --device-batch-size 8 --eval-every 60)
   $PY nanochat_one.py --stage plan "${MODEL[@]}" "${TRAIN[@]}" --vocab-size 65536 --target-param-data-ratio 20 --gpus "$NPROC"
 fi
