@@ -361,7 +361,7 @@ def chat_examples(args, split, start=0, stage="mid"):
 # - Smeared keys: each head's key mixes in the previous position's key with a learned weight,
 #   so one layer can find "the token after the last time this token appeared" and copy it:
 #   the induction head (Olsson et al. 2022), which a 4-layer model otherwise did not form
-#   within the laptop's 320 steps. Both are measured in lesson 04.
+#   within the laptop's 320 steps. Lesson 04 measures the smear's effect on pure copying.
 # - No biases anywhere.
 # - Logits softcapped with 15*tanh(x/15), in fp32: stops logits from running away.
 
@@ -571,7 +571,8 @@ class GPT(nn.Module):
         # head (c_k = c_q), so a query scores highest the keys of its own token, and keys start half
         # smeared (sigmoid(0)): from the first step a head prefers the position after an earlier
         # occurrence of its token, the match an induction head needs, and training only has to
-        # sharpen it (lesson 04 measures it: the base model copies more, val bpb lower).
+        # sharpen it (measured once on the speedrun's base stage: val bpb 0.42 -> 0.32, most of it
+        # on the copying paragraphs).
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
