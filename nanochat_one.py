@@ -163,7 +163,8 @@ def base_dir():
     return Path(os.environ.get("NANOCHAT_BASE_DIR", Path(__file__).resolve().parent / "runs"))
 
 
-format_seconds, format_accuracy = report.format_seconds, report.format_accuracy  # "3m27s"; "55.5% +- 2.5 (N=400)"
+# "3m27s"; "55.5% +- 2.5 [50.6, 60.3] (N=400)": +- one standard error, [the Wilson 95% interval]
+format_seconds, format_accuracy = report.format_seconds, report.format_accuracy
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1081,12 +1082,89 @@ def all_reduce_counts(correct, total, device):
     return counts[0].item(), counts[1].item()
 
 
-def accuracy_stats(correct, total):
-    """An accuracy with its number of items and its standard error sqrt(p(1-p)/N), the spread
-    of the accuracy of N items drawn at random: accuracy_stats(3, 4) -> accuracy 0.75, items 4,
-    stderr 0.2165. Two accuracies differ beyond noise when they are several stderrs apart."""
+def gather_in_order(ddp, mine):
+    """This rank's results for shard(items, ddp) and every other rank's, back in item order, on every
+    rank: of W ranks, rank r scored items r, r + W, r + 2W, ..., so item i is result i // W of rank
+    i % W. With one process, `mine` as it is. Per-item results in item order let two checkpoints
+    scored on the same items be compared item by item (paired_difference)."""
+    if not ddp.is_ddp:
+        return list(mine)
+    shares = [None] * ddp.world_size
+    dist.all_gather_object(shares, list(mine))
+    return [shares[i % ddp.world_size][i // ddp.world_size] for i in range(sum(len(share) for share in shares))]
+
+
+def wilson_interval(correct, total, z=1.96):
+    """The Wilson score interval (low, high) of an accuracy, 95% for z = 1.96: every true accuracy q
+    that puts the measured p within z of its own spreads sqrt(q(1-q)/N). Unlike p +- z * stderr it stays
+    within [0, 1], and it is not empty at 0% or 100%, where the standard error is 0:
+    wilson_interval(0, 200) -> (0.0, 0.0188), the closed form z^2 / (N + z^2) = 3.8416 / 203.8416;
+    wilson_interval(222, 400) -> (0.5060, 0.6030), near 0.555 +- 1.96 * 0.0248 = (0.5063, 0.6037)
+    where p(1-p)N is large. No items: (0.0, 1.0), nothing known."""
+    if total == 0:
+        return 0.0, 1.0
+    p, zz = correct / total, z * z / total
+    center = (p + zz / 2) / (1 + zz)
+    half = z * math.sqrt(p * (1 - p) / total + zz / (4 * total)) / (1 + zz)
+    return (0.0 if correct == 0 else center - half), (1.0 if correct == total else center + half)  # exact ends
+
+
+def accuracy_stats(correct, total, outcomes=None):
+    """An accuracy with its number of items, its standard error sqrt(p(1-p)/N), the spread of the
+    accuracy of N items drawn at random, and its Wilson 95% interval: accuracy_stats(3, 4) ->
+    accuracy 0.75, items 4, stderr 0.2165, interval [0.3006, 0.9544]. Two accuracies differ beyond
+    noise when they are several stderrs apart; at 0% and 100% the stderr is 0 and only the interval
+    says how sure we are (0 of 200: [0, 0.0188]). outcomes, when given: each item's 1 (right) or 0,
+    in item order, kept for comparing two checkpoints scored on the same items (paired_difference)."""
     accuracy = correct / max(total, 1)
-    return dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)))
+    stats = dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)),
+                 interval=list(wilson_interval(correct, total)))  # a list, as JSON gives it back
+    if outcomes is not None:
+        stats["outcomes"] = [int(o) for o in outcomes]
+    return stats
+
+
+def share_of(hits):
+    """accuracy_stats of per-item booleans in item order, kept as the outcomes: [True, False] -> 50%."""
+    return accuracy_stats(sum(hits), len(hits), hits)
+
+
+def mean_and_stderr(values):
+    """The mean of per-item values and its standard error sqrt(var / n), var the sample variance
+    (divided by n - 1): [1, 0.5, 0] -> (0.5, sqrt(0.25 / 3) = 0.2887)."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / max(n, 1))
+
+
+def paired_difference(before, after):
+    """after - before, item by item, for two checkpoints scored on the same items (before and after:
+    per-item scores in the same item order, such as accuracy_stats' outcomes). The two share each
+    item's luck (an easy item is easy for both), so the per-item differences d usually vary less than
+    two independent samples would: their standard error sqrt(var(d) / n) is the error of the change.
+    z weighs the change against its spread were nothing to change, sum(d) / sqrt(sum(d^2)): for 0/1
+    outcomes McNemar's (gained - lost) / sqrt(gained + lost), finite even when every item moved the
+    same way. lost: items that scored lower after (right before, wrong after); gained: higher after.
+    before [1, 1, 0, 0, 0], after [1, 0, 1, 1, 0]: d = [0, -1, 1, 1, 0], difference 0.2, stderr
+    sqrt(0.7 / 5) = 0.374, 1 lost, 2 gained, z (2 - 1) / sqrt(2 + 1) = 0.577."""
+    if len(before) != len(after):
+        raise ValueError(f"a paired comparison needs the same items: {len(before)} before, {len(after)} after")
+    d = [a - b for b, a in zip(before, after)]
+    difference, stderr = mean_and_stderr(d)
+    spread = math.sqrt(sum(x * x for x in d))  # 0 only when no item changed
+    return dict(difference=difference, stderr=stderr, z=sum(d) / spread if spread else 0.0, items=len(d),
+                lost=sum(x < 0 for x in d), gained=sum(x > 0 for x in d))
+
+
+def pass_at_k_stats(rewards):
+    """pass@1 and pass@k with their standard errors, from each problem's k sampled rewards: pass@1
+    the mean over problems of a problem's mean reward, pass@k of its best. The problems are the
+    sample (other problems would move both), so each error is over per-problem values:
+    [[1, 1], [1, 0], [0, 0]] -> pass@1 0.5 +- 0.2887 (per problem 1, 0.5, 0), pass@2 0.6667 +- 0.3333
+    (per problem 1, 1, 0)."""
+    pass1, pass1_stderr = mean_and_stderr([sum(r) / len(r) for r in rewards])
+    passk, passk_stderr = mean_and_stderr([max(r) for r in rewards])
+    return dict(pass1=pass1, pass1_stderr=pass1_stderr, passk=passk, passk_stderr=passk_stderr)
 
 
 def forward_padded(model, rows, spans, pad_id, device):
@@ -1110,57 +1188,56 @@ def mean_span_losses(ids, logits, spans):
 
 @torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
-    """Accuracy (accuracy_stats) on MMLU-style items: after the question and lettered choices, the
-    letter with the highest logit as the first assistant token (no sampling). Chance 1 / choices."""
-    correct, mine = 0, shard(items, ddp)
-    for item in mine:
+    """Accuracy (share_of, with each item's outcome) on MMLU-style items: after the question and
+    lettered choices, the letter with the highest logit as the first assistant token (no sampling).
+    Chance 1 / choices."""
+    outcomes = []
+    for item in shard(items, ddp):
         ids = render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
-        correct += int(logits[letters].argmax().item() == item["answer"])
-    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
+        outcomes.append(logits[letters].argmax().item() == item["answer"])
+    return share_of(gather_in_order(ddp, outcomes))
 
 
 @torch.no_grad()
 def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
-    """Accuracy (accuracy_stats) on the same items scored as CORE scores multiple choice: after the bare
-    question, the answer sentence begun in the words all choices share, then each choice's ending
-    (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch; the lowest mean
-    loss per token wins. What the model knows, whether or not it can answer by letter. Chance 1 / choices."""
-    correct, mine = 0, shard(items, ddp)
-    for item in mine:
+    """Accuracy (share_of, with each item's outcome) on the same items scored as CORE scores multiple
+    choice: after the bare question, the answer sentence begun in the words all choices share, then each
+    choice's ending (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch;
+    the lowest mean loss per token wins. What the model knows, whether or not it can answer by letter.
+    Chance 1 / choices."""
+    outcomes = []
+    for item in shard(items, ddp):
         shared, endings = item["cloze"]
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
         prompt += tokenizer.encode_ordinary(shared)
         rows = [prompt + tokenizer.encode_ordinary(" " * bool(shared) + ending) for ending in endings]
         spans = [(len(prompt), len(row)) for row in rows]
         ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
-        correct += int(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
-    return accuracy_stats(*all_reduce_counts(correct, len(mine), ddp.device))
+        outcomes.append(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
+    return share_of(gather_in_order(ddp, outcomes))
 
 
 def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
-    """Greedy replies (the calculator available) to this rank's share of the items' questions: [(item, reply)]."""
+    """Greedy replies (the calculator available) to the items' questions, [(item, reply)] in item order on
+    every rank: each rank answers its share, and the shares are gathered."""
     engine, pairs = Engine(model, tokenizer), []
     for chunk in batched(shard(items, ddp), GENERATE_ROWS):  # prompts of different lengths share a batch, padded left
         prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
         replies = engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]
         pairs += zip(chunk, (tokenizer.decode(tokens) for tokens in replies))
-    return pairs
+    return gather_in_order(ddp, pairs)
 
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
-    """Accuracy (accuracy_stats) of greedy answers: facts graded by tinyworld.fact_is_correct, word
-    problems by their '####' number (answer_is_correct; the calculator tool is available)."""
+    """Accuracy (share_of, with each item's outcome) of greedy answers: facts graded by
+    tinyworld.fact_is_correct, word problems by their '####' number (answer_is_correct; the calculator
+    tool is available)."""
     pairs = greedy_replies(model, tokenizer, items, ddp, max_tokens)
-    return share_of(ddp, [answer_is_correct(reply, item["answer"]) if task == "word_problem"
-                          else tinyworld.fact_is_correct(reply, item) for item, reply in pairs])
-
-
-def share_of(ddp, hits):
-    """accuracy_stats of a list of booleans, summed over the ranks."""
-    return accuracy_stats(*all_reduce_counts(sum(hits), len(hits), ddp.device))
+    return share_of([answer_is_correct(reply, item["answer"]) if task == "word_problem"
+                     else tinyworld.fact_is_correct(reply, item) for item, reply in pairs])
 
 
 def mentions(reply, name):
@@ -1173,7 +1250,9 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     multiple choice scored twice (by the letter and by cloze), each fact asked once, world knowledge
     and mental arithmetic apart; and two measures of reading the context: whether a reply to a world
     knowledge question names its subject ("Kenya" in a reply to "What is the capital of Kenya?") and
-    whether a reply to a harder word problem names its person."""
+    whether a reply to a harder word problem names its person. Every checkpoint evaluated with the
+    same n meets the same items (drawn with a fixed seed), and each task keeps its items' outcomes in
+    item order, so two checkpoints compare item by item (paired_difference). Every rank gets the card."""
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
     facts = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp)
@@ -1183,13 +1262,13 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     return dict(
         multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
-        world_knowledge=share_of(ddp, [tinyworld.fact_is_correct(reply, item) for item, reply in world]),
-        arithmetic=share_of(ddp, [tinyworld.fact_is_correct(reply, item) for item, reply in arithmetic]),
+        world_knowledge=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in world]),
+        arithmetic=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in arithmetic]),
         word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp,
                                          "word_problem"),
-        hard_word_problem=share_of(ddp, [answer_is_correct(reply, item["answer"]) for item, reply in hard]),
-        names_subject=share_of(ddp, [mentions(reply, item["key"].split(":", 1)[1]) for item, reply in world]),
-        keeps_name=share_of(ddp, [mentions(reply, item["name"]) for item, reply in hard]),
+        hard_word_problem=share_of([answer_is_correct(reply, item["answer"]) for item, reply in hard]),
+        names_subject=share_of([mentions(reply, item["key"].split(":", 1)[1]) for item, reply in world]),
+        keeps_name=share_of([mentions(reply, item["name"]) for item, reply in hard]),
     )
 
 
@@ -1198,7 +1277,7 @@ def chat_report_card(model, tokenizer, ddp, n, heading):
     score as a dict of the first copy's loss, the second's and their ratio)."""
     results = evaluate_chat(model, tokenizer, ddp, n)
     first, second, ratio = induction_score(model, tokenizer)
-    print0(f"{heading} (+- one standard error):")
+    print0(f"{heading} (+- one standard error, [Wilson 95% interval]):")
     for task, stats in results.items():
         print0(f"  {task:22s} {format_accuracy(stats)}")
     print0(f"  induction: a repeated random sequence's loss {first:.2f} -> {second:.2f} nats/token (ratio {ratio:.2f})")
@@ -1409,7 +1488,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
         else:
             stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
         tasks[task] = dict(stats, centered=centered_accuracy(stats["accuracy"], chance))
-        print0(f"  {task:14s} {format_accuracy(stats):26s} centered {tasks[task]['centered']:.4f}")
+        print0(f"  {task:14s} {format_accuracy(stats):40s} centered {tasks[task]['centered']:.4f}")
     if not tasks:
         return {}
     chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
@@ -2021,25 +2100,18 @@ def correct_answer_reward(question, reply, answer):
 
 
 def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0, reward=correct_answer_reward):
-    """Sample k answers per problem; return (pass@1, its standard error, pass@k), where pass@1
-    is the mean reward of a sample and pass@k the mean over problems of the best of its k rewards:
-    with 0/1 rewards, the fraction of correct samples and of problems with any correct."""
-    engine, means, bests = Engine(model, tokenizer), [], []
+    """Sample k answers per problem; return (pass_at_k_stats, each problem's k rewards in problem
+    order). pass@1 is the mean reward of a sample and pass@k the mean over problems of the best of
+    its k rewards: with 0/1 rewards, the fraction of correct samples and of problems with any correct."""
+    engine, rewards = Engine(model, tokenizer), []
     for i, chunk in enumerate(batched(shard(problems, ddp), max(1, GENERATE_ROWS // k))):
         prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
         answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
         for j, problem in enumerate(chunk):
             replies = [reply_text(tokenizer, a) for a in answers[j * k:(j + 1) * k]]
-            rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
-            means.append(sum(rewards) / k)
-            bests.append(max(rewards))
-    stats = torch.tensor([sum(means), sum(f * f for f in means), sum(bests), len(means)], dtype=torch.float64, device=ddp.device)
-    if dist.is_initialized():
-        dist.all_reduce(stats)
-    total, total_sq, best, n = stats.tolist()
-    mean = total / n
-    stderr = math.sqrt(max(total_sq / n - mean * mean, 0.0) / max(n - 1, 1))
-    return mean, stderr, best / n
+            rewards.append([reward(problem["question"], reply, problem["answer"]) for reply in replies])
+    rewards = gather_in_order(ddp, rewards)
+    return pass_at_k_stats(rewards), rewards
 
 
 def grpo_sequences(tokenizer, prompt, answers, sampled_masks, rewards):
@@ -2137,7 +2209,9 @@ def plot_reward_curve(summary, path):
     steps = [h["step"] for h in summary["history"]]
     ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
                 marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
-    ax.plot(steps, [h["passk"] for h in summary["history"]], marker="s", label=f"held-out pass@{summary['pass_k']}")
+    ax.errorbar(steps, [h["passk"] for h in summary["history"]],
+                yerr=[2 * h["passk_stderr"] for h in summary["history"]], marker="s", capsize=3,
+                label=f"held-out pass@{summary['pass_k']} (+-2 s.e.)")
     ax.set_xlabel("RL step")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -2177,13 +2251,16 @@ def stage_rl(args, ddp):
     reward = load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
-    history, curve = [], []
+    history, curve, sampled = [], [], []  # sampled: each evaluation's rewards, problem by problem
 
     def evaluate(step):
         model.eval()
-        p1, se, pk = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature, 10_000, reward)
-        history.append(dict(step=step, pass1=p1, pass1_stderr=se, passk=pk))
-        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {p1:.3f} +- {se:.3f} | pass@{args.pass_k} {pk:.3f}")
+        stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature,
+                                   10_000, reward)
+        history.append(dict(step=step, **stats))
+        sampled.append(rewards)
+        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {stats['pass1']:.3f} +- {stats['pass1_stderr']:.3f} "
+               f"| pass@{args.pass_k} {stats['passk']:.3f} +- {stats['passk_stderr']:.3f}")
 
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.special_tokens["<|bos|>"]
@@ -2261,6 +2338,10 @@ def stage_rl(args, ddp):
         raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
                    held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
+    if len(sampled) > 1:  # the same held-out problems at the first and last evaluation: compared problem by problem
+        first, last = ([sum(r) / len(r) for r in rewards] for rewards in (sampled[0], sampled[-1]))
+        best_first, best_last = ([max(r) for r in rewards] for rewards in (sampled[0], sampled[-1]))
+        summary["change"] = dict(pass1=paired_difference(first, last), passk=paired_difference(best_first, best_last))
     if args.data == "tinyworld":
         summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
                                                                       "rl held-out accuracy")
@@ -2359,6 +2440,21 @@ def stage_serve(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # Stage report: gather every stage's report/<stage>.json into one report.md (report.py)
 
+def chat_changes(reports):
+    """Each TinyWorld chat task's change from mid to sft and from mid to rl on the same held-out items,
+    item by item: {"mid -> sft": {task: paired_difference}, ...}, for the tasks whose outcomes both
+    reports kept over the same number of items (evaluate_chat with the same --eval-items)."""
+    changes = {}
+    for before, after in (("mid", "sft"), ("mid", "rl")):
+        old, new = (reports.get(stage, {}).get("chat_eval", {}) for stage in (before, after))
+        tasks = {task: paired_difference(old[task]["outcomes"], new[task]["outcomes"]) for task in old
+                 if "outcomes" in old[task] and "outcomes" in new.get(task, {})
+                 and len(old[task]["outcomes"]) == len(new[task]["outcomes"])}
+        if tasks:
+            changes[f"{before} -> {after}"] = tasks
+    return changes
+
+
 def stage_report(args, ddp):
     if not ddp.is_master:
         return
@@ -2374,7 +2470,7 @@ def stage_report(args, ddp):
             samples.append((question, tokenizer.decode(reply)))
     reward_curve = base_dir() / "report" / "rl.png"
     text = report.markdown(reports, real_eval_report_lines(reports), final, samples, args.wall_seconds,
-                           reward_curve if reward_curve.exists() else None)
+                           reward_curve if reward_curve.exists() else None, chat_changes(reports))
     Path(args.report_path).write_text(text)
     print0(text, end="")
     print0(f"wrote {args.report_path}")

@@ -23,8 +23,22 @@ def format_seconds(s):
 
 
 def format_accuracy(stats):
-    """accuracy_stats(222, 400) -> "55.5% +- 2.5 (N=400)" (the standard error in percentage points)"""
-    return f"{stats['accuracy']:.1%} +- {100 * stats['stderr']:.1f} (N={stats['items']})"
+    """accuracy_stats(222, 400) -> "55.5% +- 2.5 [50.6, 60.3] (N=400)": the standard error in percentage
+    points, then the Wilson 95% interval in percent. At 0% and 100% the standard error is 0 and says
+    nothing, so the interval alone: accuracy_stats(0, 200) -> "0.0% [0.0, 1.9] (N=200)". Stats with no
+    interval (a report from before the intervals) show the standard error alone."""
+    text = f"{stats['accuracy']:.1%}"
+    if 0 < stats["accuracy"] < 1 or "interval" not in stats:
+        text += f" +- {100 * stats['stderr']:.1f}"
+    if "interval" in stats:
+        text += " [{:.1f}, {:.1f}]".format(*(100 * end for end in stats["interval"]))
+    return text + f" (N={stats['items']})"
+
+
+def format_change(change):
+    """A paired_difference of per-problem scores: "+0.071 +- 0.027, z +2.6 (40 lower, 85 higher)"."""
+    return (f"{change['difference']:+.3f} +- {change['stderr']:.3f}, z {change['z']:+.1f} "
+            f"({change['lost']} lower, {change['gained']} higher)")
 
 
 def system_info():
@@ -38,10 +52,11 @@ def system_info():
                 python=platform.python_version(), torch=torch.__version__, commit=commit, bpe_backend=bpe.BACKEND)
 
 
-def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=None, reward_curve=None):
+def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=None, reward_curve=None, changes=None):
     """The report's text. reports: {stage name: its report}; real_eval_lines: the CORE and real chat
     task sections; samples: (question, reply) pairs from the `final` stage's model; wall_seconds:
-    the whole run as speedrun.sh measured it; reward_curve: the path of RL's plot, if any."""
+    the whole run as speedrun.sh measured it; reward_curve: the path of RL's plot, if any; changes:
+    {"mid -> sft": {task: paired_difference}}, the chat tasks' changes item by item, if any."""
     lines = ["# nanochat-one report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "", "## System", ""]
     lines += [f"- {k}: {v}" for k, v in system_info().items()]
     if "tok" in reports:
@@ -70,7 +85,9 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
         lines += ["", "## Chat evaluations (held-out TinyWorld items, greedy)", "",
                   "| after stage | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(format_accuracy(r[task]) for task in columns) + " |" for name, r in rows]
-        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items. Multiple choice by "
+        lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items, then in brackets "
+                  "its Wilson 95% interval, which stays within 0-100% and, unlike the standard error, is not zero "
+                  "at 0% or 100% (there only the interval is shown). Multiple choice by "
                   "letter: the highest-logit letter after the lettered list; by cloze: the choice that best completes "
                   "the answer sentence (what the model knows, whatever its letter). World knowledge and arithmetic: "
                   "each held-out fact asked once, in one of its wordings; held-out facts are stated in the "
@@ -87,6 +104,17 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
         lines += ["", "Induction: 16 rows of <|bos|> and 50 random token ids, then the same 50 again; a model that "
                   "reads its context predicts the second copy (ratio near 0), one that does not finds it as hard "
                   "as the first (ratio near 1)."]
+    if changes:
+        lines += ["", "## Changes on the same items (paired)", "", "| change | task | after - before (points) | "
+                  "paired s.e. | z | right only before (lost) | right only after (gained) |", "|---" * 7 + "|"]
+        lines += [f"| {name} | {task} | {100 * c['difference']:+.1f} | {100 * c['stderr']:.1f} | {c['z']:+.1f} | "
+                  f"{c['lost']} | {c['gained']} |" for name, tasks in changes.items() for task, c in tasks.items()]
+        lines += ["", "Every stage is scored on the same held-out items, so a change is measured item by item: the "
+                  "per-item differences d (-1, 0 or +1) share each item's difficulty, and their standard error "
+                  "sqrt(var(d)/N) is usually smaller than that of two independent samples. z is McNemar's, "
+                  "(gained - lost) / sqrt(gained + lost): the change against its spread were nothing to change; "
+                  "beyond about 2 it is unlikely to be noise. One run, one seed: nothing here measures how much "
+                  "another seed would move."]
     lines += list(real_eval_lines)
     if "rl" in reports:
         r, k = reports["rl"], reports["rl"]["pass_k"]
@@ -94,10 +122,14 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
         lines += ["", "## RL (GRPO) on word problems", "",
                   f"{r['steps']} steps x {r['prompts_per_step']} problems x {r['num_samples']} samples; pass@1 and pass@{k} "
                   f"from {k} samples of each of {r['held_out']} held-out problems "
-                  f"(sampled at the RL temperature; +- one standard error).", "",
-                  f"| | pass@1 | pass@{k} |", "|---|---|---|",
-                  f"| before (step {first['step']}) | {first['pass1']:.3f} +- {first['pass1_stderr']:.3f} | {first['passk']:.3f} |",
-                  f"| after (step {last['step']}) | {last['pass1']:.3f} +- {last['pass1_stderr']:.3f} | {last['passk']:.3f} |"]
+                  f"(sampled at the RL temperature; +- one standard error over the problems).", "",
+                  f"| | pass@1 | pass@{k} |", "|---|---|---|"]
+        for label, h in (("before", first), ("after", last)):
+            passk = f"{h['passk']:.3f}" + (f" +- {h['passk_stderr']:.3f}" if "passk_stderr" in h else "")
+            lines.append(f"| {label} (step {h['step']}) | {h['pass1']:.3f} +- {h['pass1_stderr']:.3f} | {passk} |")
+        if "change" in r:  # paired: each problem's score before against its score after
+            lines += ["", f"After - before, problem by problem on the same {r['held_out']} problems: pass@1 "
+                      f"{format_change(r['change']['pass1'])}; pass@{k} {format_change(r['change']['passk'])}."]
         curve = r["reward_curve"]
         lines += ["", "Mean training reward per 10 steps: " + ", ".join(
             f"{sum(c['mean_reward'] for c in curve[i:i + 10]) / len(curve[i:i + 10]):.2f}" for i in range(0, len(curve), 10)) + "."]

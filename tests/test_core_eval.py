@@ -291,6 +291,7 @@ def test_report_table_per_stage():
                    eval_mid=dict(val_loss=1.0))
     lines = nc.real_eval_report_lines(reports)
     assert "| after stage | ARC-Easy | MMLU | GSM8K | ChatCORE |" in lines
-    assert "| sft | 50.0% +- 15.8 (N=10) | - | 10.0% +- 9.5 (N=10) | 0.2000 |" in lines
-    assert "| rl | 50.0% +- 15.8 (N=10) | 30.0% +- 14.5 (N=10) | 20.0% +- 12.6 (N=10) | 0.2500 |" in lines
+    assert "| sft | 50.0% +- 15.8 [23.7, 76.3] (N=10) | - | 10.0% +- 9.5 [1.8, 40.4] (N=10) | 0.2000 |" in lines
+    assert ("| rl | 50.0% +- 15.8 [23.7, 76.3] (N=10) | 30.0% +- 14.5 [10.8, 60.3] (N=10) | "
+            "20.0% +- 12.6 [5.7, 51.0] (N=10) | 0.2500 |") in lines
     assert not any(line.startswith("| mid") for line in lines)

@@ -90,8 +90,10 @@ def test_word_problem_grader(text, reference, expected):
 def test_accuracy_with_its_standard_error():
     stats = nc.accuracy_stats(3, 4)
     assert stats["accuracy"] == 0.75 and stats["items"] == 4 and stats["stderr"] == pytest.approx(0.2165, abs=1e-4)
-    assert nc.format_accuracy(nc.accuracy_stats(222, 400)) == "55.5% +- 2.5 (N=400)"
-    assert nc.accuracy_stats(0, 0) == dict(accuracy=0.0, items=0, stderr=0.0)
+    assert nc.format_accuracy(nc.accuracy_stats(222, 400)) == "55.5% +- 2.5 [50.6, 60.3] (N=400)"
+    assert nc.format_accuracy(nc.accuracy_stats(0, 200)) == "0.0% [0.0, 1.9] (N=200)"  # no "+- 0.0" at 0%
+    assert nc.format_accuracy(dict(accuracy=0.5, items=4, stderr=0.25)) == "50.0% +- 25.0 (N=4)"  # an older report
+    assert nc.accuracy_stats(0, 0) == dict(accuracy=0.0, items=0, stderr=0.0, interval=[0.0, 1.0])
     # the standard error is the spread of the accuracy over many draws of N items
     rng = random.Random(0)
     draws = [sum(rng.random() < 0.3 for _ in range(400)) / 400 for _ in range(2000)]
@@ -110,6 +112,7 @@ def test_report_table_shows_each_accuracy_with_its_error(base_dir, tmp_path):
     nc.finalize_args(args)
     nc.stage_report(args, nc.Dist())
     markdown = (tmp_path / "report.md").read_text()
-    assert ("| mid | 25.0% +- 2.2 (N=400) | 55.5% +- 2.5 (N=400) | 75.0% +- 3.4 (N=160) | 75.0% +- 2.8 (N=240) | "
-            "10.0% +- 1.5 (N=400) |") in markdown
-    assert "| mid | - | - | 95.0% +- 1.7 (N=160) | - |" in markdown  # reading the context: no induction score saved
+    assert ("| mid | 25.0% +- 2.2 [21.0, 29.5] (N=400) | 55.5% +- 2.5 [50.6, 60.3] (N=400) | "
+            "75.0% +- 3.4 [67.8, 81.1] (N=160) | 75.0% +- 2.8 [69.2, 80.1] (N=240) | 10.0% +- 1.5 [7.4, 13.3] (N=400) |"
+            ) in markdown
+    assert "| mid | - | - | 95.0% +- 1.7 [90.4, 97.4] (N=160) | - |" in markdown  # no induction score saved

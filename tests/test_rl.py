@@ -88,9 +88,12 @@ def test_pass_at_k_by_hand(tok, monkeypatch):
 
     monkeypatch.setattr(nc, "Engine", ScriptedEngine)
     problems = [dict(question=q, answer=7) for q in correct_counts]
-    pass1, stderr, passk = nc.pass_at_k(None, tok, problems, nc.Dist(), k=4, max_tokens=8, temperature=1.0)
+    stats, rewards = nc.pass_at_k(None, tok, problems, nc.Dist(), k=4, max_tokens=8, temperature=1.0)
+    pass1, stderr, passk = stats["pass1"], stats["pass1_stderr"], stats["passk"]
+    assert [sum(r) for r in rewards] == list(correct_counts.values())  # each problem's rewards, in problem order
     fractions = [1.0, 0.5, 0.0, 0.25]
     mean = sum(fractions) / 4
     assert pass1 == pytest.approx(mean)
     assert stderr == pytest.approx(math.sqrt(sum((f - mean) ** 2 for f in fractions) / 4 / 3))
     assert passk == pytest.approx(3 / 4)
+    assert stats["passk_stderr"] == pytest.approx(math.sqrt((3 * (1 / 4) ** 2 + (3 / 4) ** 2) / 3 / 4))

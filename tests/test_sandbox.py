@@ -425,7 +425,7 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
     nc.finalize_args(args)
     result = nc.evaluate_real_chat(args, None, tokenizer, nc.Dist())
     assert result["chat_tasks"]["HumanEval"] == dict(nc.accuracy_stats(1, 2), centered=0.5)
-    assert "HumanEval      50.0% +- 35.4 (N=2)" in capsys.readouterr().out
+    assert "HumanEval      50.0% +- 35.4 [9.5, 90.5] (N=2)" in capsys.readouterr().out
 
 
 
