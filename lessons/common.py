@@ -106,18 +106,25 @@ def answer(model, tokenizer, question, max_tokens=80):
 
 
 def gap(before, after):
-    """(after - before, that difference in combined standard errors) for two accuracy_stats dicts:
-    a gain of more than about 2 standard errors is unlikely to be noise."""
+    """(after - before, its standard error, z, how it was compared) for two accuracy_stats dicts.
+    When both carry outcomes for the same number of items (nc.evaluate_chat on two checkpoints with
+    the same n: the same items), item by item (nc.paired_difference): the standard error of the
+    per-item differences, and McNemar's z, which stays finite at 0% and 100%. Otherwise as two
+    independent samples: z = difference / sqrt(se1^2 + se2^2). Beyond about 2, unlikely to be noise."""
+    if "outcomes" in before and "outcomes" in after and len(before["outcomes"]) == len(after["outcomes"]):
+        change = nc.paired_difference(before["outcomes"], after["outcomes"])
+        how = f"paired: {change['lost']} right only before, {change['gained']} only after"
+        return change["difference"], change["stderr"], change["z"], how
     difference = after["accuracy"] - before["accuracy"]
     se = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
     if se == 0:  # both exactly 0 or 1: no gap, or one no amount of noise explains
-        return difference, 0.0 if difference == 0 else float("inf") if difference > 0 else float("-inf")
-    return difference, difference / se
+        return difference, se, 0.0 if difference == 0 else float("inf") if difference > 0 else float("-inf"), "unpaired"
+    return difference, se, difference / se, "unpaired"
 
 
 def plot_accuracies(results, tasks=None, title="held-out accuracy"):
-    """Bars with +- 2 standard errors for {label: nc.evaluate_chat(...) results}, side by side per
-    task; then one line per task with every accuracy and the last label's gap over the first."""
+    """Bars with their Wilson 95% intervals for {label: nc.evaluate_chat(...) results}, side by side per
+    task; then one line per task with every accuracy and the last label's change over the first (gap)."""
     import matplotlib.pyplot as plt
     labels = list(results)
     tasks = tasks or list(results[labels[0]])
@@ -125,14 +132,17 @@ def plot_accuracies(results, tasks=None, title="held-out accuracy"):
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 1.5, 2.8))
     for i, label in enumerate(labels):
         stats = [results[label][t] for t in tasks]
+        # the interval, not +- 2 s.e.: that would be zero-width at 0% and 100% and could pass below 0 or above 1
+        ends = [nc.wilson_interval(round(s["accuracy"] * s["items"]), s["items"]) for s in stats]
         ax.bar([k + (i - (len(labels) - 1) / 2) * width for k in range(len(tasks))], [s["accuracy"] for s in stats],
-               width, yerr=[2 * s["stderr"] for s in stats], capsize=3, label=label)
+               width, yerr=[[s["accuracy"] - low for s, (low, _) in zip(stats, ends)],
+                            [high - s["accuracy"] for s, (_, high) in zip(stats, ends)]], capsize=3, label=label)
     ax.set(xticks=range(len(tasks)), xticklabels=[t.replace("multiple_choice", "choice").replace("_", " ") for t in tasks],
-           ylabel="accuracy", ylim=(0, 1.05), title=f"{title} (+- 2 s.e.)")
+           ylabel="accuracy", ylim=(0, 1.05), title=f"{title} (Wilson 95%)")
     ax.legend(fontsize=8)
     plt.show()
     first, last = labels[0], labels[-1]
     for t in tasks:
-        difference, z = gap(results[first][t], results[last][t])
-        row = "  ".join(f"{label} {nc.format_accuracy(results[label][t]):22s}" for label in labels)
-        print(f"{t:22s} {row} {last} - {first}: {100 * difference:+.1f} points = {z:+.1f} s.e.")
+        difference, se, z, how = gap(results[first][t], results[last][t])
+        row = "  ".join(f"{label} {nc.format_accuracy(results[label][t]):34s}" for label in labels)
+        print(f"{t:22s} {row} {last} - {first}: {100 * difference:+.1f} +- {100 * se:.1f} points, z {z:+.1f} ({how})")
