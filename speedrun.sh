@@ -11,7 +11,8 @@
 # The GPU tiers print their plan (python nanochat_one.py --stage plan) and download the FineWeb-EDU
 # shards the base run needs in one process before torchrun starts.
 # Artifacts go to $NANOCHAT_BASE_DIR (default ./runs); the report to ./report.md.
-# TORCH_SPEC picks the torch build to install (default torch==2.13.0); NPROC the GPUs per node.
+# TORCH_SPEC picks the torch build to install (default torch==2.13.0; the CPU build:
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"); NPROC the GPUs per node.
 set -euo pipefail
 cd "$(dirname "$0")"
 START=$(date +%s)
@@ -23,7 +24,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # torch first and pinned: a plain `pip install torch` would pick whatever is newest
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# TORCH_SPEC is split into words (a version, then pip options such as --index-url URL), never globbed
+read -ra TORCH_ARGS <<< "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_ARGS[@]}"
 if [ "$TIER" = tiny ]; then .venv/bin/pip install -q -e .; else .venv/bin/pip install -q -e ".[hf]"; fi  # hf: real data
 PY=.venv/bin/python
 

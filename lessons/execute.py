@@ -9,7 +9,9 @@ lessons before them left there (a lesson named alone trains the earlier stages i
 In the saved outputs the temporary folder reads <checkout>. The saved notebook records a digest of
 the code that produced its outputs (the modules a lesson imports, lessons/common.py and
 lessons/exercises/, speedrun.sh, which lesson 9 reads, and its own code cells); the test suite
-fails when a lesson's saved outputs came from other code, and says to run this script.
+fails when a lesson's saved outputs came from other code, and says to run this script. It also
+records how long the lesson took (wall_seconds, rounded), which lessons/README.md's table quotes and
+the test suite compares with it.
 """
 import hashlib
 import shutil
@@ -84,9 +86,11 @@ def main(names):
         for path in paths:
             start = time.time()
             nb = execute(path, Path(tmp))
+            seconds = round(time.time() - start)
             nb.metadata["code_digest"] = code_digest(nb)
+            nb.metadata["wall_seconds"] = seconds  # lessons/README.md quotes it; tests/test_lessons.py compares
             path.write_text(nbformat.writes(nb).replace(tmp, "<checkout>") + "\n")
-            print(f"{path.name}: executed and saved in {time.time() - start:.0f} s", flush=True)
+            print(f"{path.name}: executed in {seconds} s and saved", flush=True)
 
 
 if __name__ == "__main__":

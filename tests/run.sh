@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+read -ra TORCH_ARGS <<< "${TORCH_SPEC:-torch==2.13.0}"  # a version, then pip options (--index-url URL)
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "${TORCH_ARGS[@]}"
 .venv/bin/pip install -q -e ".[dev]"
 exec .venv/bin/python -m pytest "$@"

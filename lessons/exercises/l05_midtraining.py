@@ -12,7 +12,7 @@ import nanochat_one as nc  # noqa: E402
 
 from . import attempt, exercise  # noqa: E402
 
-# (correct, total): none right, all right, lesson 5's 20-item tasks, nc.accuracy_stats' docstring, ...
+# (correct, total): none right, all right, a 20-item task, nc.accuracy_stats' docstring, ...
 COUNTS = [(0, 20), (20, 20), (5, 20), (3, 4), (222, 400), (1, 3), (7, 30), (1, 1), (0, 1), (999, 1000)]
 
 
