@@ -9,6 +9,20 @@ sys.path.insert(0, str(ROOT))
 import nanochat_one as nc  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help="also run the slow tests: executing the ten lessons (about 20 minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # the default run checks every module in minutes; `--all` (bash tests/run.sh --all, and CI) adds the rest
+    if not config.getoption("--all"):
+        skip = pytest.mark.skip(reason="slow: executes a lesson; run with --all (bash tests/run.sh --all)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
     """A fresh artifacts directory for one test."""

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with the development extras and run the test suite (CPU only; GPU tests skip).
-# Usage: bash tests/run.sh [pytest arguments]
+# Usage: bash tests/run.sh [--all] [pytest arguments]
+#   the default run tests every module and checks that the lessons' saved outputs come from the current
+#   code; --all also executes the ten lessons top to bottom (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

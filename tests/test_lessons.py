@@ -32,6 +32,7 @@ def lessons_workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("lessons")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_lesson_runs(notebook, lessons_workdir):
     execute_lessons.execute(notebook, lessons_workdir)
