@@ -243,7 +243,7 @@ def test_mentions_finds_whole_words_case_aside():
 
 
 def test_mid_loader_masks_only_tool_outputs(tok):
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
     x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
     s = tok.special_tokens
     n_ignored = 0
@@ -260,7 +260,7 @@ def test_mid_loader_masks_only_tool_outputs(tok):
 
 
 def test_sft_loader_supervises_only_assistant(tok):
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
     x, y, _ = next(nc.sft_batches(args, tok, "train", 4, 256, nc.Dist(), "cpu"))
     s = tok.special_tokens
     assert (x[:, 0] == s["<|bos|>"]).all()
@@ -339,7 +339,7 @@ def test_real_chat_mixtures_from_local_files(tmp_path):
     pytest.importorskip("datasets")
     write_chat_sources(tmp_path, "train", dict(smoltalk=60, mmlu=30, gsm8k=10, arc_easy=6, arc_challenge=4))
     write_chat_sources(tmp_path, "test", dict(smoltalk=8, mmlu=6, gsm8k=4))
-    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path))
+    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), copy_drills=0.0)
     tok = bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS)
     epoch = [c for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train", stage="mid")))]
     firsts = [c["messages"][0]["content"] for c in epoch]
@@ -371,7 +371,8 @@ def test_real_data_epochs(tmp_path, monkeypatch):
     write_chat_sources(tmp_path, "train", dict(smoltalk=60, mmlu=30, gsm8k=10, arc_easy=6, arc_challenge=4))
     tok = bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS)
     monkeypatch.setattr(nc, "get_tokenizer", lambda: tok)
-    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), device_batch_size=2, max_seq_len=32, total_batch_size=128)
+    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), device_batch_size=2, max_seq_len=32, total_batch_size=128,
+                                copy_drills=0.0)
     assert nc.epoch_steps(args, nc.Dist(), "sft", tok) == 80 // (2 * 2)  # 80 conversations, 2 rows x 2 micro-steps a step
     tokens = sum(len(nc.render_conversation(tok, c)[0]) for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train"))))
     assert nc.epoch_steps(args, nc.Dist(), "mid", tok) == math.ceil(tokens / 128)

@@ -93,7 +93,7 @@ def test_evaluate_bpb_by_hand():
 
 def test_base_batches_shift_and_shard(base_dir):
     tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
     full = nc.base_batches(args, tok, "train", 2, 16, nc.Dist(), "cpu")
     x, y, _ = next(full)
     assert x.shape == y.shape == (2, 16)
@@ -151,3 +151,53 @@ def test_parquet_needs_two_shards(tmp_path):
     write_parquet(tmp_path / "only.parquet", ["x"])
     with pytest.raises(realdata.DataError, match="need at least 2"):
         next(realdata.parquet_documents(tmp_path, "train"))
+
+
+def test_copy_drills_repeat_each_sequence_and_replace_their_share_of_documents(base_dir):
+    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    low, high = nc.drill_ids(tok)
+    assert 256 <= low < high <= min(tok.special_tokens.values())  # merged tokens, never a special token
+    drill = nc.copy_drill(random.Random(0), tok)
+    assert drill[0] == tok.special_tokens["<|bos|>"] and len(drill) >= 256
+    ids, i = drill[1:], 0
+    while i < len(ids):  # the drill parses as sequences of 5-40 ids, each followed by itself
+        n = next(n for n in range(5, 41) if ids[i:i + n] == ids[i + n:i + 2 * n])
+        assert all(low <= t < high for t in ids[i:i + n])
+        i += 2 * n
+    # a share of 0.2 of 2,000 documents: 400 expected, binomial sd sqrt(2000 * 0.2 * 0.8) = 17.9; 6 sd either side
+    docs = [(p, [-1]) for p in range(2000)]
+    replaced = [p for p, ids in nc.with_drills(docs, 0.2, tok) if ids != [-1]]
+    assert abs(len(replaced) - 400) <= 6 * 17.9
+    # chosen by position: a resumed stream replaces the same documents with the same drills
+    again = dict(nc.with_drills(docs[1000:], 0.2, tok))
+    assert [p for p in replaced if p >= 1000] == [p for p, ids in again.items() if ids != [-1]]
+    assert all(again[p] == dict(nc.with_drills(docs, 0.2, tok))[p] for p in replaced if p >= 1000)
+    assert list(nc.with_drills(docs, 0.0, tok)) == docs
+
+
+def test_drills_train_on_every_token_in_mid_and_stay_out_of_validation(base_dir):
+    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.5)
+    low, high = nc.drill_ids(tok)
+
+    def drill_tokens(x):
+        return ((x >= low) & (x < high)).float().mean().item()  # TinyWorld's own tokens here are mostly < low
+
+    x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
+    drill_rows = [r for r in range(8) if drill_tokens(x[r]) > 0.5]
+    assert drill_rows  # P(no drill in 8 rows at share 0.5) is negligible: rows hold several documents each
+    for r in drill_rows:  # inside a drill every target is trained (no -1) but where a conversation's mask says so
+        inside = (x[r, 1:] >= low) & (x[r, 1:] < high)
+        assert (y[r, :-1][inside] >= 0).all()
+    shares = {}  # base_batches asks for drills in training only: validation measures the text
+    real = nc.with_drills
+
+    def recording(docs, share, tokenizer):
+        shares[split] = share
+        return real(docs, share, tokenizer)
+
+    for split in ("train", "val"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(nc, "with_drills", recording)
+            next(nc.base_batches(args, tok, split, 2, 16, nc.Dist(), "cpu"))
+    assert shares == {"train": 0.5, "val": 0.0}

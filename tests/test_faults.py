@@ -63,6 +63,7 @@ BAD_FLAGS = [
     (["--stage", "base", "--matrix-lr", "-0.02"], "--matrix-lr must be positive"),
     (["--stage", "base", "--embedding-lr", "0"], "--embedding-lr must be positive"),
     (["--stage", "base", "--smear-lr", "-1"], "--smear-lr must be positive"),
+    (["--stage", "base", "--copy-drills", "1"], "--copy-drills must be at least 0 and below 1"),
     (["--stage", "base", "--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--stage", "base", "--warmup-ratio", "1.5"], "--warmup-ratio must be between 0 and 1"),
     (["--stage", "base", "--warmdown-ratio", "-0.2"], "--warmdown-ratio must be between 0 and 1"),
