@@ -2287,14 +2287,14 @@ def stage_rl(args, ddp):
     reward = load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
            f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
-    history, curve, sampled = [], [], []  # sampled: each evaluation's rewards, problem by problem
+    history, curve, evaluated = [], [], []  # evaluated: each evaluation's rewards, problem by problem
 
     def evaluate(step):
         model.eval()
         stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature,
                                    10_000, reward)
         history.append(dict(step=step, **stats))
-        sampled.append(rewards)
+        evaluated.append(rewards)
         print0(f"step {step:4d}/{num_steps} | held-out pass@1 {stats['pass1']:.3f} +- {stats['pass1_stderr']:.3f} "
                f"| pass@{args.pass_k} {stats['passk']:.3f} +- {stats['passk_stderr']:.3f}")
 
@@ -2374,9 +2374,9 @@ def stage_rl(args, ddp):
         raise interrupted(step, out_dir) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
                    held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
-    if len(sampled) > 1:  # the same held-out problems at the first and last evaluation: compared problem by problem
-        first, last = ([sum(r) / len(r) for r in rewards] for rewards in (sampled[0], sampled[-1]))
-        best_first, best_last = ([max(r) for r in rewards] for rewards in (sampled[0], sampled[-1]))
+    if len(evaluated) > 1:  # the same held-out problems at the first and last evaluation: compared problem by problem
+        first, last = ([sum(r) / len(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
+        best_first, best_last = ([max(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
         summary["change"] = dict(pass1=paired_difference(first, last), passk=paired_difference(best_first, best_last))
     if args.data == "tinyworld":
         summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,

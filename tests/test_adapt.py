@@ -16,11 +16,13 @@ SECRET = [dict(messages=[dict(role="user", content=q), dict(role="assistant", co
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """tok -> base -> mid -> sft on tiny settings, in a module-wide artifacts folder."""
+    """tok -> base -> mid -> sft on tiny settings, in a module-wide artifacts folder. No copy drills: in 20
+    steps they would only take a third of the text's tokens, and these tests are about the chat stages."""
     return train_in(tmp_path_factory.mktemp("adapt") / "runs",
                     ["--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000"],
-                    ["--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0"],
-                    ["--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4"],
+                    ["--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0", "--copy-drills", "0"],
+                    ["--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4",
+                     "--copy-drills", "0"],
                     ["--stage", "sft", *TINY, "--num-iterations", "10", "--eval-every", "0", "--eval-items", "4"])
 
 
@@ -71,7 +73,7 @@ def test_sft_on_own_conversations_learns_them(in_runs):
         run_stage("--stage", "sft", *TINY, "--num-iterations", "30", "--eval-every", "0", "--eval-items", "4", "--lr-scale", "1",
                   *(["--data-dir", str(folder)] if own else []))
         replies = [greedy_reply(q) for q in ("What is the secret word?", "What's the secret word, please?")]
-        assert replies == ["The secret word is zebra."] * 2 if own else not any("zebra" in r for r in replies)
+        assert replies == ["The secret word is zebra."] * 2 if own else not any("zebra" in r for r in replies), (own, replies)
 
 
 @pytest.mark.parametrize("line,needle", [
