@@ -65,7 +65,7 @@ def prepare(workdir):
             shutil.copy(path, workdir / "lessons" / name)
 
 
-def execute(notebook, workdir, timeout=600):
+def execute(notebook, workdir, timeout=3000):
     """Run a notebook top to bottom in a copy of the code under workdir (its lessons/ folder is the
     working directory); return the executed notebook. Raises nbclient's CellExecutionError, with the
     failing cell's traceback, on any error."""
