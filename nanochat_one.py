@@ -928,12 +928,20 @@ class Engine:
         self.stop_tokens = {s["<|assistant_end|>"], s["<|bos|>"]}
 
     @torch.no_grad()
-    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42):
+    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42, top_logprobs=None):
         """Yield, step by step, (tokens, sampled): the next token of every row, and for each
         whether it was sampled (True) or forced by the tool (False). Stops when every row has
         emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens; a finished row's
         token is -1. `prompt` is one token list, or a list of them: then rows i*num_samples ..
-        (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left (KVCache.valid)."""
+        (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left (KVCache.valid).
+
+        With top_logprobs=k (0 to 20) each step yields (tokens, sampled, scores) instead: scores[row] is
+        (logprob, alternatives) for that row's token, or None for a finished row. The logprob is the
+        model's own: log_softmax of its logits at temperature 1 over the whole vocabulary, whatever the
+        temperature and top_k that sampled the token (so it says what the model believes, not how this
+        sample was drawn; OpenAI reports the same). alternatives are the k most likely tokens there, as
+        (token, logprob) pairs, most likely first. A token the tool forced is scored too: how likely the
+        model found it. Asking for scores changes no token: the same seed samples the same reply."""
         model, device = self.model, self.model.cos.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -959,7 +967,10 @@ class Engine:
             sampled_ids = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
             sampled = [not queue for queue in forced]
             tokens = [queue.pop(0) if queue else sampled_ids.get(row, -1) for row, queue in enumerate(forced)]  # -1: done
-            yield tokens, sampled
+            if top_logprobs is None:
+                yield tokens, sampled
+            else:
+                yield tokens, sampled, self.scores(logits, live, tokens, done, top_logprobs)
             for row, token in enumerate(tokens):
                 if done[row]:
                     continue
@@ -982,13 +993,29 @@ class Engine:
                 live = [row for row in live if not done[row]]
             logits = model(torch.tensor([tokens[row] for row in live], device=device)[:, None], kv_cache=cache)[:, -1, :]
 
+    @staticmethod
+    def scores(logits, live, tokens, done, k):
+        """(logprob, [(token, logprob)] * k) for each row's token, None for finished rows: see generate.
+        logits (len(live), vocab) are the cache's rows, in the order of `live`."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (len(live), vocab)
+        top = logprobs.topk(k, dim=-1)
+        scores = [None] * len(tokens)
+        for i, row in enumerate(live):
+            if not done[row]:
+                alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
+                scores[row] = (logprobs[i, tokens[row]].item(), alternatives)
+        return scores
+
     def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
-                       keep_stop_token=False):
+                       keep_stop_token=False, top_logprobs=None):
         """Return (token lists, sampled masks), one per row, each ending before its stop token
-        (or with it, if keep_stop_token: RL trains the model to stop)."""
+        (or with it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also
+        each row's scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
         rows = num_samples * (1 if isinstance(prompt[0], int) else len(prompt))
         results, masks, finished = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
-        for tokens, sampled in self.generate(prompt, num_samples, max_tokens, temperature, top_k, seed):
+        scores = [[] for _ in range(rows)]
+        for step in self.generate(prompt, num_samples, max_tokens, temperature, top_k, seed, top_logprobs):
+            tokens, sampled = step[:2]
             for row, (token, was_sampled) in enumerate(zip(tokens, sampled)):
                 if finished[row]:
                     continue
@@ -997,7 +1024,9 @@ class Engine:
                     continue
                 results[row].append(token)
                 masks[row].append(int(was_sampled))
-        return results, masks
+                if top_logprobs is not None:
+                    scores[row].append(step[2][row])
+        return (results, masks) if top_logprobs is None else (results, masks, scores)
 
 
 def complete(model, tokenizer, text, max_tokens=48, temperature=0.0, seed=42):

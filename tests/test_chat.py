@@ -154,6 +154,28 @@ def test_engine_seeded_determinism_and_independent_first_tokens(tok):
     assert greedy[0] == greedy[1] == greedy[2]
 
 
+
+def test_engine_scores_are_the_models_log_softmax_and_change_no_token(tok):
+    """Asked for scores, the engine samples the same tokens (same seed), and each score is the log_softmax of
+    the logits of one full forward pass over prompt + reply at that token's position (the oracle: no cache)."""
+    model = tiny_chat_model(tok)
+    engine = nc.Engine(model, tok)
+    prompt = [tok.special_tokens["<|bos|>"], *tok.encode_ordinary("hi")]
+    plain = engine.generate_batch(prompt, 3, max_tokens=8, temperature=0.9, top_k=20, seed=5)
+    tokens, masks, scores = engine.generate_batch(prompt, 3, max_tokens=8, temperature=0.9, top_k=20, seed=5,
+                                                  top_logprobs=5)
+    assert (tokens, masks) == plain
+    for reply, reply_scores in zip(tokens, scores):
+        assert len(reply_scores) == len(reply) > 0
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt + reply]))[0].float(), dim=-1)  # (T, vocab)
+        for i, (token, (logprob, alternatives)) in enumerate(zip(reply, reply_scores)):
+            expected = logprobs[len(prompt) - 1 + i]
+            assert abs(logprob - expected[token].item()) < 1e-4
+            assert [t for t, _ in alternatives] == expected.topk(5).indices.tolist()
+            assert all(abs(lp - expected[t].item()) < 1e-4 for t, lp in alternatives)
+
+
 # zero-probability tokens first, inside and last in a row: the edges of the inverse CDF
 SAMPLING_LOGITS = torch.tensor([[-math.inf, 1.5, 0.2, 0.9, -2.0, 0.0],
                                 [1.0, 0.0, -math.inf, 2.0, 0.5, -1.0],
