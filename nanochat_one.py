@@ -2486,16 +2486,30 @@ def stage_chat(args, ddp):
 
 
 def stage_serve(args, ddp):
-    """The chat page (chat.html) and an OpenAI-style API for a checkpoint, over HTTP (serve.py)."""
+    """The chat page (chat.html) and an OpenAI-style API over HTTP (serve.py) for every checkpoint of the
+    model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one a request
+    gets unless it names another."""
     tokenizer = get_tokenizer()
-    model, meta = load_trained(args, ddp, args.source, tokenizer)
-    # the context is the length the model was trained on (its rotary tables run 10x longer, to positions it never saw)
-    info = dict(model=args.model_tag or f"d{args.depth}", stage=args.source, step=meta["step"],
-                context=model.config.sequence_len,
+    tag = args.model_tag or f"d{args.depth}"
+    models = {}
+    for stage in ("base", "mid", "sft", "rl"):
+        directory = checkpoint_dir(stage, tag)
+        if stage != args.source and (not directory.exists() or last_checkpoint_step(directory) is None):
+            continue
+        model, meta = load_trained(args, ddp, stage, tokenizer)
+        written = (directory / f"model_{meta['step']:06d}.pt").stat().st_mtime
+        # the context is the length the model was trained on (its rotary tables run 10x longer, to positions it never saw)
+        models[stage] = serve.Checkpoint(Engine(model.eval(), tokenizer), meta["step"], model.config.sequence_len,
+                                         int(written))
+        params = list(model.parameters())
+        print(f"loaded the {stage} checkpoint (step {meta['step']}): {sum(p.numel() for p in params) / 1e6:.1f}M "
+              f"parameters, {sum(p.numel() * p.element_size() for p in params) / 2**20:.0f} MiB", flush=True)
+    info = dict(model=tag, stage=args.source,
                 defaults=dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens))
     limits = serve.Limits(max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
     try:
-        serve.serve(Engine(model.eval(), tokenizer), lambda messages: render_for_completion(tokenizer, dict(messages=messages)),
+        serve.serve(models, lambda messages: render_for_completion(tokenizer, dict(messages=messages)),
+                    lambda messages: render_conversation(tokenizer, dict(messages=messages)),
                     info, args.host, args.port, limits, log=lambda line: print(line, flush=True),
                     allowed_hosts=args.allow_host)
     except OSError as e:

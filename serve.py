@@ -1,24 +1,38 @@
 """
 Talk to a model in a browser: a small HTTP server for `python nanochat_one.py --stage serve`.
 
-Standard library only, and it imports nothing from nanochat_one.py: the stage hands it the
-model's Engine and its conversation renderer (see `serve`), and this module does the HTTP.
+Standard library only, and it imports nothing from nanochat_one.py: the stage hands it each
+stage's Engine and the conversation renderers (see `serve`), and this module does the HTTP.
 `reply_pieces` turns the engine's tokens into the reply's parts as they come, for this server
-and for --stage chat.
+and for --stage chat. Every path also answers without its /v1 prefix.
 
-    GET  /                   chat.html, the chat page
-    GET  /health             the model's name, stage and step; limits, defaults, queue and counters
-    POST /chat/completions   {"messages": [...], "stream": true, "temperature": 0.6, "top_k": 50,
-                             "max_tokens": 256, "seed": 1}: the shape of OpenAI's chat API, so curl
-                             and existing clients work (also at /v1/chat/completions)
+    GET  /                      chat.html, the chat page
+    GET  /health                the models' name, default stage and step; limits, defaults, queue, counters
+    GET  /v1/models             the stages served (base, mid, sft, rl: those with a checkpoint), OpenAI's shape
+    POST /v1/chat/completions   {"model": "sft", "messages": [...], "stream": true, "temperature": 0.6,
+                                "top_k": 50, "max_tokens": 256, "seed": 1, "logprobs": true, "top_logprobs": 5}:
+                                the shape of OpenAI's chat API, so curl and existing clients work
+    POST /v1/completions        {"model": "base", "prompt": "Once upon a time", "logprobs": 5, ...}: a text
+                                continues (after <|bos|>, as the base model read its documents)
+    POST /v1/tokenize           {"messages": [...]}: the conversation as the trainer renders it, one
+                                {"id", "text", "special", "trained"} per token ("trained": SFT's loss mask)
 
-Streaming replies are server-sent events: one `data: {json}` chunk per piece of the reply, then
-`data: [DONE]`. Each chunk's delta carries its `content` and a `part`: "text", "python" (a
-calculator expression the model writes) or "python_output" (the result the tool forced in).
-A whole reply (`"stream": false`) comes back with `content`, where calculator calls read
-`[calculator: 12*7 = 84]`, and `parts`, the same reply as a list of {"type", "text"}: send
-`parts` back as the assistant's content in the next request and the model sees its calculator
-calls as it made them (a plain string is read as plain text).
+`model` picks the stage that answers (default: --source). Streaming replies are server-sent events:
+one `data: {json}` chunk per piece of the reply, then `data: [DONE]`. Each chunk's delta carries its
+`content` and a `part`: "text", "python" (a calculator expression the model writes) or
+"python_output" (the result the tool forced in). A whole reply (`"stream": false`) comes back with
+`content`, where calculator calls read `[calculator: 12*7 = 84]`, and `parts`, the same reply as a
+list of {"type", "text"}: send `parts` back as the assistant's content in the next request and the
+model sees its calculator calls as it made them (a plain string is read as plain text).
+
+Log-probabilities are the model's own: log_softmax of its logits at temperature 1, whatever the
+temperature and top_k that sampled (Engine.generate). A chat reply's come as OpenAI's
+`choices[0].logprobs.content`, one {"token", "logprob", "bytes", "top_logprobs"} per token of the
+reply (its special tokens too, named, with "bytes" null), in each streamed chunk the entry of its
+token; a text completion's in the legacy shape, `choices[0].logprobs` with "tokens",
+"token_logprobs", "top_logprobs" (one {token: logprob} per token) and "text_offset". A token the
+calculator forced in, not sampled, is marked: "forced": true on its entry (a completion: a
+"forced" list of booleans beside the others).
 
 One model answers one request at a time, in the order they arrived: each reply streams at the
 model's full speed, and there is no scheduler to read (batching several conversations into one
@@ -61,6 +75,7 @@ from urllib.parse import urlsplit
 
 PAGE = Path(__file__).resolve().parent / "chat.html"
 PART_TYPES = ("text", "python", "python_output")
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for, as OpenAI allows
 MAX_DIGITS = 20  # the longest integer a request may hold (a seed, at most 2**63 - 1, has 19 digits)
 # control characters (C0, DEL, C1) as the log writes them, so a request line cannot move the cursor or forge a line
 LOG_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
@@ -75,6 +90,15 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_connections: int = 64  # open at once (a thread each); at the limit the oldest still silent one is closed
     timeout_seconds: float = 30.0  # to send the request, and again to read the rest of the reply once generated
+
+
+@dataclass
+class Checkpoint:
+    """A model the server answers with, named in requests by its stage ("base", "mid", "sft", "rl")."""
+    engine: object  # nanochat_one.Engine, or anything with its generate, tokenizer and stop_tokens
+    step: int
+    context: int  # the most tokens a prompt and its reply may hold: the length the model was trained on
+    created: int  # when the checkpoint was written (Unix time), as GET /v1/models reports it
 
 
 class RequestError(Exception):
@@ -114,9 +138,10 @@ class TurnQueue:
             self.condition.notify_all()
 
 
-def check_messages(messages, limits):
-    """Raise RequestError unless `messages` is a list of {"role", "content"} within the limits.
-    (Which roles may follow which is the model's renderer's to say.)"""
+def check_messages(messages, limits, for_reply=True):
+    """Raise RequestError unless `messages` is a list of {"role", "content"} within the limits, ending
+    with the user's message when it asks for a reply. (Which roles may follow which is the model's
+    renderer's to say.)"""
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list of {"role", "content"} objects')
     if len(messages) > limits.max_messages:
@@ -135,7 +160,7 @@ def check_messages(messages, limits):
             raise RequestError(f'message {i}: "content" must be a string (or, for the assistant, a list of parts)')
         if size > limits.max_message_chars:
             raise RequestError(f"message {i} has {size} characters; this server takes at most {limits.max_message_chars}")
-    if messages[-1]["role"] != "user":
+    if for_reply and messages[-1]["role"] != "user":
         raise RequestError("the last message must be the user's: the model answers it")
 
 
@@ -187,24 +212,133 @@ def display(parts):
     return "".join(forms[p["type"]].format(p["text"]) for p in parts)
 
 
-def reply_pieces(engine, prompt, max_tokens, temperature=0.6, top_k=None, seed=42):
+def scored_tokens(engine, prompt, max_tokens, temperature, top_k, seed, top_logprobs):
+    """One reply's tokens as (token, score), ending before the stop token or after max_tokens. score is
+    None, or with top_logprobs=k (Engine.generate) dict(sampled=False for a token the tool forced,
+    logprob=the model's log-probability of the token, top=the k likeliest tokens as (token, logprob))."""
+    for step in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed=seed, top_logprobs=top_logprobs):
+        (token,), (sampled,) = step[:2]
+        if token in engine.stop_tokens:
+            return
+        if top_logprobs is None:
+            yield token, None
+        else:
+            logprob, top = step[2][0]
+            yield token, dict(sampled=sampled, logprob=logprob, top=top)
+
+
+def reply_pieces(engine, prompt, max_tokens, temperature=0.6, top_k=None, seed=42, top_logprobs=None):
     """The assistant's reply to a prompt (render_for_completion), one (text, part) pair per token:
     part is "text", "python" (a calculator expression the model writes) or "python_output" (the
     tool's result, forced in), the part types of render_conversation. The special tokens around a
     part carry no text, and a character split across tokens comes whole with its last token.
-    Ends before the stop token, or after max_tokens."""
+    Ends before the stop token, or after max_tokens. With top_logprobs=k, (text, part, token, score)
+    instead (scored_tokens)."""
     s = engine.tokenizer.special_tokens
     next_part = {s["<|python_start|>"]: "python", s["<|python_end|>"]: "text",
                  s["<|output_start|>"]: "python_output", s["<|output_end|>"]: "text"}
     decoder, part = codecs.getincrementaldecoder("utf-8")(errors="replace"), "text"
-    for (token,), _ in engine.generate(prompt, 1, max_tokens, temperature, top_k, seed=seed):
-        if token in engine.stop_tokens:
-            return
+    for token, score in scored_tokens(engine, prompt, max_tokens, temperature, top_k, seed, top_logprobs):
         if token in next_part:
-            yield decoder.decode(b"", final=True), part
-            part = next_part[token]
+            text = decoder.decode(b"", final=True)
+            piece, part = (text, part), next_part[token]
         else:
-            yield decoder.decode(engine.tokenizer.token_to_bytes(token)), part
+            piece = decoder.decode(engine.tokenizer.token_to_bytes(token)), part
+        yield piece if score is None else (*piece, token, score)
+
+
+def completion_pieces(engine, prompt, max_tokens, temperature=0.6, top_k=None, seed=42, top_logprobs=None):
+    """A text completion, one (text, token, score) per token (scored_tokens): the text as it comes, a
+    character split across tokens whole with its last token, a special token written by its name."""
+    decoder, names = codecs.getincrementaldecoder("utf-8")(errors="replace"), engine.tokenizer.inverse_special
+    for token, score in scored_tokens(engine, prompt, max_tokens, temperature, top_k, seed, top_logprobs):
+        if token in names:
+            yield decoder.decode(b"", final=True) + names[token], token, score
+        else:
+            yield decoder.decode(engine.tokenizer.token_to_bytes(token)), token, score
+
+
+def token_form(tokenizer, token):
+    """A token as OpenAI's logprobs write it: {"token": its text, "bytes": its UTF-8 bytes}. A token
+    that is not whole characters reads "bytes:\\xe2\\x82" (as OpenAI writes them); a special token
+    reads as its name, with bytes null (it stands for no text)."""
+    if token in tokenizer.inverse_special:
+        return dict(token=tokenizer.inverse_special[token], bytes=None)
+    data = tokenizer.token_to_bytes(token)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+    return dict(token=text, bytes=list(data))
+
+
+def chat_logprob(tokenizer, token, score):
+    """One entry of a chat reply's choices[0].logprobs.content, with "forced": true on a token the
+    calculator forced in (not sampled: its logprob says how likely the model found it)."""
+    entry = dict(token_form(tokenizer, token), logprob=score["logprob"],
+                 top_logprobs=[dict(token_form(tokenizer, t), logprob=lp) for t, lp in score["top"]])
+    return entry | (dict(forced=True) if not score["sampled"] else {})
+
+
+def completion_logprobs(tokenizer, scored, offset):
+    """The legacy choices[0].logprobs of a text completion for `scored`, a list of (text, token, score):
+    parallel lists of tokens, their logprobs, their top alternatives ({token: logprob}), the character
+    offset where each token's text begins in prompt + completion (from `offset`), and "forced"."""
+    tokens, offsets = [token_form(tokenizer, token)["token"] for _, token, _ in scored], []
+    for text, _, _ in scored:
+        offsets.append(offset)
+        offset += len(text)
+    return dict(tokens=tokens, token_logprobs=[score["logprob"] for _, _, score in scored],
+                top_logprobs=[{token_form(tokenizer, t)["token"]: lp for t, lp in score["top"]}
+                              for _, _, score in scored],
+                text_offset=offsets, forced=[not score["sampled"] for _, _, score in scored])
+
+
+class ChatReply:
+    """How a chat completion's pieces (reply_pieces) become OpenAI's JSON: the chunks of a stream, or
+    the choice of a whole reply. With logprobs each chunk carries its token's entry, as OpenAI streams them."""
+    prefix, chunk_object, whole_object = "chatcmpl", "chat.completion.chunk", "chat.completion"
+
+    def __init__(self, tokenizer, settings, body):
+        self.tokenizer, self.model, self.scored = tokenizer, settings["model"], settings["top_logprobs"] is not None
+        self.opening = dict(delta=dict(role="assistant"), logprobs=None, finish_reason=None)
+
+    def logprobs(self, pieces):
+        return dict(content=[chat_logprob(self.tokenizer, *piece[2:]) for piece in pieces]) if self.scored else None
+
+    def chunk(self, piece):
+        return dict(delta=dict(content=piece[0], part=piece[1]), logprobs=self.logprobs([piece]), finish_reason=None)
+
+    def ending(self, finish_reason):
+        return dict(delta={}, logprobs=None, finish_reason=finish_reason)
+
+    def whole(self, pieces):
+        parts = []
+        for piece in pieces:
+            add_piece(parts, *piece[:2])
+        return dict(message=dict(role="assistant", content=display(parts), parts=parts), logprobs=self.logprobs(pieces))
+
+
+class TextReply(ChatReply):
+    """The same for a text completion's pieces (completion_pieces), in the legacy shape of OpenAI's
+    /v1/completions: choices[0].text, and logprobs as parallel lists (completion_logprobs)."""
+    prefix, chunk_object, whole_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, tokenizer, settings, body):
+        super().__init__(tokenizer, settings, body)
+        self.opening, self.offset = None, len(body["prompt"])  # text_offset counts the prompt's characters too
+
+    def chunk(self, piece):
+        logprobs = completion_logprobs(self.tokenizer, [piece], self.offset) if self.scored else None
+        self.offset += len(piece[0])
+        return dict(text=piece[0], logprobs=logprobs, finish_reason=None)
+
+    def ending(self, finish_reason):
+        return dict(text="", logprobs=None, finish_reason=finish_reason)
+
+    def whole(self, pieces):
+        logprobs = completion_logprobs(self.tokenizer, pieces, self.offset) if self.scored else None
+        return dict(text="".join(piece[0] for piece in pieces), logprobs=logprobs)
 
 
 class ClientFile(io.RawIOBase):
@@ -269,6 +403,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile = ClientFile(self.connection, self.server.limits.timeout_seconds)
         self.rfile = io.BufferedReader(self.wfile)
         self.unread = 0  # bytes of the body still on the wire when an answer goes out before it is read
+        self.holding = False  # whether this request has the model (answer)
 
     def handle(self):
         try:
@@ -281,17 +416,22 @@ class ChatHandler(BaseHTTPRequestHandler):
         try:
             self.check_origin()
             path = self.path.partition("?")[0]
+            server = self.server
             if path in ("/", "/index.html"):
                 self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif path == "/health":
-                server = self.server
-                queue = server.queue
-                self.send_json(200, dict(status="ok", **server.info, busy=queue.next_ticket > queue.now_serving,
+                queue, default = server.queue, server.models[server.info["stage"]]
+                self.send_json(200, dict(status="ok", **server.info, step=default.step, context=default.context,
+                                         models=list(server.models), busy=queue.next_ticket > queue.now_serving,
                                          waiting=queue.waiting, connections=len(server.connections),
                                          limits=asdict(server.limits), **server.counts))
+            elif path in ("/models", "/v1/models"):
+                self.send_json(200, dict(object="list", data=[
+                    dict(id=name, object="model", created=model.created, owned_by="nanochat-one", step=model.step,
+                         context=model.context) for name, model in server.models.items()]))
             else:
                 raise RequestError(f"nothing at {shorten(self.path)}; the page is at / and the API at "
-                                   "POST /chat/completions", 404)
+                                   "POST /v1/chat/completions, POST /v1/completions, GET /v1/models", 404)
         except RequestError as e:
             self.send_error_json(e)
 
@@ -301,14 +441,20 @@ class ChatHandler(BaseHTTPRequestHandler):
             length = self.body_length()
             self.unread = min(length, 2 * limits.max_body_bytes)  # what an early answer reads first (send_error_json)
             self.check_origin()
-            if self.path.partition("?")[0] not in ("/chat/completions", "/v1/chat/completions"):
-                raise RequestError(f"nothing at {shorten(self.path)}; POST to /chat/completions", 404)
+            # the OpenAI paths, with or without their /v1 prefix
+            endpoint = self.path.partition("?")[0].removeprefix("/v1")
+            if endpoint not in ("/chat/completions", "/completions", "/tokenize"):
+                raise RequestError(f"nothing at {shorten(self.path)}; POST to /v1/chat/completions, /v1/completions "
+                                   "or /v1/tokenize", 404)
             if length > limits.max_body_bytes:
                 raise RequestError(f"the body is {length} bytes; this server takes at most {limits.max_body_bytes}",
                                    413)
-            request = self.read_request(length)
+            body = self.read_body(length)
             self.server.settle(self.connection)
-            self.answer(request)
+            if endpoint == "/tokenize":
+                self.tokenize(body)
+            else:
+                self.answer(endpoint == "/chat/completions", body)
         except RequestError as e:
             self.send_error_json(e)
 
@@ -342,9 +488,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise RequestError(f"a page from {shorten(origin)!r} may not use this server; if it should, start it "
                                    f"with --allow-host {host_name(netloc) or 'NAME'}", 403, "forbidden")
 
-    def read_request(self, length):
-        """The request's JSON body, checked: (messages, settings)."""
-        limits = self.server.limits
+    def read_body(self, length):
+        """The request's JSON body: an object."""
         data = self.rfile.read(length)
         self.unread = 0
         try:
@@ -354,58 +499,100 @@ class ChatHandler(BaseHTTPRequestHandler):
         except ValueError as e:  # including UnicodeDecodeError and json.JSONDecodeError
             raise RequestError(f"the body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
-            raise RequestError('the body must be a JSON object with "messages"')
-        check_messages(body.get("messages"), limits)
-        defaults = self.server.info["defaults"]
-        settings = dict(temperature=number(body, "temperature", defaults["temperature"], float, 0.0, 2.0),
-                        top_k=number(body, "top_k", defaults["top_k"], int, 1, 1 << 20),
-                        max_tokens=number(body, "max_tokens", defaults["max_tokens"], int, 1, limits.max_new_tokens),
-                        seed=number(body, "seed", None, int, 0, 2 ** 63 - 1))
+            raise RequestError('the body must be a JSON object with "messages" (or, for /v1/completions, "prompt")')
+        return body
+
+    def settings(self, body, chat):
+        """The request's model and sampling settings, checked. top_logprobs is None unless logprobs are asked
+        for: chat's "logprobs": true with "top_logprobs" 0-20, a completion's "logprobs" 0-20 (OpenAI's two
+        ways)."""
+        limits, defaults, models = self.server.limits, self.server.info["defaults"], self.server.models
+        model = body.get("model") or self.server.info["stage"]
+        if model not in models:
+            raise RequestError(f"no model {shorten(str(model))!r} here; this server has {', '.join(models)} "
+                               "(GET /v1/models)", 404, "model_not_found")
         if not isinstance(body.get("stream", False), bool):
             raise RequestError('"stream" must be true or false')
-        return body["messages"], settings | dict(stream=body.get("stream", False))
+        if chat:
+            if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+                raise RequestError('"logprobs" must be true or false (top_logprobs says how many alternatives)')
+            top_logprobs = number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+            if body.get("top_logprobs") is not None and not body.get("logprobs"):
+                raise RequestError('"top_logprobs" needs "logprobs": true')
+            top_logprobs = top_logprobs if body.get("logprobs") else None
+        else:
+            top_logprobs = number(body, "logprobs", None, int, 0, MAX_TOP_LOGPROBS)
+        return dict(model=model, stream=body.get("stream", False), top_logprobs=top_logprobs,
+                    temperature=number(body, "temperature", defaults["temperature"], float, 0.0, 2.0),
+                    top_k=number(body, "top_k", defaults["top_k"], int, 1, 1 << 20),
+                    max_tokens=number(body, "max_tokens", defaults["max_tokens"], int, 1, limits.max_new_tokens),
+                    seed=number(body, "seed", None, int, 0, 2 ** 63 - 1))
 
-    def answer(self, request):
-        messages, settings = request
+    def prompt(self, body, chat):
+        """The prompt's token ids: the conversation as rendered for the assistant's reply, or the text after
+        <|bos|>, as the base model read its documents."""
         server = self.server
-        try:
-            prompt = server.render(messages)
-        except ValueError as e:  # roles out of order, ...: the renderer's own words
-            raise RequestError(str(e)) from None
-        room = server.info["context"] - len(prompt)
+        if chat:
+            check_messages(body.get("messages"), server.limits)
+            try:
+                return server.render(body["messages"])
+            except ValueError as e:  # roles out of order, ...: the renderer's own words
+                raise RequestError(str(e)) from None
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise RequestError('"prompt" must be a string (one prompt: this server writes one completion at a time)')
+        if len(text) > server.limits.max_message_chars:
+            raise RequestError(f"the prompt has {len(text)} characters; this server takes at most "
+                               f"{server.limits.max_message_chars}")
+        tokenizer = next(iter(server.models.values())).engine.tokenizer  # the stages share one (checked at load)
+        return [tokenizer.special_tokens["<|bos|>"]] + tokenizer.encode_ordinary(text)
+
+    def answer(self, chat, body):
+        """A chat completion (chat) or a text completion, streamed or whole."""
+        server = self.server
+        settings = self.settings(body, chat)
+        prompt, model = self.prompt(body, chat), server.models[settings["model"]]
+        room = model.context - len(prompt)
         if room < 1:
-            raise RequestError(f"the conversation is {len(prompt)} tokens and this model reads at most "
-                               f"{server.info['context']}: start a new chat")
+            raise RequestError(f"the {'conversation' if chat else 'prompt'} is {len(prompt)} tokens and this model "
+                               f"reads at most {model.context}: " + ("start a new chat" if chat else "shorten it"))
         if not server.queue.enter():
             server.count("rejected")
             raise RequestError(f"busy: {server.limits.max_queue} requests are already waiting; try again shortly", 503, "busy")
-        self.wfile.eager = True  # the model is ours now: writing must not wait for the client
+        self.wfile.eager = self.holding = True  # the model is ours now: writing must not wait for the client
         try:
             max_tokens = min(settings["max_tokens"], room)
             seed = settings["seed"] if settings["seed"] is not None else secrets.randbits(32)
-            pieces = reply_pieces(server.engine, prompt, max_tokens, settings["temperature"], settings["top_k"], seed)
-            generated = (self.stream if settings["stream"] else self.whole)(pieces, len(prompt), max_tokens)
+            sample = (model.engine, prompt, max_tokens, settings["temperature"], settings["top_k"], seed,
+                      settings["top_logprobs"])
+            reply = (ChatReply if chat else TextReply)(model.engine.tokenizer, settings, body)
+            pieces = (reply_pieces if chat else completion_pieces)(*sample)
+            generated = (self.stream if settings["stream"] else self.whole)(pieces, reply, len(prompt), max_tokens)
         finally:
-            self.wfile.eager = False
-            self.wfile.restart()  # the model is free for the next request; the client has its time again for the rest
-            server.queue.leave()
+            self.release()
         if generated:
             try:
                 self.wfile.flush()  # what the client has not taken yet, by its deadline
             except (ConnectionError, TimeoutError) as e:
                 server.log(f"client did not take all of its reply ({e}); connection closed")
 
-    def chunk(self, delta, finish_reason=None, **extra):
-        return dict(id=self.reply_id, object="chat.completion.chunk", created=self.created, model=self.server.info["model"],
-                    choices=[dict(index=0, delta=delta, finish_reason=finish_reason)], **extra)
+    def release(self):
+        """Give the model to the next request, once, as soon as the reply is generated: before its last words
+        are sent, so that a client that reads them and asks again at once finds the model free."""
+        if self.holding:
+            self.wfile.eager = self.holding = False
+            self.wfile.restart()  # the client has its time again for the rest
+            self.server.queue.leave()
 
-    def stream(self, pieces, prompt_tokens, max_tokens):
+    def stream(self, pieces, reply, prompt_tokens, max_tokens):
         """Send the reply as server-sent events, one chunk per piece, as it is generated; False if the
         client went away (a write fails once it has closed: a half-closed client still reads)."""
-        self.reply_id, self.created = f"chatcmpl-{next(self.server.ids)}", int(time.time())
+        reply_id, created = f"{reply.prefix}-{next(self.server.ids)}", int(time.time())
         self.close_connection = True  # the end of the stream is the end of the connection
 
-        def event(data):
+        def event(choice, **extra):
+            data = dict(id=reply_id, object=reply.chunk_object, created=created, model=reply.model,
+                        choices=[dict(index=0, **choice)], **extra)
             self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
         tokens = 0
@@ -414,45 +601,62 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-            event(self.chunk(dict(role="assistant")))
-            for text, part in pieces:
+            if reply.opening is not None:
+                event(reply.opening)
+            for piece in pieces:
                 tokens += 1
                 self.server.count("generated_tokens")
-                if text:
-                    event(self.chunk(dict(content=text, part=part)))
+                if piece[0] or reply.scored:  # a piece with no text (half a character, a part's mark) carries its score
+                    event(reply.chunk(piece))
         except ConnectionError:
             self.server.count("cancelled")
             self.server.log(f"client went away after {tokens} tokens; generation stopped")
             return False
         except Exception as e:  # the model failed: say so in the stream (the status line is already sent)
-            event(dict(error=dict(message=f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            failure = dict(message=f"generation failed: {type(e).__name__}: {e}", type="server_error")
+            self.wfile.write(b"data: " + json.dumps(dict(error=failure)).encode() + b"\n\n")
             raise
         self.server.count("served")
+        self.release()
         usage = dict(prompt_tokens=prompt_tokens, completion_tokens=tokens, total_tokens=prompt_tokens + tokens)
-        event(self.chunk({}, "length" if tokens == max_tokens else "stop", usage=usage))
+        event(reply.ending("length" if tokens == max_tokens else "stop"), usage=usage)
         self.wfile.write(b"data: [DONE]\n\n")
         return True
 
-    def whole(self, pieces, prompt_tokens, max_tokens):
+    def whole(self, pieces, reply, prompt_tokens, max_tokens):
         """Generate the whole reply, then send it as one JSON object. (Nothing is written until then, so
         a client that closed cannot be told from a half-closed one that waits: the reply runs to its end.)"""
-        parts, tokens = [], 0
+        collected = []
         try:
-            for text, part in pieces:
-                tokens += 1
+            for piece in pieces:
+                collected.append(piece)
                 self.server.count("generated_tokens")
-                add_piece(parts, text, part)
         except Exception as e:
             self.server.log(f"generation failed: {type(e).__name__}: {e}")
             raise RequestError(f"generation failed: {type(e).__name__}: {e}", 500, "server_error") from None
         self.server.count("served")
+        self.release()
+        tokens = len(collected)
         self.send_json(200, dict(
-            id=f"chatcmpl-{next(self.server.ids)}", object="chat.completion", created=int(time.time()),
-            model=self.server.info["model"],
-            choices=[dict(index=0, message=dict(role="assistant", content=display(parts), parts=parts),
-                          finish_reason="length" if tokens == max_tokens else "stop")],
+            id=f"{reply.prefix}-{next(self.server.ids)}", object=reply.whole_object, created=int(time.time()),
+            model=reply.model, choices=[dict(index=0, **reply.whole(collected),
+                                             finish_reason="length" if tokens == max_tokens else "stop")],
             usage=dict(prompt_tokens=prompt_tokens, completion_tokens=tokens, total_tokens=prompt_tokens + tokens)))
         return True
+
+    def tokenize(self, body):
+        """The conversation as the trainer renders it (render_conversation): each token's id, its text (a special
+        token by name), and whether SFT trains on it (its loss mask). Needs no model: it does not wait its turn."""
+        server = self.server
+        check_messages(body.get("messages"), server.limits, for_reply=False)
+        try:
+            ids, mask = server.render_training(body["messages"])
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        tokenizer = next(iter(server.models.values())).engine.tokenizer
+        self.send_json(200, dict(object="list", data=[
+            dict(id=token, text=token_form(tokenizer, token)["token"], special=token in tokenizer.inverse_special,
+                 trained=bool(trained)) for token, trained in zip(ids, mask)]))
 
     def send(self, status, body, content_type, headers=()):
         self.send_response(status)
@@ -491,9 +695,10 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # connections the OS holds before they are accepted (the default 5 resets a burst of clients)
 
-    def __init__(self, address, engine, render, info, limits, log=print, allowed_hosts=()):
+    def __init__(self, address, models, render, render_training, info, limits, log=print, allowed_hosts=()):
         super().__init__(address, ChatHandler)
-        self.engine, self.render, self.info, self.limits, self.log = engine, render, info, limits, log
+        self.models, self.render, self.render_training = models, render, render_training
+        self.info, self.limits, self.log = info, limits, log
         self.queue = TurnQueue(limits.max_queue)
         self.counts = dict(served=0, cancelled=0, rejected=0, generated_tokens=0)
         self.ids = itertools.count(1)
@@ -565,19 +770,22 @@ class ChatServer(ThreadingHTTPServer):
             self.counts[name] += n
 
 
-def serve(engine, render, info, host="127.0.0.1", port=8000, limits=Limits(), log=print, allowed_hosts=()):
-    """Serve the model behind `engine` until Ctrl-C. `render(messages)` turns a conversation into
-    the prompt's token ids (ValueError if it cannot). `info` is shown by /health and the page: at
-    least "model", "context" (the most tokens a prompt and its reply may hold) and "defaults"
-    (temperature, top_k, max_tokens). `allowed_hosts`: more names for the Host and Origin headers
-    than the address it listens on (ChatHandler.check_origin)."""
+def serve(models, render, render_training, info, host="127.0.0.1", port=8000, limits=Limits(), log=print,
+          allowed_hosts=()):
+    """Serve `models`, {name: Checkpoint}, until Ctrl-C; they share one tokenizer. `render(messages)`
+    turns a conversation into the prompt's token ids, `render_training(messages)` into the trainer's
+    (ids, loss mask) (ValueError if they cannot). `info` is shown by /health and the page: "model"
+    (the models' tag), "stage" (the name of the one a request gets unless it names another) and
+    "defaults" (temperature, top_k, max_tokens). `allowed_hosts`: more names for the Host and Origin
+    headers than the address it listens on (ChatHandler.check_origin)."""
     try:
-        server = ChatServer((host, port), engine, render, info, limits, log, allowed_hosts)
+        server = ChatServer((host, port), models, render, render_training, info, limits, log, allowed_hosts)
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port or --host") from None
     host, port = server.server_address[:2]
-    log(f"serving the {info.get('stage', '')} model {info['model']} at http://{host}:{port}/ (Ctrl-C stops); "
-        f"one request at a time, up to {limits.max_queue} waiting")
+    others = ", ".join(name for name in models if name != info["stage"])
+    log(f"serving the {info['stage']} model {info['model']}{f' (and {others})' if others else ''} at "
+        f"http://{host}:{port}/ (Ctrl-C stops); one request at a time, up to {limits.max_queue} waiting")
     names = sorted(server.host_names) + (["any IP address"] if server.any_address else [])
     log(f"it answers requests for {', '.join(names)}; --allow-host adds a name (as behind a proxy)")
     if host in ("127.0.0.1", "localhost", "::1"):

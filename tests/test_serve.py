@@ -408,7 +408,7 @@ def test_reply_pieces_by_hand(runs):
         def __init__(self):
             self.tokenizer, self.stop_tokens = tokenizer, {s["<|assistant_end|>"]}
 
-        def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
+        def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed, top_logprobs=None):
             for token in script[:max_tokens]:
                 yield [token], [True]
 
@@ -434,7 +434,7 @@ class Scripted:
                                          token_to_bytes=lambda token: piece)
         self.stop_tokens, self.pace = set(), pace
 
-    def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
+    def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed, top_logprobs=None):
         for _ in range(max_tokens):
             time.sleep(self.pace)
             yield (0,), (True,)
@@ -443,9 +443,9 @@ class Scripted:
 @contextlib.contextmanager
 def scripted_server(piece=b"x", pace=0.0, **limits):
     """A serve.ChatServer in this process on a free port, answering with Scripted(piece, pace)."""
-    info = dict(model="scripted", stage="none", step=0, context=1 << 20,
-                defaults=dict(temperature=0.6, top_k=50, max_tokens=8))
-    server = serve.ChatServer(("127.0.0.1", 0), Scripted(piece, pace), lambda messages: [0], info,
+    info = dict(model="scripted", stage="none", defaults=dict(temperature=0.6, top_k=50, max_tokens=8))
+    models = dict(none=serve.Checkpoint(Scripted(piece, pace), step=0, context=1 << 20, created=0))
+    server = serve.ChatServer(("127.0.0.1", 0), models, lambda messages: [0], lambda messages: ([0], [0]), info,
                               serve.Limits(**limits), log=lambda line: None)
     threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
     try:
