@@ -21,6 +21,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import bpe
 import nanochat_one as nc
@@ -590,3 +591,155 @@ def test_the_page_in_a_headless_browser(server, tmp_path):
         assert not browser.find_elements(By.CSS_SELECTOR, ".message")
     finally:
         browser.quit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every stage side by side, token log-probabilities, the prompt as the trainer renders it
+
+
+@pytest.fixture(scope="module")
+def stages(runs, tmp_path_factory):
+    """The base checkpoint's folder copied, with a few steps of mid, sft and rl on top (each stage a
+    different model, none trained enough to say much), served with --source sft."""
+    folder = tmp_path_factory.mktemp("stages") / "runs"
+    shutil.copytree(runs[0], folder)
+    train_in(folder, ["--stage", "mid", *MODEL, "--num-iterations", "5", "--eval-every", "0", "--eval-items", "2"],
+             ["--stage", "sft", *MODEL, "--num-iterations", "5", "--eval-every", "0", "--eval-items", "2"],
+             ["--stage", "rl", *MODEL, "--num-iterations", "1", "--prompts-per-step", "1", "--num-samples", "2",
+              "--max-new-tokens", "16", "--eval-every", "0", "--save-every", "0", "--eval-items", "2", "--pass-k", "1",
+              "--pass-k-problems", "1"])
+    s = Server(folder, "--source", "sft", "--max-new-tokens", "64")
+    yield s, folder
+    s.stop()
+
+
+def load(folder, stage, tokenizer):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(folder))
+        args = nc.build_parser().parse_args(["--stage", "chat", *MODEL[:6]])
+        return nc.load_trained(args, nc.Dist(), stage, tokenizer)[0].eval()
+
+
+def check_logprobs(model, tokenizer, prompt, seed, temperature, top_k, max_tokens, logprobs, tops):
+    """The reply's tokens are the ones the engine samples with this seed, and each logprob is the log_softmax
+    of the model's logits at that position in one full forward pass over prompt + reply (no cache), within
+    float32's rounding; `tops` are the top alternatives as (token form, logprob) lists."""
+    (tokens,), _ = nc.Engine(model, tokenizer).generate_batch(prompt, 1, max_tokens, temperature, top_k, seed)
+    assert len(tokens) == len(logprobs) > 0
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0].float(), dim=-1)  # (T, vocab)
+    for i, (token, logprob, top) in enumerate(zip(tokens, logprobs, tops)):
+        row = expected[len(prompt) - 1 + i]
+        assert abs(logprob - row[token].item()) < 1e-4
+        ids = row.topk(len(top)).indices.tolist()
+        assert [form for form, _ in top] == [serve.token_form(tokenizer, t)["token"] for t in ids]
+        assert all(abs(lp - row[t].item()) < 1e-4 for t, (_, lp) in zip(ids, top))
+    return tokens
+
+
+def test_the_openai_client_lists_the_stages_and_gets_their_logprobs(stages, runs):
+    """The official client: the models, a chat completion with top_logprobs (whole and streamed: the same
+    tokens and numbers) and a text completion, each checked against the model's own log_softmax."""
+    openai = pytest.importorskip("openai", reason="needs the openai client (the dev extra)")
+    server, folder = stages
+    tokenizer = runs[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
+    models = client.models.list().data
+    assert [m.id for m in models] == ["base", "mid", "sft", "rl"] and all(m.owned_by == "nanochat-one" for m in models)
+
+    messages = user("What is the capital of France?")
+    settings = dict(model="rl", messages=messages, max_tokens=12, temperature=1.0, seed=7, logprobs=True,
+                    top_logprobs=3, extra_body=dict(top_k=50))
+    whole = client.chat.completions.create(**settings)
+    assert whole.model == "rl"
+    content = whole.choices[0].logprobs.content
+    assert all(len(entry.top_logprobs) == 3 for entry in content)
+    prompt = nc.render_for_completion(tokenizer, dict(messages=messages))
+    model = load(folder, "rl", tokenizer)
+    tokens = check_logprobs(model, tokenizer, prompt, 7, 1.0, 50, 12, [e.logprob for e in content],
+                            [[(t.token, t.logprob) for t in e.top_logprobs] for e in content])
+    assert [e.token for e in content] == [serve.token_form(tokenizer, t)["token"] for t in tokens]
+    streamed = [entry for chunk in client.chat.completions.create(**settings, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    text = "Once upon a time"
+    completion = client.completions.create(model="base", prompt=text, max_tokens=10, temperature=0.8, seed=3,
+                                           logprobs=4, extra_body=dict(top_k=50))
+    logprobs = completion.choices[0].logprobs
+    base = load(folder, "base", tokenizer)
+    prompt = [tokenizer.special_tokens["<|bos|>"]] + tokenizer.encode_ordinary(text)
+    check_logprobs(base, tokenizer, prompt, 3, 0.8, 50, 10, logprobs.token_logprobs,
+                   [list(top.items()) for top in logprobs.top_logprobs])
+    assert logprobs.text_offset[0] == len(text) and completion.usage.completion_tokens == len(logprobs.tokens)
+    pieces = list(client.completions.create(model="base", prompt=text, max_tokens=10, temperature=0.8, seed=3,
+                                            logprobs=4, stream=True, extra_body=dict(top_k=50)))
+    assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text
+    assert [t for p in pieces if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == logprobs.tokens
+
+
+def test_the_request_picks_the_stage_and_bad_settings_get_400(stages):
+    server, _ = stages
+    ask = dict(messages=user("Hi"), temperature=0, max_tokens=8)
+    replies = {name: server.chat(**dict(ask, model=name)) for name in ("base", "mid", "sft", "rl")}
+    assert {name: reply["model"] for name, reply in replies.items()} == {name: name for name in replies}
+    assert server.chat(**ask)["choices"] == replies["sft"]["choices"]  # --source sft is the default
+    assert len({json.dumps(reply["choices"]) for reply in replies.values()}) > 1  # different models
+    assert server.chat(**ask)["choices"][0]["logprobs"] is None  # none unless asked for
+    health = server.health()
+    assert health["stage"] == "sft" and health["models"] == ["base", "mid", "sft", "rl"] and health["step"] == 5
+    for path, body, status, needle in [
+        ("/v1/chat/completions", dict(ask, model="gpt-4"), 404, "no model 'gpt-4' here"),
+        ("/v1/chat/completions", dict(ask, logprobs="yes"), 400, '"logprobs" must be true or false'),
+        ("/v1/chat/completions", dict(ask, logprobs=True, top_logprobs=21), 400, '"top_logprobs" must be an integer'),
+        ("/v1/chat/completions", dict(ask, top_logprobs=2), 400, 'needs "logprobs": true'),
+        ("/v1/completions", dict(prompt=["a", "b"]), 400, '"prompt" must be a string'),
+        ("/v1/completions", dict(prompt="a", logprobs=True), 400, '"logprobs" must be an integer from 0 to 20'),
+        ("/v1/completions", dict(prompt="a", logprobs=21), 400, '"logprobs" must be an integer from 0 to 20'),
+        ("/v1/tokenize", dict(messages=[dict(role="assistant", content="a")]), 400, "roles must alternate"),
+    ]:
+        code, _, answer = server.request("POST", path, body)
+        assert code == status and needle in answer["error"]["message"], (path, body, answer)
+    assert server.request("POST", "/v1/chat/completions", dict(ask, model="gpt-4"))[2]["error"]["type"] == \
+        "model_not_found"
+    assert "Traceback" not in "".join(server.lines)
+
+
+def test_tokenize_is_the_trainers_rendering(stages, runs):
+    """POST /v1/tokenize: render_conversation's ids and loss mask, special tokens by name."""
+    server, _ = stages
+    tokenizer = runs[1]
+    messages = user("What is 12*7?") + [dict(role="assistant", content=[
+        dict(type="text", text="It is "), dict(type="python", text="12*7"), dict(type="python_output", text="84"),
+        dict(type="text", text=" €84.")])]
+    code, _, answer = server.request("POST", "/v1/tokenize", dict(messages=messages))
+    assert code == 200
+    ids, mask = nc.render_conversation(tokenizer, dict(messages=messages))
+    assert [t["id"] for t in answer["data"]] == ids and [t["trained"] for t in answer["data"]] == [bool(m) for m in mask]
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    assert [t["text"] for t in answer["data"] if t["special"]] == [names[i] for i in ids if i in names]
+    assert "".join(t["text"] for t in answer["data"] if not t["special"] and not t["text"].startswith("bytes:")) \
+        .startswith("What is 12*7?It is 12*784")
+
+
+def test_forced_tokens_are_marked_in_the_logprobs(runs):
+    """The calculator's result is forced, not sampled: its entries say "forced": true, the others do not."""
+    tokenizer = runs[1]
+    s, e = tokenizer.special_tokens, tokenizer.encode_ordinary
+    script = e("So ") + [s["<|python_start|>"]] + e("6*7") + [s["<|python_end|>"]]
+    forced = [s["<|output_start|>"]] + e("42") + [s["<|output_end|>"]]
+
+    class Scripted:
+        def __init__(self):
+            self.tokenizer, self.stop_tokens = tokenizer, {s["<|assistant_end|>"]}
+
+        def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed, top_logprobs=None):
+            for token in script + forced:
+                yield [token], [token not in forced], [(-1.0, [(token, -1.0)] * top_logprobs)]
+
+    pieces = list(serve.reply_pieces(Scripted(), [0], 100, top_logprobs=1))
+    entries = [serve.chat_logprob(tokenizer, token, score) for _, _, token, score in pieces]
+    assert [entry.get("forced", False) for entry in entries] == [False] * len(script) + [True] * len(forced)
+    assert [entry["token"] for entry in entries[len(script):]] == \
+        ["<|output_start|>", *(tokenizer.decode([t]) for t in e("42")), "<|output_end|>"]
+    assert entries[len(script)]["bytes"] is None and entries[0]["top_logprobs"][0]["logprob"] == -1.0
