@@ -743,3 +743,71 @@ def test_forced_tokens_are_marked_in_the_logprobs(runs):
     assert [entry["token"] for entry in entries[len(script):]] == \
         ["<|output_start|>", *(tokenizer.decode([t]) for t in e("42")), "<|output_end|>"]
     assert entries[len(script)]["bytes"] is None and entries[0]["top_logprobs"][0]["logprob"] == -1.0
+
+
+@pytest.mark.skipif(not (shutil.which("chromedriver") and shutil.which("chromium")),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_the_microscope_in_a_headless_browser(stages, tmp_path):
+    """The compare view fills a column per stage, a reply token shows its alternatives on hover, and the
+    token view shows the prompt as the trainer renders it; a screenshot of each goes to tmp_path."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    server, _ = stages
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,800"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        idle = lambda b: b.execute_script("return document.body.dataset.state") == "idle"  # noqa: E731
+        wait.until(idle)
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 4)
+        assert Select(browser.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "sft"
+        Select(browser.find_element(By.ID, "mode")).select_by_value("compare")
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0")
+        browser.find_element(By.ID, "input").send_keys("What is the capital of France?")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.execute_script("return document.body.dataset.state") == "streaming")
+        wait.until(idle)
+        columns = browser.find_elements(By.CSS_SELECTOR, ".compare .column")
+        assert [c.get_attribute("data-model") for c in columns] == ["base", "mid", "sft", "rl"]
+        assert all(c.find_elements(By.CSS_SELECTOR, ".message.assistant .tok") for c in columns)
+        assert all(c.find_element(By.CSS_SELECTOR, ".message.assistant").text.strip() for c in columns)
+        browser.save_screenshot(str(tmp_path / "compare.png"))
+
+        token = next(t for t in columns[2].find_elements(By.CSS_SELECTOR, ".tok") if t.text.strip())
+        assert "background: rgb(" in token.get_attribute("style")  # coloured by its probability
+        ActionChains(browser).move_to_element(token).perform()
+        popup = browser.find_element(By.ID, "popup")
+        wait.until(lambda b: popup.is_displayed())
+        lines = popup.text.splitlines()
+        assert "the model's top choices here:" in lines and len(lines) == 2 + 5 and "%" in lines[0]
+        browser.save_screenshot(str(tmp_path / "alternatives.png"))
+
+        browser.find_element(By.ID, "show-tokens").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .box"))
+        boxes = browser.find_elements(By.CSS_SELECTOR, "#tokens .box")
+        assert [b.text for b in boxes if "special" in b.get_attribute("class")] == \
+            ["<|bos|>", "<|user_start|>", "<|user_end|>"]
+        browser.save_screenshot(str(tmp_path / "tokens.png"))
+
+        # a chat turn with the token view open: the assistant's own tokens are the trained ones
+        Select(browser.find_element(By.ID, "mode")).select_by_value("chat")
+        browser.find_element(By.ID, "new-chat").click()
+        browser.find_element(By.ID, "input").send_keys("Hi")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.assistant .tok"))
+        wait.until(idle)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .box.trained"))
+        boxes = browser.find_elements(By.CSS_SELECTOR, "#tokens .box")
+        trained = [b.text for b in boxes if "trained" in b.get_attribute("class")]
+        assert trained[-1] == "<|assistant_end|>" and "<|assistant_start|>" not in trained
+        browser.save_screenshot(str(tmp_path / "chat_tokens.png"))
+        print(f"\nscreenshots: {', '.join(str(p) for p in sorted(tmp_path.glob('*.png')))}")
+    finally:
+        browser.quit()
