@@ -508,7 +508,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         ways)."""
         limits, defaults, models = self.server.limits, self.server.info["defaults"], self.server.models
         model = body.get("model") or self.server.info["stage"]
-        if model not in models:
+        if not isinstance(model, str) or model not in models:
             raise RequestError(f"no model {shorten(str(model))!r} here; this server has {', '.join(models)} "
                                "(GET /v1/models)", 404, "model_not_found")
         if not isinstance(body.get("stream", False), bool):

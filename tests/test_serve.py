@@ -690,6 +690,7 @@ def test_the_request_picks_the_stage_and_bad_settings_get_400(stages):
     assert health["stage"] == "sft" and health["models"] == ["base", "mid", "sft", "rl"] and health["step"] == 5
     for path, body, status, needle in [
         ("/v1/chat/completions", dict(ask, model="gpt-4"), 404, "no model 'gpt-4' here"),
+        ("/v1/chat/completions", dict(ask, model=["sft"]), 404, "no model \"['sft']\" here"),
         ("/v1/chat/completions", dict(ask, logprobs="yes"), 400, '"logprobs" must be true or false'),
         ("/v1/chat/completions", dict(ask, logprobs=True, top_logprobs=21), 400, '"top_logprobs" must be an integer'),
         ("/v1/chat/completions", dict(ask, top_logprobs=2), 400, 'needs "logprobs": true'),
