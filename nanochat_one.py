@@ -2498,7 +2498,8 @@ def stage_serve(args, ddp):
             continue
         model, meta = load_trained(args, ddp, stage, tokenizer)
         written = (directory / f"model_{meta['step']:06d}.pt").stat().st_mtime
-        # the context is the length the model was trained on (its rotary tables run 10x longer, to positions it never saw)
+        # the context is the length the model was trained on (its rotary tables run 10x longer, to positions
+        # it never saw)
         models[stage] = serve.Checkpoint(Engine(model.eval(), tokenizer), meta["step"], model.config.sequence_len,
                                          int(written))
         params = list(model.parameters())

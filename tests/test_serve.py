@@ -716,7 +716,8 @@ def test_tokenize_is_the_trainers_rendering(stages, runs):
     code, _, answer = server.request("POST", "/v1/tokenize", dict(messages=messages))
     assert code == 200
     ids, mask = nc.render_conversation(tokenizer, dict(messages=messages))
-    assert [t["id"] for t in answer["data"]] == ids and [t["trained"] for t in answer["data"]] == [bool(m) for m in mask]
+    assert [t["id"] for t in answer["data"]] == ids
+    assert [t["trained"] for t in answer["data"]] == [bool(m) for m in mask]
     names = {i: name for name, i in tokenizer.special_tokens.items()}
     assert [t["text"] for t in answer["data"] if t["special"]] == [names[i] for i in ids if i in names]
     assert "".join(t["text"] for t in answer["data"] if not t["special"] and not t["text"].startswith("bytes:")) \
@@ -757,10 +758,12 @@ def test_the_microscope_in_a_headless_browser(stages, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
     server, _ = stages
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,800"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1100,800"):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium")
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    driver = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    browser = webdriver.Chrome(options=options, service=driver)
     try:
         browser.get(f"http://127.0.0.1:{server.port}/")
         wait = WebDriverWait(browser, 60, poll_frequency=0.05)
