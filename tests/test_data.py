@@ -155,14 +155,15 @@ def test_parquet_needs_two_shards(tmp_path):
 
 def test_copy_drills_repeat_each_sequence_and_replace_their_share_of_documents(base_dir):
     tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
-    low, high = nc.drill_ids(tok)
-    assert 256 <= low < high <= min(tok.special_tokens.values())  # merged tokens, never a special token
-    drill = nc.copy_drill(random.Random(0), tok)
-    assert drill[0] == tok.special_tokens["<|bos|>"] and len(drill) >= 256
+    pool = nc.drill_ids(tok)
+    assert pool and all(256 <= t < min(tok.special_tokens.values()) for t in pool)  # merged, never special
+    bos = tok.special_tokens["<|bos|>"]
+    drill = nc.copy_drill(random.Random(0), pool, bos)
+    assert drill[0] == bos and len(drill) >= 256
     ids, i = drill[1:], 0
     while i < len(ids):  # the drill parses as sequences of 5-40 ids, each followed by itself
         n = next(n for n in range(5, 41) if ids[i:i + n] == ids[i + n:i + 2 * n])
-        assert all(low <= t < high for t in ids[i:i + n])
+        assert set(ids[i:i + n]) <= set(pool)
         i += 2 * n
     # a share of 0.2 of 2,000 documents: 400 expected, binomial sd sqrt(2000 * 0.2 * 0.8) = 17.9; 6 sd either side
     docs = [(p, [-1]) for p in range(2000)]
@@ -175,26 +176,38 @@ def test_copy_drills_repeat_each_sequence_and_replace_their_share_of_documents(b
     assert list(nc.with_drills(docs, 0.0, tok)) == docs
 
 
+def test_drills_leave_out_the_tokens_that_write_numbers():
+    text = "Twenty-six is written as 26. Seventeen apples and 17 pears went to the market. " * 40
+    tok = bpe.Tokenizer.train([text], 400, special_tokens=nc.SPECIAL_TOKENS)
+    pool = nc.drill_ids(tok)
+    pieces = {tok.decode([t]).strip(" -").lower() for t in pool}
+    assert not any(c.isdigit() for piece in pieces for c in piece)
+    assert not pieces & {"twenty", "six", "seventeen", "seven", "teen"}
+    merged = {tok.decode([t]).strip(" -").lower() for t in range(256, min(tok.special_tokens.values()))}
+    assert {"twenty", "26", "apples", "market"} <= merged  # the tokenizer has them; the drills keep only the words
+    assert {"apples", "market"} <= pieces
+
+
 def test_drills_train_on_every_token_in_mid_and_stay_out_of_validation(base_dir):
     tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
     args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.5)
-    low, high = nc.drill_ids(tok)
+    pool = torch.tensor(nc.drill_ids(tok))
 
-    def drill_tokens(x):
-        return ((x >= low) & (x < high)).float().mean().item()  # TinyWorld's own tokens here are mostly < low
+    def in_pool(x):
+        return torch.isin(x, pool)
 
     x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
-    drill_rows = [r for r in range(8) if drill_tokens(x[r]) > 0.5]
+    drill_rows = [r for r in range(8) if in_pool(x[r]).float().mean() > 0.5]  # TinyWorld's own: mostly bytes
     assert drill_rows  # P(no drill in 8 rows at share 0.5) is negligible: rows hold several documents each
     for r in drill_rows:  # inside a drill every target is trained (no -1) but where a conversation's mask says so
-        inside = (x[r, 1:] >= low) & (x[r, 1:] < high)
+        inside = in_pool(x[r, 1:])
         assert (y[r, :-1][inside] >= 0).all()
     shares = {}  # base_batches asks for drills in training only: validation measures the text
     real = nc.with_drills
 
-    def recording(docs, share, tokenizer):
+    def recording(docs, share, tokenizer, *rest):
         shares[split] = share
-        return real(docs, share, tokenizer)
+        return real(docs, share, tokenizer, *rest)
 
     for split in ("train", "val"):
         with pytest.MonkeyPatch.context() as mp:

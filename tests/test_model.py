@@ -314,7 +314,8 @@ class LookBack(torch.nn.Module):
 def test_induction_score_by_hand(boost):
     vocab = 4096
     tokenizer = types.SimpleNamespace(special_tokens={s: vocab - len(nc.SPECIAL_TOKENS) + i
-                                                      for i, s in enumerate(nc.SPECIAL_TOKENS)})
+                                                      for i, s in enumerate(nc.SPECIAL_TOKENS)},
+                                      decode=lambda ids: "word")
     first, second, ratio = nc.induction_score(LookBack(vocab, 50, boost), tokenizer, length=50)
     assert first == pytest.approx(math.log(vocab), rel=1e-6)  # nothing predicts the first copy
     p = math.exp(boost) / (math.exp(boost) + vocab - 1)  # the copied token's probability in the second
@@ -325,13 +326,16 @@ def test_induction_score_by_hand(boost):
 
 
 def test_induction_score_ids_are_merged_tokens_below_the_special_ones():
-    """With a vocabulary of 512 (256 bytes, 247 merges, 9 specials) the ids are merges: 300..502."""
+    """With a vocabulary of 512 (256 bytes, 247 merges, 9 specials) the ids are merges: 300..502, less
+    those that write a number (here the odd ones, decoded as digits)."""
     seen = []
     model = LookBack(512, 10, 0.0)
     forward = model.forward
     model.forward = lambda idx, targets, **kw: (seen.append(idx), forward(idx, targets, **kw))[1]
-    tokenizer = types.SimpleNamespace(special_tokens={s: 503 + i for i, s in enumerate(nc.SPECIAL_TOKENS)})
+    tokenizer = types.SimpleNamespace(special_tokens={s: 503 + i for i, s in enumerate(nc.SPECIAL_TOKENS)},
+                                      decode=lambda ids: str(ids[0]) if ids[0] % 2 else " word")
     nc.induction_score(model, tokenizer, length=10)
     ids = seen[0]
     assert (ids[:, 0] == 503).all() and ids[:, 1:].min() >= 300 and ids[:, 1:].max() < 503
+    assert (ids[:, 1:] % 2 == 0).all()
     assert torch.equal(ids[:, 1:10], ids[:, 11:20])  # the model reads all but the last token
