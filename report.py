@@ -103,9 +103,10 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
                                                              for task in ("names_subject", "keeps_name")) + " |")
         lines += ["", "Induction: 16 rows of <|bos|> and 50 random token ids, then the same 50 again; a model that "
                   "reads its context predicts the second copy (ratio near 0), one that does not finds it as hard "
-                  "as the first (ratio near 1). Base and mid train on copy drills of the same kind (--copy-drills: "
-                  "other random ids, written twice), so there the ratio measures the skill they teach; whether it "
-                  "reaches text shows in the two columns after it."]
+                  "as the first (ratio near 1). Base trains on copy drills of the same kind (--copy-drills: other "
+                  "random ids, none that write a number, each sequence written twice), so after base the ratio "
+                  "measures the skill they teach; whether it lasts through the chat stages shows in the rows below, "
+                  "whether it reaches text in the two columns after it."]
     if changes:
         lines += ["", "## Changes on the same items (paired)", "", "| change | task | after - before (points) | "
                   "paired s.e. | z | right only before (lost) | right only after (gained) |", "|---" * 7 + "|"]
