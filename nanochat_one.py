@@ -39,7 +39,6 @@ and report.py (report.md); none imports this file.
 """
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import importlib
@@ -49,12 +48,12 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -62,11 +61,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
+import hardware
 import realdata
 import report
 import sandbox
 import serve
 import tinyworld
+# the numbers every stage prints: an accuracy as "55.5% +- 2.5 [50.6, 60.3] (N=400)" (+- one standard
+# error, [the Wilson 95% interval]), a change measured item by item, pass@k, a time as "3m27s"
+from report import accuracy_stats, format_accuracy, format_seconds, paired_difference, pass_at_k_stats, share_of
 
 
 class UserError(Exception):
@@ -141,18 +144,6 @@ def init_distributed():
     return Dist(rank, local_rank, world_size, device)
 
 
-def keep_freed_memory():
-    """On a CPU under Linux, make glibc's malloc keep freed memory for reuse instead of returning
-    large blocks to the kernel, so a new (B, T, vocab) tensor costs no page faults (2 cores: a tanh
-    of 4096 x 4096 floats 29-58 ms -> 8-11 ms). The process then keeps its peak memory until exit."""
-    if DEVICE_TYPE != "cpu" or sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None)  # this process's C library
-    if hasattr(libc, "mallopt"):  # glibc's; M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1 in its malloc.h
-        libc.mallopt(-4, 0)  # every block from the heap, none from mmap
-        libc.mallopt(-1, 2 ** 31 - 1)  # and never give the heap's top back
-
-
 def print0(*args, **kwargs):
     """print, on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -161,10 +152,6 @@ def print0(*args, **kwargs):
 
 def base_dir():
     return Path(os.environ.get("NANOCHAT_BASE_DIR", Path(__file__).resolve().parent / "runs"))
-
-
-# "3m27s"; "55.5% +- 2.5 [50.6, 60.3] (N=400)": +- one standard error, [the Wilson 95% interval]
-format_seconds, format_accuracy = report.format_seconds, report.format_accuracy
 
 
 # -----------------------------------------------------------------------------------------------
@@ -294,29 +281,6 @@ def document_stream(args, split, start=0, rank=0, world_size=1):
 # Data: conversations for mid-training and SFT, from TinyWorld's chat mixture, real chat data
 # (SmolTalk, MMLU and GSM8K: realdata.py) or your own
 
-def read_jsonl(path, read, expected):
-    """read(row) of each JSON line of a UTF-8 file, blank lines skipped; a bad line stops everything at
-    once with its file and line number. Lines are decoded one by one, so text in another encoding
-    (a Latin-1 "café") is reported at its line too."""
-    rows = []
-    for line_number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-        where = f"{path}, line {line_number}"
-        try:
-            text = line.decode("utf-8")
-            if text.strip():
-                row = json.loads(text)
-                # JSON can spell half of a UTF-16 pair ("\ud800"), which no text holds: caught here, not when
-                # the text is first encoded (hashed, tokenized) far from its line
-                json.dumps(row, ensure_ascii=False).encode("utf-8")
-                rows.append(read(row))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: not UTF-8 ({e}); save the file as UTF-8") from None
-        except UnicodeEncodeError as e:  # in UTF-8, only half of a surrogate pair fails to encode
-            raise UserError(f"{where}: \\u{ord(e.object[e.start]):04x} is half of a UTF-16 surrogate pair, not a "
-                            "character; write the character itself, or both halves of its pair") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{where}: {type(e).__name__}: {e}; each line must be {expected}") from None
-    return rows
 
 
 @functools.cache
@@ -332,7 +296,7 @@ def own_conversations(data_dir):
         return dict(messages=conversation["messages"])
 
     expected = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
-    return [conversation for path in paths for conversation in read_jsonl(path, read, expected)]
+    return [conversation for path in paths for conversation in realdata.read_jsonl(path, read, expected)]
 
 
 def chat_examples(args, split, start=0, stage="mid"):
@@ -428,6 +392,16 @@ class KVCache:
         if layer == self.k.size(0) - 1:
             self.pos = t1  # the last layer advances the position
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def repeat_rows(self, n):
+        """Each row n times in a row: a prompt read once, then continued in n samples."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        self.valid = None if self.valid is None else self.valid.repeat_interleave(n, dim=0)
+
+    def keep_rows(self, keep):
+        """Only the rows at the indices `keep` (a tensor): finished rows leave the batch."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+        self.valid = None if self.valid is None else self.valid[keep]
 
 
 class CausalSelfAttention(nn.Module):
@@ -736,13 +710,22 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def apply_schedules(optimizers, step, num_steps, args):
-    lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+def set_lr(optimizers, lrm):
+    """Every parameter group's learning rate: its initial_lr times the multiplier lrm."""
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step)
+        for param_group in opt.param_groups:
+            param_group["lr"] = param_group["initial_lr"] * lrm
+
+
+def apply_schedules(optimizers, step, num_steps, args):
+    """The learning rates (lr_multiplier of the flags' warm-up and warm-down) and Muon's momentum for
+    `step`; returns the multiplier."""
+    lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    set_lr(optimizers, lrm)
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for param_group in opt.param_groups:
+                param_group["momentum"] = muon_momentum(step)
     return lrm
 
 
@@ -919,6 +902,14 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
 
+@dataclass
+class Reply:
+    """What Engine.generate remembers of one row's reply as it is written."""
+    forced: list = dataclasses.field(default_factory=list)  # tokens the tool queued, sent before sampling again
+    expression: list = None  # the tokens of a calculator call being written, else None
+    done: bool = False  # it wrote a stop token
+
+
 class Engine:
     """Batched generation with a KV cache and calculator tool use.
 
@@ -936,20 +927,23 @@ class Engine:
         self.stop_tokens = {s["<|assistant_end|>"], s["<|bos|>"]}
 
     @torch.no_grad()
-    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42, top_logprobs=None):
+    def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
+                 top_logprobs=None):
         """Yield, step by step, (tokens, sampled): the next token of every row, and for each
-        whether it was sampled (True) or forced by the tool (False). Stops when every row has
-        emitted a stop token (<|assistant_end|> or <|bos|>) or after max_tokens; a finished row's
-        token is -1. `prompt` is one token list, or a list of them: then rows i*num_samples ..
-        (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left (KVCache.valid).
+        whether it was sampled (True) or forced by the tool (False). A row that has written its stop
+        token (<|assistant_end|> or <|bos|>) gets -1 from the next step on; generation stops when every
+        row has, or after max_tokens. `prompt` is one token list, or a list of them: then rows
+        i*num_samples .. (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left
+        (KVCache.valid).
 
-        With top_logprobs=k (0 to 20) each step yields (tokens, sampled, scores) instead: scores[row] is
-        (logprob, alternatives) for that row's token, or None for a finished row. The logprob is the
-        model's own: log_softmax of its logits at temperature 1 over the whole vocabulary, whatever the
-        temperature and top_k that sampled the token (so it says what the model believes, not how this
-        sample was drawn; OpenAI reports the same). alternatives are the k most likely tokens there, as
-        (token, logprob) pairs, most likely first. A token the tool forced is scored too: how likely the
-        model found it. Asking for scores changes no token: the same seed samples the same reply."""
+        With top_logprobs=k (0 to 20) each step yields (tokens, sampled, scores) instead: scores[row]
+        is (logprob, alternatives) for that row's token, or None for a finished row. The logprob is
+        the model's own: log_softmax of its logits at temperature 1 over the whole vocabulary,
+        whatever the temperature and top_k that sampled the token (so it says what the model
+        believes, not how this sample was drawn; OpenAI reports the same). alternatives are the k
+        most likely tokens there, as (token, logprob) pairs, most likely first. A token the tool
+        forced is scored too: how likely the model found it. Asking for scores changes no token:
+        the same seed samples the same reply."""
         model, device = self.model, self.model.cos.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -961,55 +955,60 @@ class Engine:
             valid = torch.ones(len(prompts), width + max_tokens, dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 valid[row, :width - len(p)] = False
-        cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device, COMPUTE_DTYPE, valid)
-        ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # (P, T)
-        logits = model(ids, kv_cache=cache)[:, -1, :]  # (P, vocab): each prompt read once, then copied for its samples
-        cache.k, cache.v = cache.k.repeat_interleave(num_samples, dim=1), cache.v.repeat_interleave(num_samples, dim=1)
-        cache.valid = None if valid is None else valid.repeat_interleave(num_samples, dim=0)
-        logits, B = logits.repeat_interleave(num_samples, dim=0), len(prompts) * num_samples  # (B, vocab)
-        forced = [[] for _ in range(B)]  # tokens queued by the tool, per row
-        expression = [None] * B  # tokens of a calculator call being written, per row
-        done = [False] * B
-        live = list(range(B))  # the rows still writing, in the order of the cache's rows
+        cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device,
+                        COMPUTE_DTYPE, valid)
+        ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+        # each prompt is read once, (P, T) -> logits (P, vocab), then copied for its samples
+        logits = model(ids, kv_cache=cache)[:, -1, :]
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)  # (B, vocab)
+        replies = [Reply() for _ in range(len(prompts) * num_samples)]
+        live = list(range(len(replies)))  # the rows still in the cache, in its order
         for _ in range(max_tokens):
-            sampled_ids = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
-            sampled = [not queue for queue in forced]
-            tokens = [queue.pop(0) if queue else sampled_ids.get(row, -1) for row, queue in enumerate(forced)]  # -1: done
+            # every row in the cache samples (a finished one too, so each row's draw stays the same)
+            drawn = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
+            sampled = [not reply.forced for reply in replies]
+            fed = [reply.forced.pop(0) if reply.forced else drawn.get(row) for row, reply in enumerate(replies)]
+            tokens = [-1 if reply.done else token for reply, token in zip(replies, fed)]
             if top_logprobs is None:
                 yield tokens, sampled
             else:
-                yield tokens, sampled, self.scores(logits, live, tokens, done, top_logprobs)
-            for row, token in enumerate(tokens):
-                if done[row]:
-                    continue
-                if token in self.stop_tokens:
-                    done[row] = True
-                elif token == self.python_start:
-                    expression[row] = []
-                elif token == self.python_end and expression[row] is not None:
-                    _, result = calculator(self.tokenizer.decode(expression[row]))  # a refusal is shown too
-                    forced[row] = [self.output_start] + self.tokenizer.encode_ordinary(result) + [self.output_end]
-                    expression[row] = None
-                elif expression[row] is not None:
-                    expression[row].append(token)
-            if all(done):
+                yield tokens, sampled, self.scores(logits, live, tokens, top_logprobs)
+            for reply, token in zip(replies, tokens):
+                if not reply.done:
+                    self.advance(reply, token)
+            if all(reply.done for reply in replies):
                 return
-            if sum(not done[row] for row in live) <= 3 * len(live) // 4:  # drop finished rows from the batch
-                keep = torch.tensor([i for i, row in enumerate(live) if not done[row]], device=device)
-                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-                cache.valid = None if cache.valid is None else cache.valid[keep]
-                live = [row for row in live if not done[row]]
-            logits = model(torch.tensor([tokens[row] for row in live], device=device)[:, None], kv_cache=cache)[:, -1, :]
+            # a batch that is a quarter finished sheds its finished rows: less to compute each step
+            if sum(not replies[row].done for row in live) <= 3 * len(live) // 4:
+                cache.keep_rows(torch.tensor([i for i, row in enumerate(live) if not replies[row].done],
+                                             device=device))
+                live = [row for row in live if not replies[row].done]
+            logits = model(torch.tensor([fed[row] for row in live], device=device)[:, None], kv_cache=cache)[:, -1]
+
+    def advance(self, reply, token):
+        """One row's state after its token: finished at a stop token; at <|python_end|> the calculator
+        runs on the expression written since <|python_start|>, and its result is queued to be forced."""
+        if token in self.stop_tokens:
+            reply.done = True
+        elif token == self.python_start:
+            reply.expression = []
+        elif token == self.python_end and reply.expression is not None:
+            _, result = calculator(self.tokenizer.decode(reply.expression))  # a refusal is shown too
+            reply.forced = [self.output_start] + self.tokenizer.encode_ordinary(result) + [self.output_end]
+            reply.expression = None
+        elif reply.expression is not None:
+            reply.expression.append(token)
 
     @staticmethod
-    def scores(logits, live, tokens, done, k):
-        """(logprob, [(token, logprob)] * k) for each row's token, None for finished rows: see generate.
-        logits (len(live), vocab) are the cache's rows, in the order of `live`."""
+    def scores(logits, live, tokens, k):
+        """(logprob, [(token, logprob)] * k) for each row's token, None for finished rows (token -1):
+        see generate. logits (len(live), vocab) are the cache's rows, in the order of `live`."""
         logprobs = F.log_softmax(logits.float(), dim=-1)  # (len(live), vocab)
         top = logprobs.topk(k, dim=-1)
         scores = [None] * len(tokens)
         for i, row in enumerate(live):
-            if not done[row]:
+            if tokens[row] != -1:
                 alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist()))
                 scores[row] = (logprobs[i, tokens[row]].item(), alternatives)
         return scores
@@ -1167,79 +1166,6 @@ def gather_in_order(ddp, mine):
     return [shares[i % ddp.world_size][i // ddp.world_size] for i in range(sum(len(share) for share in shares))]
 
 
-def wilson_interval(correct, total, z=1.96):
-    """The Wilson score interval (low, high) of an accuracy, 95% for z = 1.96: every true accuracy q
-    that puts the measured p within z of its own spreads sqrt(q(1-q)/N). Unlike p +- z * stderr it stays
-    within [0, 1], and it is not empty at 0% or 100%, where the standard error is 0:
-    wilson_interval(0, 200) -> (0.0, 0.0188), the closed form z^2 / (N + z^2) = 3.8416 / 203.8416;
-    wilson_interval(222, 400) -> (0.5060, 0.6030), near 0.555 +- 1.96 * 0.0248 = (0.5063, 0.6037)
-    where p(1-p)N is large. No items: (0.0, 1.0), nothing known."""
-    if total == 0:
-        return 0.0, 1.0
-    p, zz = correct / total, z * z / total
-    center = (p + zz / 2) / (1 + zz)
-    half = z * math.sqrt(p * (1 - p) / total + zz / (4 * total)) / (1 + zz)
-    return (0.0 if correct == 0 else center - half), (1.0 if correct == total else center + half)  # exact ends
-
-
-def accuracy_stats(correct, total, outcomes=None):
-    """An accuracy with its number of items, its standard error sqrt(p(1-p)/N), the spread of the
-    accuracy of N items drawn at random, and its Wilson 95% interval: accuracy_stats(3, 4) ->
-    accuracy 0.75, items 4, stderr 0.2165, interval [0.3006, 0.9544]. Two accuracies differ beyond
-    noise when they are several stderrs apart; at 0% and 100% the stderr is 0 and only the interval
-    says how sure we are (0 of 200: [0, 0.0188]). outcomes, when given: each item's 1 (right) or 0,
-    in item order, kept for comparing two checkpoints scored on the same items (paired_difference)."""
-    accuracy = correct / max(total, 1)
-    stats = dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)),
-                 interval=list(wilson_interval(correct, total)))  # a list, as JSON gives it back
-    if outcomes is not None:
-        stats["outcomes"] = [int(o) for o in outcomes]
-    return stats
-
-
-def share_of(hits):
-    """accuracy_stats of per-item booleans in item order, kept as the outcomes: [True, False] -> 50%."""
-    return accuracy_stats(sum(hits), len(hits), hits)
-
-
-def mean_and_stderr(values):
-    """The mean of per-item values and its standard error sqrt(var / n), var the sample variance
-    (divided by n - 1): [1, 0.5, 0] -> (0.5, sqrt(0.25 / 3) = 0.2887)."""
-    n = len(values)
-    mean = sum(values) / max(n, 1)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / max(n, 1))
-
-
-def paired_difference(before, after):
-    """after - before, item by item, for two checkpoints scored on the same items (before and after:
-    per-item scores in the same item order, such as accuracy_stats' outcomes). The two share each
-    item's luck (an easy item is easy for both), so the per-item differences d usually vary less than
-    two independent samples would: their standard error sqrt(var(d) / n) is the error of the change.
-    z weighs the change against its spread were nothing to change, sum(d) / sqrt(sum(d^2)): for 0/1
-    outcomes McNemar's (gained - lost) / sqrt(gained + lost), finite even when every item moved the
-    same way. lost: items that scored lower after (right before, wrong after); gained: higher after.
-    before [1, 1, 0, 0, 0], after [1, 0, 1, 1, 0]: d = [0, -1, 1, 1, 0], difference 0.2, stderr
-    sqrt(0.7 / 5) = 0.374, 1 lost, 2 gained, z (2 - 1) / sqrt(2 + 1) = 0.577."""
-    if len(before) != len(after):
-        raise ValueError(f"a paired comparison needs the same items: {len(before)} before, {len(after)} after")
-    d = [a - b for b, a in zip(before, after)]
-    difference, stderr = mean_and_stderr(d)
-    spread = math.sqrt(sum(x * x for x in d))  # 0 only when no item changed
-    return dict(difference=difference, stderr=stderr, z=sum(d) / spread if spread else 0.0, items=len(d),
-                lost=sum(x < 0 for x in d), gained=sum(x > 0 for x in d))
-
-
-def pass_at_k_stats(rewards):
-    """pass@1 and pass@k with their standard errors, from each problem's k sampled rewards: pass@1
-    the mean over problems of a problem's mean reward, pass@k of its best. The problems are the
-    sample (other problems would move both), so each error is over per-problem values:
-    [[1, 1], [1, 0], [0, 0]] -> pass@1 0.5 +- 0.2887 (per problem 1, 0.5, 0), pass@2 0.6667 +- 0.3333
-    (per problem 1, 1, 0)."""
-    pass1, pass1_stderr = mean_and_stderr([sum(r) / len(r) for r in rewards])
-    passk, passk_stderr = mean_and_stderr([max(r) for r in rewards])
-    return dict(pass1=pass1, pass1_stderr=pass1_stderr, passk=passk, passk_stderr=passk_stderr)
-
-
 def forward_padded(model, rows, spans, pad_id, device):
     """One forward over token rows of different lengths, right-padded with pad_id (never scored).
     A row longer than the model's context loses tokens from the left, and its [start, end) span
@@ -1375,64 +1301,13 @@ def chat_report_card(model, tokenizer, ddp, n, heading):
 
 
 
-def core_texts(item, task_type, delimiter, fewshot=()):
-    """The texts one CORE item is scored on, after its few-shot examples (each solved and
-    followed by a blank line). With delimiter " " and no shots:
-        multiple_choice   {"query": "Sky is", "choices": ["blue", "red"], "gold": 0} -> ["Sky is blue", "Sky is red"]
-        schema            {"context_options": ["A cat", "A fish"], "continuation": "purrs", "gold": 0}
-                          -> ["A cat purrs", "A fish purrs"]
-        language_modeling {"context": "One, two,", "continuation": "three"} -> ["One, two,", "One, two, three"]
-    (the first text of language_modeling marks where the continuation starts; it is stripped,
-    since a trailing space would belong to the continuation's first token)."""
-    if task_type == "multiple_choice":
-        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
-        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
-    if task_type == "schema":
-        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
-        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
-    if task_type == "language_modeling":
-        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
-        prompt = f"{shots}{item['context'].strip()}{delimiter}"
-        return [prompt.strip(), prompt + item["continuation"]]
-    raise UserError(f"unknown CORE task type {task_type!r} (expected multiple_choice, schema or language_modeling)")
-
-
-def common_prefix_length(sequences):
-    """[[1, 2, 3], [1, 2, 4, 5]] -> 2"""
-    columns = list(zip(*sequences))  # one tuple per position that every sequence reaches
-    return next((i for i, column in enumerate(columns) if any(token != column[0] for token in column)), len(columns))
-
-
-def core_spans(tokenizer, texts, task_type):
-    """Token rows (BOS first) to forward, and in each the [start, end) span whose loss decides.
-    The texts are tokenized whole, as the model reads them; the span is what differs between the
-    rows: the answers after the common prefix (multiple_choice), the shared continuation, i.e. the
-    common suffix (schema), or what the second text adds to the first (language_modeling, whose
-    first row is only that marker and is not forwarded). Every span keeps at least one token."""
-    bos = tokenizer.special_tokens["<|bos|>"]
-    rows = [[bos] + tokenizer.encode_ordinary(text) for text in texts]
-    if task_type == "schema":
-        n = min(common_prefix_length([row[::-1] for row in rows]), min(len(row) for row in rows) - 1)
-        return rows, [(len(row) - n, len(row)) for row in rows]
-    start = common_prefix_length(rows)
-    if task_type == "language_modeling":
-        rows = rows[1:]
-    start = min(start, min(len(row) for row in rows) - 1)
-    return rows, [(start, len(row)) for row in rows]
-
-
-def core_fewshot(data, index, num_fewshot):
-    """num_fewshot examples for item `index`, drawn with a fixed seed per item, never the item itself."""
-    others = [i for i in range(len(data)) if i != index]
-    return [data[i] for i in random.Random(1234 + index).sample(others, min(num_fewshot, len(others)))]
-
-
 @torch.no_grad()
 def score_core_item(model, tokenizer, task, data, index, device):
     """True when the model gets CORE item data[index] right (see the section comment)."""
     item = data[index]
-    texts = core_texts(item, task["type"], task["delimiter"], core_fewshot(data, index, task["num_fewshot"]))
-    rows, spans = core_spans(tokenizer, texts, task["type"])
+    texts = realdata.core_texts(item, task["type"], task["delimiter"],
+                               realdata.core_fewshot(data, index, task["num_fewshot"]))
+    rows, spans = realdata.core_spans(tokenizer, texts, task["type"])
     # all the candidates of one item in one forward; too long a row loses its oldest few-shot text
     ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], device)
     if task["type"] == "language_modeling":
@@ -1449,11 +1324,6 @@ def evaluate_core_task(model, tokenizer, task, data, ddp):
     return all_reduce_counts(correct, len(mine), ddp.device)
 
 
-def centered_accuracy(accuracy, baseline):
-    """0 at chance, 1 when perfect: centered_accuracy(0.625, 0.25) -> 0.5"""
-    return (accuracy - baseline) / (1 - baseline)
-
-
 def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
     """CORE of a base model on the bundle in bundle_dir; prints one line per task."""
     tasks = realdata.load_core_bundle(bundle_dir, max_per_task)
@@ -1463,7 +1333,7 @@ def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
     for task in tasks:
         correct, total = evaluate_core_task(model, tokenizer, task, task["items"], ddp)
         accuracy = correct / max(total, 1)
-        centered = centered_accuracy(accuracy, task["random_baseline"])
+        centered = realdata.centered_accuracy(accuracy, task["random_baseline"])
         table[task["label"]] = dict(type=task["type"], shots=task["num_fewshot"], items=total,
                                     accuracy=accuracy, centered=centered)
         print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} {accuracy:9.4f} {centered:9.4f}")
@@ -1511,18 +1381,6 @@ def chat_eval_item(task, row):
     return dict(question=row["question"], choices=choices, answer=realdata.answer_index(row))
 
 
-def humaneval_program(item, reply):
-    """The program that checks one HumanEval answer: the prompt's imports, the model's code (the
-    first ``` block if it wrote one; appended to the prompt if it only wrote the function's
-    body), the task's tests, and check(<function>)."""
-    block = re.search(r"```(?:python)?\n(.*?)```", reply, re.DOTALL)
-    code = block.group(1) if block else reply
-    if f"def {item['entry_point']}" not in code:
-        code = item["prompt"] + code
-    imports = "\n".join(line for line in item["prompt"].splitlines() if line.startswith(("import ", "from ")))
-    return f"{imports}\n\n{code}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
-
-
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats).
     An answer passes only if its program ran past check() (require_end): exiting with status 0 is not
@@ -1531,7 +1389,7 @@ def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        passed += sandbox.run_sandboxed(humaneval_program(item, tokenizer.decode(tokens)), require_end=True)
+        passed += sandbox.run_sandboxed(sandbox.humaneval_program(item, tokenizer.decode(tokens)), require_end=True)
     return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
 
 
@@ -1560,36 +1418,13 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
             stats = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
         else:
             stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
-        tasks[task] = dict(stats, centered=centered_accuracy(stats["accuracy"], chance))
+        tasks[task] = dict(stats, centered=realdata.centered_accuracy(stats["accuracy"], chance))
         print0(f"  {task:14s} {format_accuracy(stats):40s} centered {tasks[task]['centered']:.4f}")
     if not tasks:
         return {}
     chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
     print0(f"  ChatCORE (mean centered accuracy over {len(tasks)} tasks) {chatcore:.4f}")
     return dict(chat_tasks=tasks, ChatCORE=chatcore)
-
-
-def real_eval_report_lines(reports):
-    """report.md sections for CORE (eval_base) and the real chat tasks with ChatCORE (eval_mid,
-    eval_sft, eval_rl), from the reports `--stage eval` writes."""
-    lines = []
-    core = reports.get("eval_base", {})
-    if "CORE" in core:
-        lines += ["", "## CORE of the base model (DCLM tasks, centered accuracy)", "",
-                  f"CORE = {core['CORE']:.4f}, the mean centered accuracy over {len(core['core_tasks'])} tasks.", "",
-                  "| task | type | shots | items | accuracy | centered |", "|---|---|---|---|---|---|"]
-        lines += [f"| {label} | {r['type']} | {r['shots']} | {r['items']} | {r['accuracy']:.4f} | {r['centered']:.4f} |"
-                  for label, r in core["core_tasks"].items()]
-    stages = [(stage, reports[f"eval_{stage}"]) for stage in ("mid", "sft", "rl")
-              if reports.get(f"eval_{stage}", {}).get("chat_tasks")]
-    if stages:
-        names = [task for task in realdata.CHAT_EVAL_TASKS if any(task in r["chat_tasks"] for _, r in stages)]
-        lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
-                  "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
-        for stage, r in stages:
-            cells = [format_accuracy(r["chat_tasks"][t]) if t in r["chat_tasks"] else "-" for t in names]
-            lines.append(f"| {stage} | " + " | ".join(cells) + f" | {r['ChatCORE']:.4f} |")
-    return lines
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1749,65 +1584,84 @@ def record_wall_time(stage, seconds):
 # -----------------------------------------------------------------------------------------------
 # Training: the loop shared by base, mid and sft
 
-CPU_COMPILE_MIN_STEPS = 300  # where compiling pays for itself on a CPU (see compile_setting)
+# What each stage does with the flags left unset: one table, which finalize_args applies and --help
+# quotes. steps: the stage's optimizer steps on TinyWorld (--num-iterations -1; --data hf trains one epoch).
+# SFT teaches new sums, not new words: its matrices move 4x faster than the other stages', the tied
+# embedding 4x slower. On the speedrun's tiny tier, SFT at the base rates learned the harder word
+# problems to 21% and forgot facts; at these, 60%, the facts kept (one seed each). Copy drills in
+# TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89) and lifts
+# names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one seed each): off.
+DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6, max_new_tokens=256)
+STAGE_DEFAULTS = dict(
+    base=dict(steps=320, copy_drills=0.2),  # the drills on TinyWorld only
+    mid=dict(steps=100),
+    sft=dict(steps=150, lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125),  # SFT nudges a model that chats
+    rl=dict(steps=70, lr_scale=0.05, temperature=1.0, max_new_tokens=128),
+    chat=dict(top_k=50),
+    serve=dict(top_k=50),
+)
 
 
-def compile_setting(args, num_steps=0, fixed_shapes=True):
-    """(compile?, why) for the training model. auto: on CUDA; on a CPU for runs of at least
-    CPU_COMPILE_MIN_STEPS steps of one batch shape (tiny tier, 2 cores: ~22 s to compile with a cold
-    cache, then ~0.15 s saved a step of 8,192 tokens, so mid's 100 steps would lose ~7 s; each new
-    shape, as SFT's padded rows, compiles again)."""
-    if args.compile != "auto":
-        return args.compile == "on", f"--compile {args.compile}"
-    if not fixed_shapes:
-        return False, "auto: off for batches of varying width, each of which would compile again (as nanochat's SFT)"
-    if DEVICE_TYPE == "cuda":
-        return True, "auto: on CUDA"
-    if num_steps < CPU_COMPILE_MIN_STEPS:
-        return False, f"auto: not worth its compile time for {num_steps} steps on {DEVICE_TYPE}"
-    if DEVICE_TYPE == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-        return False, "auto: no C++ compiler for torch.compile's CPU code"
-    return True, f"auto: {num_steps} steps on {DEVICE_TYPE} pay back the compile time (--compile off to skip)"
+def defaults_help(name):
+    """A flag's defaults as --help words them: defaults_help("lr_scale") -> "default 1.0; sft 0.125, rl 0.05"."""
+    stages = ", ".join(f"{stage} {values[name]}" for stage, values in STAGE_DEFAULTS.items() if name in values)
+    return "; ".join(part for part in (f"default {DEFAULTS[name]}" if name in DEFAULTS else "", stages) if part)
 
 
 def load_trained(args, ddp, stage, tokenizer):
-    """The last checkpoint of `stage` for --model-tag / --depth, checked against the tokenizer:
-    (model, meta). Says which stage to run first when there is none."""
-    tag = args.model_tag or f"d{args.depth}"
-    model, _, meta = load_checkpoint(stage, tag, ddp.device, hint=f"run `python nanochat_one.py --stage {stage}` first "
-                                     f"(or pass the --model-tag / --depth it was trained with)")
+    """The last checkpoint of `stage` for --model-tag, checked against the tokenizer: (model, meta).
+    Says which stage to run first when there is none."""
+    model, _, meta = load_checkpoint(stage, args.model_tag, ddp.device, hint=f"run `python nanochat_one.py --stage "
+                                     f"{stage}` first (or pass the --model-tag / --depth it was trained with)")
     check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
     return model, meta
 
 
+class Start(NamedTuple):
+    """Where a training stage starts: a model, and when it resumes, its optimizer states and metadata."""
+    model: GPT
+    optim_states: list = None
+    meta: dict = None
+
+
 def start_model(args, ddp, stage, tokenizer, source=None):
-    """The model a stage trains, and where it starts:
+    """The model a stage trains, and where it starts (a Start):
     --resume: this stage's own last checkpoint, with optimizer state and data position;
-    else source=None (base): a fresh model from the depth dial; else the source stage's checkpoint.
-    Returns (model, optim_states or None, meta or None)."""
-    tag = args.model_tag or f"d{args.depth}"
+    else source=None (base): a fresh model from the depth dial; else the source stage's checkpoint."""
     if args.resume:
-        model, optim_states, meta = load_checkpoint(stage, tag, ddp.device, with_optimizer=True,
+        model, optim_states, meta = load_checkpoint(stage, args.model_tag, ddp.device, with_optimizer=True,
                                                     hint="nothing to resume; run without --resume")
         check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
-        return model, optim_states, meta
+        return Start(model, optim_states, meta)
     if source is not None:
-        return load_trained(args, ddp, source, tokenizer)[0], None, None
+        return Start(load_trained(args, ddp, source, tokenizer)[0])
     config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
                                args.head_dim, args.n_kv_head)
     with torch.device(ddp.device):
         model = GPT(config)
     model.init_weights()
-    return model, None, None
+    return Start(model)
 
 
-def stage_optimizers(args, model, lr_scale, optim_states=None):
-    """setup_optimizers with the CLI's learning rates times lr_scale, restored when resuming."""
-    optimizers = setup_optimizers(model, args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
-                                  args.smear_lr * lr_scale, args.weight_decay)
-    for opt, state in zip(optimizers, optim_states or []):
+def stage_optimizers(args, start):
+    """setup_optimizers with the flags' learning rates times --lr-scale, restored when resuming."""
+    optimizers = setup_optimizers(start.model, args.matrix_lr * args.lr_scale, args.embedding_lr * args.lr_scale,
+                                  args.smear_lr * args.lr_scale, args.weight_decay)
+    for opt, state in zip(optimizers, start.optim_states or []):
         opt.load_state_dict(state)
     return optimizers
+
+
+def first_step(start, num_steps):
+    """The step a stage starts at: 0, or a resumed checkpoint's (which must not be past num_steps: the
+    loop would never meet its last step, and the learning rate would turn negative)."""
+    step = start.meta["step"] if start.optim_states is not None else 0
+    if step > num_steps:
+        raise UserError(f"the checkpoint is at step {step}, past --num-iterations {num_steps}: give "
+                        f"--num-iterations above {step} to train on")
+    if step:
+        print0(f"resuming from step {step}")
+    return step
 
 
 def wrap_ddp(model, ddp):
@@ -1829,20 +1683,6 @@ def grad_accum_steps(args, world_size):
     return args.total_batch_size // tokens_per_micro_step
 
 
-GPU_PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peaks by device name; the first key found in the name counts
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of this GPU by name, or None (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS.items() if key in name), None)
-
-
 def resume_data_state(meta, ddp):
     """This rank's loader state from a checkpoint's metadata."""
     states = meta.get("data_state")
@@ -1852,16 +1692,39 @@ def resume_data_state(meta, ddp):
     return states[ddp.rank]
 
 
-def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states=None, meta=None, lr_scale=1.0):
-    """Train `model` for num_steps optimizer steps of args.total_batch_size tokens.
+def save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics, data_state=None):
+    """A training stage's checkpoint (rank 0 writes it) and what resumes it: the step, the model's
+    shape, the tokenizer, the flags, the last metrics and, for a loader that keeps a position,
+    every rank's data state in rank order (data_state: this rank's)."""
+    meta = dict(stage=stage, step=step, num_steps=num_steps)
+    if data_state is not None:
+        meta["data_state"] = [data_state]
+        if ddp.is_ddp:  # every rank takes part in the gather, rank 0 writes
+            meta["data_state"] = [None] * ddp.world_size
+            dist.all_gather_object(meta["data_state"], data_state)
+    meta |= dict(model_config=dataclasses.asdict(model.config), tokenizer=tokenizer_id(tokenizer), args=vars(args),
+                 metrics=metrics)
+    if ddp.is_master:
+        save_checkpoint(checkpoint_dir(stage, args.model_tag), step, model, optimizers, meta)
+
+
+def periodic(step, every, num_steps):
+    """Whether an evaluation or a checkpoint falls on `step`: every `every` steps (0: none on the way)
+    and at the last step. Every training stage evaluates at its first step too, and saves none there."""
+    return step == num_steps or (every > 0 and step % every == 0)
+
+
+def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps, fixed_shapes=True):
+    """Train start.model for num_steps optimizer steps of args.total_batch_size tokens: base, mid and sft.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
     (device_batch_size, max_seq_len); make_batches(split, state) continues right after that one,
     so checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
     sees exactly the data of an uninterrupted one. evaluate(model) returns a dict of validation
-    metrics (at the start, every --eval-every steps and at the end). Returns the report's summary."""
-    B, T, config = args.device_batch_size, args.max_seq_len, model.config
-    out_dir = checkpoint_dir(stage, args.model_tag or f"d{args.depth}")
+    metrics (at the start, every --eval-every steps and at the end). fixed_shapes: whether every
+    batch has the same shape (SFT's padded rows do not), which decides whether compiling pays.
+    Returns the report's summary."""
+    model, B, T, config = start.model, args.device_batch_size, args.max_seq_len, start.model.config
     if config.sequence_len < T:
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
@@ -1869,50 +1732,43 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
     grad_accum = grad_accum_steps(args, ddp.world_size)
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), "
            f"vocab {config.vocab_size}, {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token")
-    print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} tokens "
-           f"({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
+    print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} "
+           f"tokens ({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, "
+           f"{str(COMPUTE_DTYPE)[6:]})")
 
-    optimizers = stage_optimizers(args, model, lr_scale, optim_states)
-    start_step, data_state = 0, None
-    if optim_states is not None:
-        start_step, data_state = meta["step"], resume_data_state(meta, ddp)
-        print0(f"resuming from step {start_step}")
-        if start_step > num_steps:
-            raise UserError(f"the checkpoint is at step {start_step}, past --num-iterations {num_steps}")
+    optimizers = stage_optimizers(args, start)
+    start_step = first_step(start, num_steps)
+    data_state = resume_data_state(start.meta, ddp) if start_step else None
     ddp_model = wrap_ddp(model, ddp)
-    use_compile, why = compile_setting(args, num_steps - start_step, fixed_shapes=stage != "sft")
+    use_compile, why = hardware.compile_setting(args.compile, DEVICE_TYPE, num_steps - start_step, fixed_shapes)
     print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     batch = next(train_batches)  # (inputs, targets, the loader's state after them)
-    peak = peak_flops(ddp.device)
+    peak = hardware.peak_flops(ddp.device)
 
-    def save(step, metrics):
-        data_states = [data_state]
-        if ddp.is_ddp:  # every rank's loader state, in rank order
-            data_states = [None] * ddp.world_size
-            dist.all_gather_object(data_states, data_state)
-        if ddp.is_master:
-            save_checkpoint(out_dir, step, model, optimizers, dict(
-                stage=stage, step=step, num_steps=num_steps, data_state=data_states, model_config=dataclasses.asdict(config),
-                tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=metrics))
+    def mfu(tok_per_s):  # model FLOPs utilisation: the share of the GPUs' peak that the model's FLOPs use
+        return 100 * flops_per_token * tok_per_s / (peak * ddp.world_size)
 
-    metrics, history, train_curve, smooth_loss, t_train, tokens_timed = {}, [], [], None, 0.0, 0
+    metrics = {}  # the last evaluation's
+    history = []  # every evaluation: the step and its metrics
+    train_curve = []  # (step, loss) of every step
+    smooth_loss = None  # an exponential moving average of the loss, for the log
+    t_train, tokens_timed = 0.0, 0  # time and tokens of the steps after the first (which warms up, compiles)
     first_step_seconds = None
     step = start_step
     model.train()
     try:
         while True:
-            last = step == num_steps
-            if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            if step == start_step or periodic(step, args.eval_every, num_steps):
                 model.eval()  # at the start too: a validation set too small fails before training
                 metrics = evaluate(model)
                 model.train()
                 history.append(dict(step=step, **metrics))
                 print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-                save(step, metrics)
-            if last:
+            if step > start_step and periodic(step, args.save_every, num_steps):
+                save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics, data_state)
+            if step == num_steps:
                 break
             # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the last
             t0, step_tokens = time.time(), 0
@@ -1926,6 +1782,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
                 # the next batch is built on the CPU while the GPU still works on this one (its kernels are
                 # queued, not finished); the loader's state saved with a checkpoint is that of the trained batch
                 batch, data_state = next(train_batches), batch_state
+            # the learning rates of this step, then the update itself
             lrm = apply_schedules(optimizers, step, num_steps, args)
             for opt in optimizers:
                 opt.step()
@@ -1934,7 +1791,7 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             dt = time.time() - t0
             step += 1
             if step > start_step + 1:
-                t_train += dt  # the first step includes warm-up and compilation
+                t_train += dt
                 tokens_timed += step_tokens
             elif use_compile:
                 first_step_seconds = dt
@@ -1942,21 +1799,21 @@ def train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps,
             smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
             train_curve.append((step, train_loss))
             tok_per_s = step_tokens / dt
-            mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * ddp.world_size):.1f}%" if peak else ""
             timed_steps = step - start_step - 1
             eta = format_seconds((num_steps - step) * t_train / timed_steps) if timed_steps else "?"
             if step % args.log_every == 0 or step == num_steps:
                 print0(f"step {step:5d}/{num_steps} | loss {smooth_loss:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f}ms "
-                       f"| {tok_per_s:,.0f} tok/s{mfu} | eta {eta}")
+                       f"| {tok_per_s:,.0f} tok/s" + (f" | mfu {mfu(tok_per_s):.1f}%" if peak else "") + f" | eta {eta}")
     except KeyboardInterrupt:
-        raise interrupted(step, out_dir) from None
-    # throughput over the timed steps (all but the first, which includes warm-up)
-    tok_per_s = tokens_timed / t_train if t_train else 0.0
-    return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps, tokens=num_steps * args.total_batch_size,
-                tok_per_s=round(tok_per_s), train_seconds=round(t_train, 1), device=DEVICE_TYPE, compiled=use_compile,
+        raise interrupted(step, checkpoint_dir(stage, args.model_tag)) from None
+    tok_per_s = tokens_timed / t_train if t_train else 0.0  # over the timed steps
+    return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps,
+                tokens=num_steps * args.total_batch_size, tok_per_s=round(tok_per_s),
+                train_seconds=round(t_train, 1), device=DEVICE_TYPE, compiled=use_compile,
                 first_step_seconds=first_step_seconds and round(first_step_seconds, 1),
-                mfu=round(100 * flops_per_token * tok_per_s / (peak * ddp.world_size), 2) if peak else None,
-                metrics=metrics, history=history, train_loss=train_curve)
+                mfu=round(mfu(tok_per_s), 2) if peak else None,
+                metrics=metrics, history=history,
+                train_loss=train_curve)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1972,26 +1829,18 @@ def meta_model(args, vocab_size):
 def base_steps(args, num_params):
     """Base pretraining's optimizer steps: --num-iterations; else --target-param-data-ratio training
     tokens per parameter (Chinchilla: 20; all parameters, embeddings included, as nanochat counts);
-    else the laptop's 320."""
+    else STAGE_DEFAULTS' 320, the laptop's."""
     if args.num_iterations > 0:
         return args.num_iterations
     if args.target_param_data_ratio is not None:
         return max(1, int(args.target_param_data_ratio * num_params // args.total_batch_size))
-    return 320
-
-
-CHARS_PER_TOKEN, CHARS_PER_SHARD = 4.8, 250e6  # FineWeb-EDU under a 65,536-token BPE; one shard's text
-
-
-def shards_needed(tokens):
-    """FineWeb-EDU shards that hold `tokens` training tokens, with a 10% margin, plus the validation shard."""
-    return math.ceil(tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD * 1.1) + 1
+    return STAGE_DEFAULTS["base"]["steps"]
 
 
 def prepare_base_data(args, ddp):
     """--data hf without --data-dir: rank 0 downloads the FineWeb-EDU shards into <base_dir>/base_data
     (the shards already there are kept) while the other ranks wait: --num-shards, by default
-    those the base run's tokens need (shards_needed), with the vocabulary of the tokenizer if
+    those the base run's tokens need (hardware.shards_needed), with the vocabulary of the tokenizer if
     there is one, else of --vocab-size (--stage tok, before it trains one)."""
     if args.data != "hf" or args.data_dir:
         return
@@ -2000,7 +1849,7 @@ def prepare_base_data(args, ddp):
         if num_shards is None:
             vocab_size = get_tokenizer().vocab_size if tokenizer_path().exists() else args.vocab_size
             num_params = sum(p.numel() for p in meta_model(args, vocab_size).parameters())
-            num_shards = shards_needed(base_steps(args, num_params) * args.total_batch_size)
+            num_shards = hardware.shards_needed(base_steps(args, num_params) * args.total_batch_size)
         realdata.download_shards(base_data_dir(args), num_shards)
     if ddp.is_ddp:
         dist.barrier()
@@ -2046,7 +1895,8 @@ def stage_tok(args, ddp):
 def stage_base(args, ddp):
     prepare_base_data(args, ddp)
     tokenizer = get_tokenizer()
-    model, optim_states, meta = start_model(args, ddp, "base", tokenizer)
+    start = start_model(args, ddp, "base", tokenizer)
+    model = start.model
     num_steps = base_steps(args, sum(p.numel() for p in model.parameters()))
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
@@ -2057,7 +1907,7 @@ def stage_base(args, ddp):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes),
                     induction=induction_score(model, tokenizer)[2])
 
-    summary = train(args, ddp, "base", model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta)
+    summary = train(args, ddp, "base", start, tokenizer, make_batches, evaluate, num_steps)
     summary["val_bpb"] = round(summary["metrics"]["val_bpb"], 4)
     summary["samples"] = []
     if ddp.is_master:
@@ -2095,9 +1945,10 @@ def epoch_steps(args, ddp, stage, tokenizer):
     return max(1, math.ceil(tokens.item() / args.total_batch_size))
 
 
-def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_scale):
+def chat_stage(args, ddp, stage, source, make_loader, fixed_shapes=True):
+    """Train a chat stage (mid, sft) from the source stage's checkpoint on make_loader's batches."""
     tokenizer = get_tokenizer()
-    model, optim_states, meta = start_model(args, ddp, stage, tokenizer, source=source)
+    start = start_model(args, ddp, stage, tokenizer, source=source)
 
     def make_batches(split, state=None):
         return make_loader(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
@@ -2110,12 +1961,11 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
     elif args.data == "hf":
         num_steps = epoch_steps(args, ddp, stage, tokenizer)
     else:
-        num_steps = default_steps
-    lr_scale = args.lr_scale if args.lr_scale is not None else default_lr_scale
-    summary = train(args, ddp, stage, model, tokenizer, make_batches, evaluate, num_steps, optim_states, meta, lr_scale)
+        num_steps = STAGE_DEFAULTS[stage]["steps"]
+    summary = train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps, fixed_shapes)
     summary["chat_eval"] = {}
     if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
-        summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
+        summary["chat_eval"], summary["induction"] = chat_report_card(start.model, tokenizer, ddp, args.eval_items,
                                                                       f"{stage} held-out accuracy")
     if ddp.is_master:
         write_report(stage, summary)
@@ -2123,12 +1973,12 @@ def chat_stage(args, ddp, stage, source, make_loader, default_steps, default_lr_
 
 
 def stage_mid(args, ddp):
-    return chat_stage(args, ddp, "mid", "base", mid_batches, default_steps=100, default_lr_scale=1.0)
+    return chat_stage(args, ddp, "mid", "base", mid_batches)
 
 
 def stage_sft(args, ddp):
-    # a small learning rate: SFT nudges a model that already speaks the format
-    return chat_stage(args, ddp, "sft", "mid", sft_batches, default_steps=150, default_lr_scale=0.125)
+    # one conversation per row, padded to the batch's longest: every batch has its own width
+    return chat_stage(args, ddp, "sft", "mid", sft_batches, fixed_shapes=False)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2187,9 +2037,17 @@ def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=
     return pass_at_k_stats(rewards), rewards
 
 
-def grpo_sequences(tokenizer, prompt, answers, sampled_masks, rewards):
-    """Turn one group of G sampled answers into training rows: (ids, targets, advantage) with
-    targets -1 except on sampled answer tokens. Returns [] when the group carries no signal."""
+class GRPORow(NamedTuple):
+    """One sampled answer as a training row: the prompt and answer tokens (but the last), each
+    position's target (-1: not trained: the prompt, the tool's forced tokens) and its advantage."""
+    ids: list
+    targets: list
+    advantage: float
+
+
+def grpo_sequences(prompt, answers, sampled_masks, rewards):
+    """Turn one group of G sampled answers into GRPORows, the advantage of each its reward less the
+    group's mean, trained on its sampled tokens only. Returns [] when the group carries no signal."""
     mean = sum(rewards) / len(rewards)
     if all(r == rewards[0] for r in rewards):
         return []
@@ -2197,34 +2055,22 @@ def grpo_sequences(tokenizer, prompt, answers, sampled_masks, rewards):
     for answer, sampled, reward in zip(answers, sampled_masks, rewards):
         ids = prompt + answer
         targets = [-1] * (len(prompt) - 1) + [t if m else -1 for t, m in zip(answer, sampled)]
-        rows.append((ids[:-1], targets, reward - mean))
+        rows.append(GRPORow(ids[:-1], targets, reward - mean))
     return rows
 
 
 def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
     """-sum(logp * advantage) / num_sampled_tokens over the rows (right-padded into a batch)."""
-    width = max(len(ids) for ids, _, _ in rows)
+    width = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, (row_ids, row_targets, _) in enumerate(rows):
-        ids[i, :len(row_ids)] = torch.tensor(row_ids)
-        targets[i, :len(row_targets)] = torch.tensor(row_targets)
-    advantages = torch.tensor([a for _, _, a in rows], dtype=torch.float32, device=device)
-    nll = model(ids.to(device), targets.to(device), loss_reduction="none").view(len(rows), width)  # -logp, 0 where ignored
+    for i, row in enumerate(rows):
+        ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        targets[i, :len(row.targets)] = torch.tensor(row.targets)
+    advantages = torch.tensor([row.advantage for row in rows], dtype=torch.float32, device=device)
+    # -logp of each target, 0 where ignored: (rows, width)
+    nll = model(ids.to(device), targets.to(device), loss_reduction="none").view(len(rows), width)
     return (nll * advantages[:, None]).sum() / num_sampled_tokens
-
-
-def own_problems(path):
-    """--problems: one {"question": ..., "answer": ...} per line. Split by a hash of the question:
-    one in ten held out for pass@k, the rest for training. Returns (train, held_out)."""
-    splits = ([], [])
-    for problem in read_jsonl(path, lambda row: dict(question=str(row["question"]), answer=str(row["answer"])),
-                              '{"question": "...", "answer": "..."}'):
-        splits[zlib.crc32(problem["question"].encode()) % 10 == 0].append(problem)
-    if not all(splits):
-        raise UserError(f"--problems {path}: {len(splits[0])} training and {len(splits[1])} held-out problems (one in ten is "
-                        "held out, by a hash of its question); it needs at least one of each: add problems")
-    return splits
 
 
 def load_reward(spec):
@@ -2252,7 +2098,7 @@ def rl_problems(args):
     with a random.Random, the held-out problems for pass@k, and how many training problems there
     are (None: TinyWorld's never run out). --problems, TinyWorld word problems or GSM8K."""
     if args.problems is not None:
-        train, held_out = own_problems(args.problems)
+        train, held_out = realdata.own_problems(args.problems)
         return (lambda rng: train[rng.randrange(len(train))]), held_out[:args.pass_k_problems], len(train)
     if args.data == "tinyworld":
         def draw_problem(rng):
@@ -2269,29 +2115,6 @@ def rl_problems(args):
     return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out], len(train)
 
 
-def plot_reward_curve(summary, path):
-    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
-    except ImportError:
-        return
-    fig = Figure(figsize=(6, 3.5), dpi=80)
-    ax = fig.add_subplot()
-    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
-            alpha=0.5, label="train mean reward")
-    steps = [h["step"] for h in summary["history"]]
-    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
-                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
-    ax.errorbar(steps, [h["passk"] for h in summary["history"]],
-                yerr=[2 * h["passk_stderr"] for h in summary["history"]], marker="s", capsize=3,
-                label=f"held-out pass@{summary['pass_k']} (+-2 s.e.)")
-    ax.set_xlabel("RL step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 NO_SIGNAL_STEPS = 5  # steps in a row in which every group's rewards were all equal before RL says so
 
 
@@ -2303,104 +2126,120 @@ def warn_no_signal(steps, mean_reward, examples):
         print0(f"  reward {reward:.3f} for the reply {reply[:200]!r}")
 
 
+def rollout(engine, tokenizer, problems, args, seed, reward):
+    """Sample args.num_samples replies to each problem with the current policy (all the groups in one
+    batch) and score them with `reward`. Returns, problem by problem, (prompt, answers, sampled masks,
+    replies, rewards): answers as tokens, with the stop token (RL teaches when to stop too); replies as
+    text, as pass_at_k reads them."""
+    G = args.num_samples
+    prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
+    answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature, args.top_k, seed=seed,
+                                             keep_stop_token=True) if prompts else ([], [])
+    groups = []
+    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+        group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
+        replies = [reply_text(tokenizer, a) for a in group_answers]
+        rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
+        groups.append((prompt, group_answers, group_sampled, replies, rewards))
+    return groups
+
+
+def policy_step(ddp_model, ddp, rows, num_tokens, micro_batch, pad_id):
+    """The gradient of grpo_loss over this rank's rows, micro_batch rows at a time, each divided by
+    num_tokens, the sampled tokens of all ranks. DDP ends every backward pass in an all-reduce, so
+    every rank runs as many as the busiest rank (a rank out of rows backpropagates a zero loss).
+    Returns the number of micro-steps: 0 when no rank had a row."""
+    most_rows = torch.tensor(len(rows), device=ddp.device)
+    if dist.is_initialized():
+        dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)
+    micro_steps = (most_rows.item() + micro_batch - 1) // micro_batch
+    chunks = batched(rows, micro_batch)
+    for j in range(micro_steps):
+        sync = j == micro_steps - 1 or not ddp.is_ddp
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            if j < len(chunks):
+                # DDP averages the ranks' gradients: per rank, divide by its share of all the sampled tokens
+                loss = grpo_loss(ddp_model, chunks[j], num_tokens / ddp.world_size, ddp.device, pad_id)
+            else:
+                loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
+            loss.backward()
+    return micro_steps
+
+
 def stage_rl(args, ddp):
     tokenizer = get_tokenizer()
-    model, optim_states, meta = start_model(args, ddp, "rl", tokenizer, source="sft")
-    tag = args.model_tag or f"d{args.depth}"
-    out_dir = checkpoint_dir("rl", tag)
-    lr_scale = args.lr_scale if args.lr_scale is not None else 0.05
-    optimizers = stage_optimizers(args, model, lr_scale, optim_states)
-    start_step = meta["step"] if optim_states is not None else 0
+    start = start_model(args, ddp, "rl", tokenizer, source="sft")
+    model = start.model
+    optimizers = stage_optimizers(args, start)
     ddp_model = wrap_ddp(model, ddp)
     G, P = args.num_samples, args.prompts_per_step
     draw_problem, held_out, num_train = rl_problems(args)
     if args.num_iterations > 0:
         num_steps = args.num_iterations
     else:  # with GSM8K an epoch's worth of problems, as nanochat (drawn at random here)
-        num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else 70
-    if start_step > num_steps:  # it would never meet step == num_steps, and its learning rate would turn negative
-        raise UserError(f"the rl checkpoint is at step {start_step}, past --num-iterations {num_steps}: "
-                        f"give --num-iterations above {start_step} to train on")
+        num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else STAGE_DEFAULTS["rl"]["steps"]
+    start_step = first_step(start, num_steps)
     reward = load_reward(args.reward) if args.reward else correct_answer_reward
-    print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
-           f"max {args.max_new_tokens} new tokens, lr x{lr_scale}, pass@k on {len(held_out)} held-out problems")
-    history, curve, evaluated = [], [], []  # evaluated: each evaluation's rewards, problem by problem
-
-    def evaluate(step):
-        model.eval()
-        stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens, args.temperature,
-                                   10_000, reward)
-        history.append(dict(step=step, **stats))
-        evaluated.append(rewards)
-        print0(f"step {step:4d}/{num_steps} | held-out pass@1 {stats['pass1']:.3f} +- {stats['pass1_stderr']:.3f} "
-               f"| pass@{args.pass_k} {stats['passk']:.3f} +- {stats['passk_stderr']:.3f}")
-
+    print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, max "
+           f"{args.max_new_tokens} new tokens, lr x{args.lr_scale}, pass@k on {len(held_out)} held-out problems")
+    history = []  # each evaluation: the step, pass@1 and pass@k with their errors
+    evaluated = []  # each evaluation's rewards, problem by problem
+    curve = []  # each step's mean reward, share of groups without signal, trained tokens
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.special_tokens["<|bos|>"]
     t_start, t_steps = time.time(), 0.0
     step, steps_without_signal = start_step, 0
     try:
         while True:
-            if step == num_steps or (args.eval_every > 0 and step % args.eval_every == 0) or step == start_step:
-                evaluate(step)
-            if step > start_step and (step == num_steps or (args.save_every > 0 and step % args.save_every == 0)) and ddp.is_master:
-                save_checkpoint(out_dir, step, model, optimizers, dict(
-                    stage="rl", step=step, num_steps=num_steps, model_config=dataclasses.asdict(model.config),
-                    tokenizer=tokenizer_id(tokenizer), args=vars(args), metrics=history[-1] if history else {}))
+            if step == start_step or periodic(step, args.eval_every, num_steps):
+                model.eval()
+                stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens,
+                                           args.temperature, 10_000, reward)
+                history.append(dict(step=step, **stats))
+                evaluated.append(rewards)
+                print0(f"step {step:4d}/{num_steps} | held-out pass@1 {stats['pass1']:.3f} +- "
+                       f"{stats['pass1_stderr']:.3f} | pass@{args.pass_k} {stats['passk']:.3f} +- "
+                       f"{stats['passk_stderr']:.3f}")
+            if step > start_step and periodic(step, args.save_every, num_steps):
+                save_stage(args, ddp, "rl", step, num_steps, model, optimizers, tokenizer, history[-1])
             if step == num_steps:
                 break
             t0 = time.time()
-            # 1) sample G answers for each of this rank's problems with the current policy
+            # 1) rollout: G answers to each of this rank's problems from the current policy, and their rewards;
+            # a step's problems depend on the step alone, so a resumed run draws the same
             model.eval()
-            rows, rewards_all, zero_signal, examples = [], [], 0, []
-            rng = random.Random(f"rl-{args.seed}-{step}")  # a step's problems depend on the step alone: resumable
+            rng = random.Random(f"rl-{args.seed}-{step}")
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
-            prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
-            answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature, args.top_k,  # all groups at once
-                                                     seed=args.seed * 100_003 + step * ddp.world_size + ddp.rank,
-                                                     keep_stop_token=True) if prompts else ([], [])
-            for i, (problem, prompt) in enumerate(zip(problems, prompts)):
-                group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
-                replies = [reply_text(tokenizer, a) for a in group_answers]  # as pass_at_k reads them: no stop token
-                rewards = [reward(problem["question"], reply, problem["answer"]) for reply in replies]
+            groups = rollout(engine, tokenizer, problems, args, args.seed * 100_003 + step * ddp.world_size + ddp.rank,
+                             reward)
+            # 2) advantages: each answer's reward less its group's mean; a group whose rewards are all
+            # equal has none, so it carries no signal
+            rows, rewards_all, zero_signal, examples = [], [], 0, []
+            for prompt, answers, sampled, replies, rewards in groups:
                 rewards_all += rewards
                 examples += list(zip(rewards, replies))[:2]
-                group = grpo_sequences(tokenizer, prompt, group_answers, group_sampled, rewards)
-                zero_signal += not group
-                rows += group
-            rows.sort(key=lambda row: len(row[0]))  # micro-batches of similar lengths: less padding to compute
-            # 2) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
+                group_rows = grpo_sequences(prompt, answers, sampled, rewards)
+                zero_signal += not group_rows
+                rows += group_rows
+            rows.sort(key=lambda row: len(row.ids))  # micro-batches of similar lengths: less padding to compute
+            # 3) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
             model.train()
-            counts = torch.tensor([sum(t >= 0 for _, targets, _ in rows for t in targets),
-                                   sum(rewards_all), len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
-            most_rows = torch.tensor(len(rows), device=ddp.device)
+            counts = torch.tensor([sum(t >= 0 for row in rows for t in row.targets), sum(rewards_all),
+                                   len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
             if dist.is_initialized():
                 dist.all_reduce(counts)  # summed over ranks
-                dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)  # the busiest rank's rows
-            num_tokens, reward_sum, num_samples, zero_groups = counts.tolist()
-            micro_steps = (most_rows.item() + args.device_batch_size - 1) // args.device_batch_size
-            chunks = batched(rows, args.device_batch_size)
-            for j in range(micro_steps):  # every rank runs the same number of micro-steps (DDP)
-                sync = j == micro_steps - 1 or not ddp.is_ddp
-                with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                    if j < len(chunks):
-                        # DDP averages the ranks' gradients: per rank, divide by its share of all the sampled tokens
-                        loss = grpo_loss(ddp_model, chunks[j], num_tokens / ddp.world_size, ddp.device, pad_id)
-                    else:  # no rows left on this rank: a zero loss that still joins the all-reduce
-                        loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
-                    loss.backward()
-            if micro_steps > 0:
-                lrm = 1.0 - step / num_steps  # linear decay to zero
+            num_tokens, reward_sum, num_rewards, zero_groups = counts.tolist()
+            if policy_step(ddp_model, ddp, rows, num_tokens, args.device_batch_size, pad_id):
+                set_lr(optimizers, 1.0 - step / num_steps)  # a linear decay to zero
                 for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["initial_lr"] * lrm
                     opt.step()
             model.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - t0
             t_steps += dt
-            mean_reward = reward_sum / max(num_samples, 1)
-            curve.append(dict(step=step, mean_reward=mean_reward, zero_signal=zero_groups / P, sampled_tokens=int(num_tokens)))
+            mean_reward = reward_sum / max(num_rewards, 1)
+            curve.append(dict(step=step, mean_reward=mean_reward, zero_signal=zero_groups / P,
+                              sampled_tokens=int(num_tokens)))
             eta = format_seconds((num_steps - step) * t_steps / (step - start_step))
             print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
                    f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
@@ -2408,9 +2247,10 @@ def stage_rl(args, ddp):
             if steps_without_signal == NO_SIGNAL_STEPS:
                 warn_no_signal(steps_without_signal, mean_reward, examples)
     except KeyboardInterrupt:
-        raise interrupted(step, out_dir) from None
-    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k, prompts_per_step=P,
-                   held_out=len(held_out), train_seconds=round(time.time() - t_start, 1), chat_eval={})
+        raise interrupted(step, checkpoint_dir("rl", args.model_tag)) from None
+    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k,
+                   prompts_per_step=P, held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
+                   chat_eval={})
     if len(evaluated) > 1:  # the same held-out problems at the first and last evaluation: compared problem by problem
         first, last = ([sum(r) / len(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
         best_first, best_last = ([max(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
@@ -2420,7 +2260,7 @@ def stage_rl(args, ddp):
                                                                       "rl held-out accuracy")
     if ddp.is_master:
         write_report("rl", summary)
-        plot_reward_curve(summary, base_dir() / "report" / "rl.png")
+        report.plot_reward_curve(summary, base_dir() / "report" / "rl.png")
     return summary
 
 
@@ -2429,7 +2269,7 @@ def stage_rl(args, ddp):
 
 def stage_eval(args, ddp):
     tokenizer = get_tokenizer()
-    tag = args.model_tag or f"d{args.depth}"
+    tag = args.model_tag
     model, meta = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     results = {}
@@ -2457,7 +2297,7 @@ def stage_chat(args, ddp):
     """Talk to a checkpoint: `-p "..."` answers once, otherwise an interactive prompt.
     Calculator calls are shown inline as [calculator: 12*7 = 84]."""
     tokenizer = get_tokenizer()
-    tag = args.model_tag or f"d{args.depth}"
+    tag = args.model_tag
     model, _ = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     engine, messages = Engine(model, tokenizer), []
@@ -2498,9 +2338,9 @@ def stage_serve(args, ddp):
     model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one a request
     gets unless it names another."""
     tokenizer = get_tokenizer()
-    tag = args.model_tag or f"d{args.depth}"
+    tag = args.model_tag
     models = {}
-    for stage in ("base", "mid", "sft", "rl"):
+    for stage in TRAINING_STAGES:
         directory = checkpoint_dir(stage, tag)
         if stage != args.source and (not directory.exists() or last_checkpoint_step(directory) is None):
             continue
@@ -2528,19 +2368,6 @@ def stage_serve(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # Stage report: gather every stage's report/<stage>.json into one report.md (report.py)
 
-def chat_changes(reports):
-    """Each TinyWorld chat task's change from mid to sft and from mid to rl on the same held-out items,
-    item by item: {"mid -> sft": {task: paired_difference}, ...}, for the tasks whose outcomes both
-    reports kept over the same number of items (evaluate_chat with the same --eval-items)."""
-    changes = {}
-    for before, after in (("mid", "sft"), ("mid", "rl")):
-        old, new = (reports.get(stage, {}).get("chat_eval", {}) for stage in (before, after))
-        tasks = {task: paired_difference(old[task]["outcomes"], new[task]["outcomes"]) for task in old
-                 if "outcomes" in old[task] and "outcomes" in new.get(task, {})
-                 and len(old[task]["outcomes"]) == len(new[task]["outcomes"])}
-        if tasks:
-            changes[f"{before} -> {after}"] = tasks
-    return changes
 
 
 def stage_report(args, ddp):
@@ -2557,8 +2384,8 @@ def stage_report(args, ddp):
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
             samples.append((question, tokenizer.decode(reply)))
     reward_curve = base_dir() / "report" / "rl.png"
-    text = report.markdown(reports, real_eval_report_lines(reports), final, samples, args.wall_seconds,
-                           reward_curve if reward_curve.exists() else None, chat_changes(reports))
+    text = report.markdown(reports, report.real_eval_report_lines(reports), final, samples, args.wall_seconds,
+                           reward_curve if reward_curve.exists() else None, report.chat_changes(reports))
     Path(args.report_path).write_text(text)
     print0(text, end="")
     print0(f"wrote {args.report_path}")
@@ -2567,51 +2394,26 @@ def stage_report(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # Stage plan: what a run will cost, before paying for it
 
-PLAN_TOKENS_PER_CONVERSATION = 500  # an assumption for mid's and SFT's estimates: the stages count the real ones
 
 
 def stage_plan(args, ddp):
     """For the model the flags describe, on --gpus GPUs at an assumed --mfu: every stage's tokens,
-    steps, batch, data and hours. Nothing is loaded or downloaded (meta_model: shapes, no memory).
-    `speedrun.sh d20|d26|d32` prints it before it starts."""
+    steps, batch, data and hours (hardware.plan). Nothing is loaded or downloaded (meta_model: shapes,
+    no memory). `speedrun.sh d20|d26|d32` prints it before it starts."""
     model = meta_model(args, args.vocab_size)
-    config, params, flops, gpus = model.config, sum(p.numel() for p in model.parameters()), model.estimate_flops(), args.gpus
-    accum, peak = grad_accum_steps(args, gpus), GPU_PEAK_BF16_FLOPS["H100"]
-    hours = lambda tokens: flops * tokens / (gpus * peak * args.mfu / 100) / 3600  # noqa: E731
-    steps = base_steps(args, params)
-    mid_rows = sum(realdata.HUB_ROWS[name] for name in realdata.MIXTURES["mid"]["train"])
-    sft_rows = sum(min(realdata.HUB_ROWS[name], n or math.inf) for name, n in realdata.MIXTURES["sft"]["train"].items())
-    mid_tokens, sft_steps = mid_rows * PLAN_TOKENS_PER_CONVERSATION, sft_rows // (4 * gpus)
-    plan = dict(params=params, flops_per_token=flops, base=dict(steps=steps, tokens=steps * args.total_batch_size,
-                accumulation=accum, shards=shards_needed(steps * args.total_batch_size)),
-                mid=dict(conversations=mid_rows, steps=math.ceil(mid_tokens / args.total_batch_size)),
-                sft=dict(conversations=sft_rows, steps=sft_steps), rl=dict(steps=realdata.HUB_ROWS["gsm8k"] // 16))
-    base = plan["base"]
-    print0(f"plan: depth {config.n_layer} (width {config.n_embd}, {config.n_head} heads of {config.n_embd // config.n_head}), "
-           f"vocab {config.vocab_size:,}, context {config.sequence_len:,}: {params:,} parameters, {flops:.4g} FLOPs per token "
-           f"(training); {gpus} GPU(s) at {peak / 1e12:.0f} TFLOP/s bf16 peak (H100), hours at an assumed {args.mfu:g}% MFU")
-    rows = [("base", f"{base['tokens'] / 1e9:.2f}B tokens ({base['tokens'] / params:.1f} per parameter)", f"{steps:,}",
-             f"{args.total_batch_size:,} tokens: {args.device_batch_size} x {args.max_seq_len} x {gpus} GPUs x {accum}",
-             f"{base['shards']} FineWeb-EDU shards (~{base['shards'] / 10:.0f} GB)", f"{hours(base['tokens']):.1f}"),
-            ("mid", f"one epoch: ~{mid_rows / 1e3:.0f}K conversations (SmolTalk, MMLU, GSM8K)", f"~{plan['mid']['steps']:,}",
-             f"{args.total_batch_size:,} tokens, as base", "from the hub", f"~{hours(mid_tokens):.1f}"),
-            ("sft", f"one epoch: ~{sft_rows / 1e3:.1f}K conversations (ARC, GSM8K, SmolTalk)", f"{sft_steps:,}",
-             f"{4 * gpus} conversations: 4 x {gpus} GPUs x 1", "from the hub", f"~{hours(sft_rows * PLAN_TOKENS_PER_CONVERSATION):.2f}"),
-            ("rl", "one epoch of GSM8K train: 16 problems x 16 samples a step", f"{plan['rl']['steps']:,}",
-             "up to 256 new tokens a sample", "from the hub", "(sampling-bound; not estimated)")]
-    print0("\n| stage | trains on | steps | batch | data | hours |\n|---|---|---|---|---|---|")
-    print0("\n".join("| " + " | ".join(row) + " |" for row in rows))
-    print0(f"\n~: mid's and SFT's steps and hours assume {PLAN_TOKENS_PER_CONVERSATION} tokens a conversation; the stages count the "
-           f"real ones when they start. The FineWeb-EDU shards hold ~{CHARS_PER_SHARD / 1e6:.0f}M characters each, "
-           f"~{CHARS_PER_TOKEN} a token (+10% and the validation shard).")
+    params = sum(p.numel() for p in model.parameters())
+    plan, table = hardware.plan(args, model.config, params, model.estimate_flops(), base_steps(args, params),
+                                grad_accum_steps(args, args.gpus))
+    print0(table)
     return plan
 
 
 # -----------------------------------------------------------------------------------------------
 # CLI
 
-STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl, "eval": stage_eval,
-          "chat": stage_chat, "serve": stage_serve, "report": stage_report, "plan": stage_plan}
+TRAINING_STAGES = ("base", "mid", "sft", "rl")  # the stages that train and checkpoint a model, in order
+STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl,
+          "eval": stage_eval, "chat": stage_chat, "serve": stage_serve, "report": stage_report, "plan": stage_plan}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2619,6 +2421,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+# What a numeric flag's value must be, (test, the words of its error), given where the flag is added
+# (add_argument(...).must = ...) and checked by finalize_args; a flag left at None passes.
+AT_LEAST_1, POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v > 0, "positive"), \
+    (lambda v: v >= 0, "0 or more")
+FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+STEPS_OR_ALL = (lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)")
 
 
 def build_parser():
@@ -2629,152 +2439,160 @@ def build_parser():
     p.add_argument("--stage", required=True, choices=list(STAGES), help="which stage to run")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
-                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, SmolTalk, MMLU, GSM8K)")
-    g.add_argument("--data-dir", default=None, help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and "
-                   "of smoltalk/, mmlu/, gsm8k/, arc_easy/, arc_challenge/ subfolders (default: <base_dir>/base_data, downloaded there; "
-                   "chat data from the hub). "
-                   'mid and sft, either --data: its *.jsonl files of your own {"messages": [...]} conversations replace every '
-                   "other training conversation")
-    g.add_argument("--problems", default=None, help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '
-                   "lines (one in ten held out for pass@k, by a hash of the question)")
-    g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, reply, answer) -> "
-                   "float in place of 1.0 for the right '####' answer, else 0.0 (module: a .py file in the current "
-                   "folder); reply is the text a reader sees, the same in training and evaluation: no stop token, "
-                   "calculator calls as [calculator: 2*3 = 6]")
-    g.add_argument("--num-shards", type=int, default=None, help="--data hf without --data-dir: FineWeb-EDU shards to download "
-                   "(about 100 MB each): the first N-1 for training, plus the pinned validation shard (default: those the "
-                   "base run's tokens need, with a 10%% margin)")
+                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, "
+                        "SmolTalk, MMLU, GSM8K)")
+    g.add_argument("--data-dir", default=None,
+                   help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and of smoltalk/, "
+                        "mmlu/, gsm8k/, arc_easy/, arc_challenge/ subfolders (default: <base_dir>/base_data, "
+                        "downloaded there; chat data from the hub). mid and sft, either --data: its *.jsonl files "
+                        'of your own {"messages": [...]} conversations replace every other training conversation')
+    g.add_argument("--problems", default=None,
+                   help='rl: your own problems instead: a .jsonl file of {"question", "answer"} lines (one in ten '
+                        "held out for pass@k, by a hash of the question)")
+    g.add_argument("--reward", default=None,
+                   help="rl: module:function, your own reward (question, reply, answer) -> float in place of 1.0 "
+                        "for the right '####' answer, else 0.0 (module: a .py file in the current folder); reply "
+                        "is the text a reader sees, the same in training and evaluation: no stop token, "
+                        "calculator calls as [calculator: 2*3 = 6]")
+    g.add_argument("--num-shards", type=int, default=None,
+                   help="--data hf without --data-dir: FineWeb-EDU shards to download (about 100 MB each): the "
+                        "first N-1 for training, plus the pinned validation shard (default: those the base run's "
+                        "tokens need, with a 10%% margin)"
+                   ).must = (lambda v: v >= 2, "at least 2 (one train shard and the validation shard)")
     g.add_argument("--copy-drills", type=float, default=None,
-                   help="base and mid: the share of training documents (conversations) replaced by a copy drill, random "
-                   "token ids written twice, which teaches reading the context (default: 0.2 for TinyWorld's base, else 0)")
+                   help="base and mid: the share of training documents (conversations) replaced by a copy drill, "
+                        "random token ids written twice, which teaches reading the context (default: 0.2 for "
+                        "TinyWorld's base, else 0)").must = (lambda v: 0 <= v < 1, "at least 0 and below 1")
     g = p.add_argument_group("tokenizer (tok)")
-    g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (256 bytes + merges + special tokens)")
-    g.add_argument("--tok-chars", type=int, default=2_000_000, help="characters of training text")
+    g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (256 bytes + merges + special "
+                   "tokens)").must = (lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)}"
+                                      f" (256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)")
+    g.add_argument("--tok-chars", type=int, default=2_000_000,
+                   help="characters of training text").must = (lambda v: v >= 1000, "at least 1000")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=4, help="number of transformer blocks; the width follows from it")
-    g.add_argument("--aspect-ratio", type=int, default=32, help="width = depth x aspect ratio, rounded up to whole heads (nanochat: 64)")
-    g.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head (nanochat: 128)")
-    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention (default: as many as query heads)")
-    g.add_argument("--max-seq-len", type=int, default=256, help="context length in tokens")
+    g.add_argument("--depth", type=int, default=4,
+                   help="number of transformer blocks; the width follows from it").must = AT_LEAST_1
+    g.add_argument("--aspect-ratio", type=int, default=32,
+                   help="width = depth x aspect ratio, rounded up to whole heads (nanochat: 64)").must = AT_LEAST_1
+    g.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head (nanochat: 128)"
+                   ).must = (lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)")
+    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention "
+                   "(default: as many as query heads)").must = AT_LEAST_1
+    g.add_argument("--max-seq-len", type=int, default=256,
+                   help="context length in tokens").must = (lambda v: v >= 2, "at least 2")
     g.add_argument("--model-tag", default=None, help="checkpoint name (default: d<depth>)")
     g = p.add_argument_group("training (base, mid, sft, rl)")
-    g.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass on each device")
-    g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient accumulation makes up the rest)")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the stage's default: base 320, mid 100, "
-                   "sft 150, rl 70; with --data hf one epoch of mid's, SFT's or RL's data, as nanochat)")
-    g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per parameter, used when --num-iterations is -1 (Chinchilla: 20)")
-    g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate (default: base/mid 1, sft 0.125, rl 0.05)")
-    g.add_argument("--matrix-lr", type=float, default=None,
-                   help="Muon learning rate for the block matrices (default 0.02; sft 0.08, times its --lr-scale)")
+    g.add_argument("--device-batch-size", type=int, default=16,
+                   help="sequences per forward pass on each device").must = AT_LEAST_1
+    g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient "
+                   "accumulation makes up the rest)").must = AT_LEAST_1
+    g.add_argument("--num-iterations", type=int, default=-1,
+                   help=f"optimizer steps (-1: the stage's default: {defaults_help('steps')}; with --data hf one "
+                        "epoch of mid's, SFT's or RL's data, as nanochat)").must = STEPS_OR_ALL
+    g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per "
+                   "parameter, used when --num-iterations is -1 (Chinchilla: 20)").must = POSITIVE
+    g.add_argument("--lr-scale", type=float, default=None,
+                   help=f"multiply every learning rate ({defaults_help('lr_scale')})").must = POSITIVE
+    g.add_argument("--matrix-lr", type=float, default=None, help="Muon learning rate for the block matrices, "
+                   f"times --lr-scale ({defaults_help('matrix_lr')})").must = POSITIVE
     g.add_argument("--embedding-lr", type=float, default=None,
-                   help="AdamW learning rate for wte, the embedding and the head (scaled by (width/768)^-0.5; "
-                        "default 0.05; sft 0.0125)")
-    g.add_argument("--smear-lr", type=float, default=0.05, help="AdamW learning rate for the keys' smear weights")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warm-up")
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps at the end with linear LR decay")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
-    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model (auto: on CUDA; on a CPU for long runs of one batch shape, see the log)")
+                   help="AdamW learning rate for wte, the embedding and the head, times --lr-scale and scaled by "
+                        f"(width/768)^-0.5 ({defaults_help('embedding_lr')})").must = POSITIVE
+    g.add_argument("--smear-lr", type=float, default=0.05,
+                   help="AdamW learning rate for the keys' smear weights").must = POSITIVE
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay").must = NOT_NEGATIVE
+    g.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="fraction of steps with linear LR warm-up").must = FRACTION
+    g.add_argument("--warmdown-ratio", type=float, default=0.2,
+                   help="fraction of steps at the end with linear LR decay").must = FRACTION
+    g.add_argument("--final-lr-frac", type=float, default=0.0,
+                   help="LR at the end as a fraction of the initial LR").must = FRACTION
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the model "
+                   "(auto: on CUDA; on a CPU for long runs of one batch shape, see the log)")
     g.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
     g.add_argument("--seed", type=int, default=1337, help="random seed")
-    g.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations (bits per byte, loss, or rl's pass@k; 0: start and end only)")
-    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations (bits per "
+                   "byte, loss, or rl's pass@k; 0: start and end only)").must = NOT_NEGATIVE
+    g.add_argument("--eval-batches", type=int, default=8,
+                   help="validation batches per evaluation").must = AT_LEAST_1
+    g.add_argument("--save-every", type=int, default=100,
+                   help="steps between checkpoints (0: only at the end)").must = NOT_NEGATIVE
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines").must = AT_LEAST_1
     g.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="base: prompts to continue at the end of training")
     g = p.add_argument_group("rl (simplified GRPO)")
-    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training problem: the group size G")
-    g.add_argument("--prompts-per-step", type=int, default=16, help="problems per optimizer step (split across ranks)")
-    g.add_argument("--pass-k", type=int, default=4, help="answers sampled per held-out problem: the k of pass@k")
-    g.add_argument("--pass-k-problems", type=int, default=400, help="held-out harder word problems for pass@1 and pass@k before, during (--eval-every) and after RL")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat (0: greedy; default: rl 1.0, chat 0.6)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens (default: rl 128, chat 256)")
+    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training problem: the "
+                   "group size G").must = (lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)")
+    g.add_argument("--prompts-per-step", type=int, default=16,
+                   help="problems per optimizer step (split across ranks)").must = AT_LEAST_1
+    g.add_argument("--pass-k", type=int, default=4,
+                   help="answers sampled per held-out problem: the k of pass@k").must = AT_LEAST_1
+    g.add_argument("--pass-k-problems", type=int, default=400, help="held-out harder word problems for pass@1 "
+                   "and pass@k before, during (--eval-every) and after RL").must = AT_LEAST_1
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat "
+                   f"(0: greedy; {defaults_help('temperature')})").must = (lambda v: v >= 0, "0 (greedy) or more")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens "
+                   f"({defaults_help('max_new_tokens')})").must = AT_LEAST_1
     g = p.add_argument_group("eval and chat")
-    g.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to load")
+    g.add_argument("--source", default="sft", choices=TRAINING_STAGES, help="which stage's checkpoint to load")
     g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations "
-                   "(TinyWorld's test split holds 398 facts, each asked once)")
-    g.add_argument("--core-bundle", default=None, help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
-                   "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with --data hf")
-    g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and per real chat task (-1: all)")
-    g.add_argument("--humaneval", action="store_true", help="eval --data hf: also run HumanEval, executing the model's code in a "
-                   "sandbox (Linux, bubblewrap: read-only system files only, no other processes, no network, limits)")
+                   "(TinyWorld's test split holds 398 facts, each asked once)").must = AT_LEAST_1
+    g.add_argument("--core-bundle", default=None,
+                   help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
+                        "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with "
+                        "--data hf")
+    g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and "
+                   "per real chat task (-1: all)").must = STEPS_OR_ALL
+    g.add_argument("--humaneval", action="store_true",
+                   help="eval --data hf: also run HumanEval, executing the model's code in a sandbox (Linux, "
+                        "bubblewrap: read-only system files only, no other processes, no network, limits)")
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: chat and serve 50, "
-                   "rl all tokens; nanochat's rl: 50)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: "
+                   f"all tokens; {defaults_help('top_k')}; nanochat's rl: 50)").must = AT_LEAST_1
     g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface; "
-                   "there is no login)")
-    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is answered; "
-                   "more get 503 busy")
-    g.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="also answer requests whose Host "
-                   "or Origin header names NAME, as behind a proxy (repeatable; the --host address needs none)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every network interface; there is no login)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)"
+                   ).must = (lambda v: 0 <= v <= 65535, "from 0 (any free port) to 65535")
+    g.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait while one is answered; more get 503 busy").must = NOT_NEGATIVE
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host or Origin header names NAME, as behind a proxy "
+                        "(repeatable; the --host address needs none)")
     g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the training flags)")
-    g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="GPUs the run will use")
-    g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in percent (nanochat measures "
-                   "about 43 at depth 12 and 20 on H100s)")
+    g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="GPUs the run will use").must = AT_LEAST_1
+    g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in percent "
+                   "(nanochat measures about 43 at depth 12 and 20 on H100s)"
+                   ).must = (lambda v: 0 < v <= 100, "a percentage above 0, at most 100")
     g = p.add_argument_group("report")
     g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
-    g.add_argument("--wall-seconds", type=int, default=None, help="the whole run's wall time, as measured by speedrun.sh")
+    g.add_argument("--wall-seconds", type=int, default=None,
+                   help="the whole run's wall time, as measured by speedrun.sh")
     return p
 
 
-# what the numeric flags must be: (flags, test, the words of the error); a flag left at None passes
-FLAG_RULES = [
-    (("depth", "aspect_ratio", "n_kv_head", "device_batch_size", "total_batch_size", "eval_batches", "log_every",
-      "prompts_per_step", "pass_k", "pass_k_problems", "max_new_tokens", "eval_items", "top_k"), lambda v: v >= 1, "at least 1"),
-    (("num_iterations", "max_per_task"), lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)"),
-    (("target_param_data_ratio", "lr_scale", "matrix_lr", "embedding_lr", "smear_lr"), lambda v: v > 0, "positive"),
-    (("gpus",), lambda v: v >= 1, "at least 1"),
-    (("mfu",), lambda v: 0 < v <= 100, "a percentage above 0, at most 100"),
-    (("weight_decay", "eval_every", "save_every", "max_queue"), lambda v: v >= 0, "0 or more"),
-    (("port",), lambda v: 0 <= v <= 65535, "from 0 (any free port) to 65535"),
-    (("warmup_ratio", "warmdown_ratio", "final_lr_frac"), lambda v: 0 <= v <= 1, "between 0 and 1"),
-    (("copy_drills",), lambda v: 0 <= v < 1, "at least 0 and below 1"),
-    (("num_shards",), lambda v: v >= 2, "at least 2 (one train shard and the validation shard)"),
-    (("vocab_size",), lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)} "
-     f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)"),
-    (("tok_chars",), lambda v: v >= 1000, "at least 1000"),
-    (("head_dim",), lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)"),
-    (("max_seq_len",), lambda v: v >= 2, "at least 2"),
-    (("num_samples",), lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)"),
-    (("temperature",), lambda v: v >= 0, "0 (greedy) or more"),
-]
-
-
-def finalize_args(args):
+def finalize_args(args, parser=None):
     """Check the flags (raising UserError, before any work starts) and fill in the per-stage defaults."""
-    if args.temperature is None:
-        args.temperature = 1.0 if args.stage == "rl" else 0.6
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 128 if args.stage == "rl" else 256
-    if args.top_k is None and args.stage in ("chat", "serve"):
-        args.top_k = 50
-    # SFT teaches new sums, not new words: its matrices move 4x faster than the other stages', the tied
-    # embedding 4x slower. On the speedrun's tiny tier, SFT at the base rates learned the harder word
-    # problems to 21% and forgot facts; at these, 60%, the facts kept (one seed each).
-    if args.matrix_lr is None:
-        args.matrix_lr = 0.08 if args.stage == "sft" else 0.02
-    if args.embedding_lr is None:
-        args.embedding_lr = 0.0125 if args.stage == "sft" else 0.05
-    # Copy drills in TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89) and
-    # lifts names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one seed each): off.
-    if args.copy_drills is None:
-        args.copy_drills = 0.2 if args.data == "tinyworld" and args.stage == "base" else 0.0
-    for names, ok, must in FLAG_RULES:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                raise UserError(f"--{name.replace('_', '-')} must be {must}, got {value}")
-    if COMPUTE_DTYPE == torch.float16 and args.stage in ("base", "mid", "sft", "rl"):
+    defaults = DEFAULTS | STAGE_DEFAULTS.get(args.stage, {})
+    if args.data != "tinyworld":  # copy drills are made for TinyWorld's text
+        defaults["copy_drills"] = 0.0
+    for name, value in defaults.items():
+        if name != "steps" and getattr(args, name) is None:
+            setattr(args, name, value)
+    args.model_tag = args.model_tag or f"d{args.depth}"
+    for action in (parser or build_parser())._actions:  # each flag's rule, .must where it was added
+        value = getattr(args, action.dest, None)
+        if hasattr(action, "must") and value is not None and not (math.isfinite(value) and action.must[0](value)):
+            raise UserError(f"--{action.dest.replace('_', '-')} must be {action.must[1]}, got {value}")
+    if COMPUTE_DTYPE == torch.float16 and args.stage in TRAINING_STAGES:
         raise UserError("NANOCHAT_DTYPE=fp16 would need loss scaling (a GradScaler) to train, which this file leaves out: "
                         "use bf16 (Ampere GPUs and newer) or fp32")
     if args.warmup_ratio + args.warmdown_ratio > 1:
         raise UserError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} must be at most 1")
     if args.stage in ("base", "mid", "sft", "plan"):  # the same check as train()'s, before any work starts
         grad_accum_steps(args, args.gpus if args.stage == "plan" else int(os.environ.get("WORLD_SIZE", "1")))
-    if args.resume and args.stage not in ("base", "mid", "sft", "rl"):
+    if args.resume and args.stage not in TRAINING_STAGES:
         raise UserError(f"--resume continues a training stage (base, mid, sft, rl), not --stage {args.stage}")
     if args.humaneval and (args.stage != "eval" or args.data != "hf"):
         raise UserError("--humaneval runs with --stage eval --data hf")
@@ -2788,17 +2606,26 @@ def finalize_args(args):
         raise UserError(f"--reward must be module:function (e.g. my_rewards:shorter), got {args.reward!r}")
 
 
+def run(argv, record_time=False):
+    """Run one stage as the command line does and return its summary: parse and check the flags,
+    seed, join torchrun's process group if there is one, run the stage. main(), the tests and the
+    lessons all start stages here. record_time: keep the stage's wall time for report.md (main)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    finalize_args(args, parser)
+    torch.manual_seed(args.seed)
+    ddp = init_distributed()
+    t0 = time.time()
+    summary = STAGES[args.stage](args, ddp)
+    if record_time and ddp.is_master and args.stage not in ("chat", "serve", "report", "plan"):
+        record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
+    return summary
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    hardware.keep_freed_memory(DEVICE_TYPE)
     try:
-        finalize_args(args)
-        torch.manual_seed(args.seed)
-        ddp = init_distributed()
-        keep_freed_memory()
-        t0 = time.time()
-        STAGES[args.stage](args, ddp)
-        if ddp.is_master and args.stage not in ("chat", "serve", "report", "plan"):
-            record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
+        run(sys.argv[1:] if argv is None else argv, record_time=True)
     except (UserError, realdata.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,8 @@
 """
 The real datasets, for --data hf: FineWeb-EDU parquet shards for pretraining; SmolTalk, MMLU and
 GSM8K for mid-training and SFT; GSM8K for RL; ARC, MMLU, GSM8K, HumanEval and the DCLM eval bundle
-(CORE) for evaluation. Each comes from a local folder in the hub's schemas (--data-dir) or from
+(CORE) for evaluation, with the CORE tasks' texts; and your own .jsonl files (conversations, RL
+problems). Each comes from a local folder in the hub's schemas (--data-dir) or from
 the network: the shards and the bundle by plain HTTPS downloads with retries, the rest through HF
 `datasets`, imported only here and only when used (pip install -e '.[hf]').
 
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import tinyworld
@@ -293,3 +295,98 @@ def download_eval_bundle(directory, url=EVAL_BUNDLE_URL, attempts=5, first_wait_
     finally:
         archive.unlink(missing_ok=True)
     print(f"downloaded the eval bundle into {directory} (sha256 {sha256})", flush=True)
+
+
+def read_jsonl(path, read, expected):
+    """read(row) of each JSON line of a UTF-8 file, blank lines skipped; a bad line stops everything at
+    once with its file and line number. Lines are decoded one by one, so text in another encoding
+    (a Latin-1 "café") is reported at its line too."""
+    rows = []
+    for line_number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        where = f"{path}, line {line_number}"
+        try:
+            text = line.decode("utf-8")
+            if text.strip():
+                row = json.loads(text)
+                # JSON can spell half of a UTF-16 pair ("\ud800"), which no text holds: caught here, not when
+                # the text is first encoded (hashed, tokenized) far from its line
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+                rows.append(read(row))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 ({e}); save the file as UTF-8") from None
+        except UnicodeEncodeError as e:  # in UTF-8, only half of a surrogate pair fails to encode
+            raise DataError(f"{where}: \\u{ord(e.object[e.start]):04x} is half of a UTF-16 surrogate pair, not a "
+                            "character; write the character itself, or both halves of its pair") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{where}: {type(e).__name__}: {e}; each line must be {expected}") from None
+    return rows
+
+
+def own_problems(path):
+    """--problems: one {"question": ..., "answer": ...} per line. Split by a hash of the question:
+    one in ten held out for pass@k, the rest for training. Returns (train, held_out)."""
+    splits = ([], [])
+    for problem in read_jsonl(path, lambda row: dict(question=str(row["question"]), answer=str(row["answer"])),
+                              '{"question": "...", "answer": "..."}'):
+        splits[zlib.crc32(problem["question"].encode()) % 10 == 0].append(problem)
+    if not all(splits):
+        raise DataError(f"--problems {path}: {len(splits[0])} training and {len(splits[1])} held-out problems (one in ten is "
+                        "held out, by a hash of its question); it needs at least one of each: add problems")
+    return splits
+
+
+def core_texts(item, task_type, delimiter, fewshot=()):
+    """The texts one CORE item is scored on, after its few-shot examples (each solved and
+    followed by a blank line). With delimiter " " and no shots:
+        multiple_choice   {"query": "Sky is", "choices": ["blue", "red"], "gold": 0} -> ["Sky is blue", "Sky is red"]
+        schema            {"context_options": ["A cat", "A fish"], "continuation": "purrs", "gold": 0}
+                          -> ["A cat purrs", "A fish purrs"]
+        language_modeling {"context": "One, two,", "continuation": "three"} -> ["One, two,", "One, two, three"]
+    (the first text of language_modeling marks where the continuation starts; it is stripped,
+    since a trailing space would belong to the continuation's first token)."""
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+    if task_type == "language_modeling":
+        shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        prompt = f"{shots}{item['context'].strip()}{delimiter}"
+        return [prompt.strip(), prompt + item["continuation"]]
+    raise DataError(f"unknown CORE task type {task_type!r} (expected multiple_choice, schema or language_modeling)")
+
+
+def common_prefix_length(sequences):
+    """[[1, 2, 3], [1, 2, 4, 5]] -> 2"""
+    columns = list(zip(*sequences))  # one tuple per position that every sequence reaches
+    return next((i for i, column in enumerate(columns) if any(token != column[0] for token in column)), len(columns))
+
+
+def core_spans(tokenizer, texts, task_type):
+    """Token rows (BOS first) to forward, and in each the [start, end) span whose loss decides.
+    The texts are tokenized whole, as the model reads them; the span is what differs between the
+    rows: the answers after the common prefix (multiple_choice), the shared continuation, i.e. the
+    common suffix (schema), or what the second text adds to the first (language_modeling, whose
+    first row is only that marker and is not forwarded). Every span keeps at least one token."""
+    bos = tokenizer.special_tokens["<|bos|>"]
+    rows = [[bos] + tokenizer.encode_ordinary(text) for text in texts]
+    if task_type == "schema":
+        n = min(common_prefix_length([row[::-1] for row in rows]), min(len(row) for row in rows) - 1)
+        return rows, [(len(row) - n, len(row)) for row in rows]
+    start = common_prefix_length(rows)
+    if task_type == "language_modeling":
+        rows = rows[1:]
+    start = min(start, min(len(row) for row in rows) - 1)
+    return rows, [(start, len(row)) for row in rows]
+
+
+def core_fewshot(data, index, num_fewshot):
+    """num_fewshot examples for item `index`, drawn with a fixed seed per item, never the item itself."""
+    others = [i for i in range(len(data)) if i != index]
+    return [data[i] for i in random.Random(1234 + index).sample(others, min(num_fewshot, len(others)))]
+
+
+def centered_accuracy(accuracy, baseline):
+    """0 at chance, 1 when perfect: centered_accuracy(0.625, 0.25) -> 0.5"""
+    return (accuracy - baseline) / (1 - baseline)

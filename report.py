@@ -1,10 +1,12 @@
 """
-report.md: every stage's report (<base_dir>/report/<stage>.json, written as the stage ends) on one
-markdown page, for `python nanochat_one.py --stage report`, with which speedrun.sh ends.
+The numbers and report.md: the statistics behind every accuracy the stages print (standard errors,
+Wilson intervals, paired comparisons of two checkpoints on the same items), and every stage's report
+(<base_dir>/report/<stage>.json, written as the stage ends) on one markdown page, for
+`python nanochat_one.py --stage report`, with which speedrun.sh ends.
 
-Formatting only: the numbers come from the stages, and this module imports nothing from
-nanochat_one.py.
+This module imports nothing from nanochat_one.py: the stages hand it their numbers.
 """
+import math
 import os
 import platform
 import subprocess
@@ -14,7 +16,87 @@ from pathlib import Path
 import torch
 
 import bpe
+import realdata
 
+
+# -----------------------------------------------------------------------------------------------
+# Statistics: an accuracy's standard error and interval, a change measured item by item
+
+def wilson_interval(correct, total, z=1.96):
+    """The Wilson score interval (low, high) of an accuracy, 95% for z = 1.96: every true accuracy q
+    that puts the measured p within z of its own spreads sqrt(q(1-q)/N). Unlike p +- z * stderr it stays
+    within [0, 1], and it is not empty at 0% or 100%, where the standard error is 0:
+    wilson_interval(0, 200) -> (0.0, 0.0188), the closed form z^2 / (N + z^2) = 3.8416 / 203.8416;
+    wilson_interval(222, 400) -> (0.5060, 0.6030), near 0.555 +- 1.96 * 0.0248 = (0.5063, 0.6037)
+    where p(1-p)N is large. No items: (0.0, 1.0), nothing known."""
+    if total == 0:
+        return 0.0, 1.0
+    p, zz = correct / total, z * z / total
+    center = (p + zz / 2) / (1 + zz)
+    half = z * math.sqrt(p * (1 - p) / total + zz / (4 * total)) / (1 + zz)
+    return (0.0 if correct == 0 else center - half), (1.0 if correct == total else center + half)  # exact ends
+
+
+def accuracy_stats(correct, total, outcomes=None):
+    """An accuracy with its number of items, its standard error sqrt(p(1-p)/N), the spread of the
+    accuracy of N items drawn at random, and its Wilson 95% interval: accuracy_stats(3, 4) ->
+    accuracy 0.75, items 4, stderr 0.2165, interval [0.3006, 0.9544]. Two accuracies differ beyond
+    noise when they are several stderrs apart; at 0% and 100% the stderr is 0 and only the interval
+    says how sure we are (0 of 200: [0, 0.0188]). outcomes, when given: each item's 1 (right) or 0,
+    in item order, kept for comparing two checkpoints scored on the same items (paired_difference)."""
+    accuracy = correct / max(total, 1)
+    stats = dict(accuracy=accuracy, items=total, stderr=math.sqrt(accuracy * (1 - accuracy) / max(total, 1)),
+                 interval=list(wilson_interval(correct, total)))  # a list, as JSON gives it back
+    if outcomes is not None:
+        stats["outcomes"] = [int(o) for o in outcomes]
+    return stats
+
+
+def share_of(hits):
+    """accuracy_stats of per-item booleans in item order, kept as the outcomes: [True, False] -> 50%."""
+    return accuracy_stats(sum(hits), len(hits), hits)
+
+
+def mean_and_stderr(values):
+    """The mean of per-item values and its standard error sqrt(var / n), var the sample variance
+    (divided by n - 1): [1, 0.5, 0] -> (0.5, sqrt(0.25 / 3) = 0.2887)."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / max(n, 1))
+
+
+def paired_difference(before, after):
+    """after - before, item by item, for two checkpoints scored on the same items (before and after:
+    per-item scores in the same item order, such as accuracy_stats' outcomes). The two share each
+    item's luck (an easy item is easy for both), so the per-item differences d usually vary less than
+    two independent samples would: their standard error sqrt(var(d) / n) is the error of the change.
+    z weighs the change against its spread were nothing to change, sum(d) / sqrt(sum(d^2)): for 0/1
+    outcomes McNemar's (gained - lost) / sqrt(gained + lost), finite even when every item moved the
+    same way. lost: items that scored lower after (right before, wrong after); gained: higher after.
+    before [1, 1, 0, 0, 0], after [1, 0, 1, 1, 0]: d = [0, -1, 1, 1, 0], difference 0.2, stderr
+    sqrt(0.7 / 5) = 0.374, 1 lost, 2 gained, z (2 - 1) / sqrt(2 + 1) = 0.577."""
+    if len(before) != len(after):
+        raise ValueError(f"a paired comparison needs the same items: {len(before)} before, {len(after)} after")
+    d = [a - b for b, a in zip(before, after)]
+    difference, stderr = mean_and_stderr(d)
+    spread = math.sqrt(sum(x * x for x in d))  # 0 only when no item changed
+    return dict(difference=difference, stderr=stderr, z=sum(d) / spread if spread else 0.0, items=len(d),
+                lost=sum(x < 0 for x in d), gained=sum(x > 0 for x in d))
+
+
+def pass_at_k_stats(rewards):
+    """pass@1 and pass@k with their standard errors, from each problem's k sampled rewards: pass@1
+    the mean over problems of a problem's mean reward, pass@k of its best. The problems are the
+    sample (other problems would move both), so each error is over per-problem values:
+    [[1, 1], [1, 0], [0, 0]] -> pass@1 0.5 +- 0.2887 (per problem 1, 0.5, 0), pass@2 0.6667 +- 0.3333
+    (per problem 1, 1, 0)."""
+    pass1, pass1_stderr = mean_and_stderr([sum(r) / len(r) for r in rewards])
+    passk, passk_stderr = mean_and_stderr([max(r) for r in rewards])
+    return dict(pass1=pass1, pass1_stderr=pass1_stderr, passk=passk, passk_stderr=passk_stderr)
+
+
+# -----------------------------------------------------------------------------------------------
+# report.md
 
 def format_seconds(s):
     """3725 -> "1h02m", 207 -> "3m27s"."""
@@ -147,3 +229,64 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
     if wall_seconds is not None:
         lines.append(f"| whole run (setup included) | {wall_seconds} |")
     return "\n".join(lines) + "\n"
+
+
+def chat_changes(reports):
+    """Each TinyWorld chat task's change from mid to sft and from mid to rl on the same held-out items,
+    item by item: {"mid -> sft": {task: paired_difference}, ...}, for the tasks whose outcomes both
+    reports kept over the same number of items (evaluate_chat with the same --eval-items)."""
+    changes = {}
+    for before, after in (("mid", "sft"), ("mid", "rl")):
+        old, new = (reports.get(stage, {}).get("chat_eval", {}) for stage in (before, after))
+        tasks = {task: paired_difference(old[task]["outcomes"], new[task]["outcomes"]) for task in old
+                 if "outcomes" in old[task] and "outcomes" in new.get(task, {})
+                 and len(old[task]["outcomes"]) == len(new[task]["outcomes"])}
+        if tasks:
+            changes[f"{before} -> {after}"] = tasks
+    return changes
+
+
+def real_eval_report_lines(reports):
+    """report.md sections for CORE (eval_base) and the real chat tasks with ChatCORE (eval_mid,
+    eval_sft, eval_rl), from the reports `--stage eval` writes."""
+    lines = []
+    core = reports.get("eval_base", {})
+    if "CORE" in core:
+        lines += ["", "## CORE of the base model (DCLM tasks, centered accuracy)", "",
+                  f"CORE = {core['CORE']:.4f}, the mean centered accuracy over {len(core['core_tasks'])} tasks.", "",
+                  "| task | type | shots | items | accuracy | centered |", "|---|---|---|---|---|---|"]
+        lines += [f"| {label} | {r['type']} | {r['shots']} | {r['items']} | {r['accuracy']:.4f} | {r['centered']:.4f} |"
+                  for label, r in core["core_tasks"].items()]
+    stages = [(stage, reports[f"eval_{stage}"]) for stage in ("mid", "sft", "rl")
+              if reports.get(f"eval_{stage}", {}).get("chat_tasks")]
+    if stages:
+        names = [task for task in realdata.CHAT_EVAL_TASKS if any(task in r["chat_tasks"] for _, r in stages)]
+        lines += ["", "## Chat evaluations (real tasks; ChatCORE = mean centered accuracy over the tasks run)", "",
+                  "| after stage | " + " | ".join(names) + " | ChatCORE |", "|---|" + "---|" * (len(names) + 1)]
+        for stage, r in stages:
+            cells = [format_accuracy(r["chat_tasks"][t]) if t in r["chat_tasks"] else "-" for t in names]
+            lines.append(f"| {stage} | " + " | ".join(cells) + f" | {r['ChatCORE']:.4f} |")
+    return lines
+
+
+def plot_reward_curve(summary, path):
+    """Mean reward per step and held-out pass@1 / pass@k, as a PNG (when matplotlib is installed)."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend stays as it was
+    except ImportError:
+        return
+    fig = Figure(figsize=(6, 3.5), dpi=80)
+    ax = fig.add_subplot()
+    ax.plot([c["step"] for c in summary["reward_curve"]], [c["mean_reward"] for c in summary["reward_curve"]],
+            alpha=0.5, label="train mean reward")
+    steps = [h["step"] for h in summary["history"]]
+    ax.errorbar(steps, [h["pass1"] for h in summary["history"]], yerr=[2 * h["pass1_stderr"] for h in summary["history"]],
+                marker="o", capsize=3, label="held-out pass@1 (+-2 s.e.)")
+    ax.errorbar(steps, [h["passk"] for h in summary["history"]],
+                yerr=[2 * h["passk_stderr"] for h in summary["history"]], marker="s", capsize=3,
+                label=f"held-out pass@{summary['pass_k']} (+-2 s.e.)")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

@@ -13,6 +13,7 @@ nanochat_one.py's engine and HumanEval evaluation are the users; this imports no
 """
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -256,3 +257,15 @@ def calculator(expression, max_length=200, max_exponent=64, max_magnitude=10**60
             return False, "refused: result is not a finite number"
         value = int(value) if value.is_integer() else round(value, 6)
     return True, str(value)
+
+
+def humaneval_program(item, reply):
+    """The program that checks one HumanEval answer: the prompt's imports, the model's code (the
+    first ``` block if it wrote one; appended to the prompt if it only wrote the function's
+    body), the task's tests, and check(<function>)."""
+    block = re.search(r"```(?:python)?\n(.*?)```", reply, re.DOTALL)
+    code = block.group(1) if block else reply
+    if f"def {item['entry_point']}" not in code:
+        code = item["prompt"] + code
+    imports = "\n".join(line for line in item["prompt"].splitlines() if line.startswith(("import ", "from ")))
+    return f"{imports}\n\n{code}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"

@@ -75,7 +75,9 @@ def main():
         p.error("--steps and --warmup must be at least 1")
 
     device = torch.device("cuda", 0) if nc.DEVICE_TYPE == "cuda" else torch.device(nc.DEVICE_TYPE)
-    if hasattr(nc, "keep_freed_memory"):  # as the CLI does (older versions, measured with --repo, lack it)
+    if hasattr(nc, "hardware"):  # malloc kept as the CLI keeps it (older versions, measured with --repo, lack it)
+        nc.hardware.keep_freed_memory(nc.DEVICE_TYPE)
+    elif hasattr(nc, "keep_freed_memory"):
         nc.keep_freed_memory()
     B, T = args.device_batch_size, args.seq_len
     config = nc.config_from_depth(args.depth, args.vocab_size, T, args.aspect_ratio, args.head_dim)
@@ -125,7 +127,7 @@ def main():
     step_seconds = seconds / args.steps
     tok_per_s = B * T / step_seconds
     flops_per_token = model.estimate_flops()
-    peak = nc.peak_flops(device)
+    peak = nc.hardware.peak_flops(device) if hasattr(nc, "hardware") else nc.peak_flops(device)
     if device.type == "cuda":
         peak_memory, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:  # ru_maxrss is in KiB on Linux, in bytes on macOS

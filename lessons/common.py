@@ -21,10 +21,13 @@ from pathlib import Path
 LESSONS = Path(__file__).resolve().parent
 sys.path.insert(0, str(LESSONS.parent))  # the repository root: nanochat_one.py, bpe.py, tinyworld.py
 os.environ["NANOCHAT_BASE_DIR"] = str(LESSONS / "runs")  # lessons/runs, never your ./runs
+# the lessons' figures are a CPU's, whatever else the machine has (NANOCHAT_DEVICE=cuda to use a GPU)
+os.environ.setdefault("NANOCHAT_DEVICE", "cpu")
 
 import torch  # noqa: E402
 
 import nanochat_one as nc  # noqa: E402
+import report  # noqa: E402
 
 # The lessons' model and batches: the speedrun's tiny model (depth 4, width 128, context 256,
 # vocabulary 4096), 8,192 tokens per optimizer step, validation on 4 batches.
@@ -53,14 +56,11 @@ def setup(seed=0):
 
 
 def run_stage(stage, *flags):
-    """Run a stage as `python nanochat_one.py --stage <stage> <FLAGS> <flags>` does, with its log
+    """Run a stage as `python nanochat_one.py --stage <stage> <FLAGS> <flags>` does (nc.run), with its log
     captured; return (summary, log text)."""
-    args = nc.build_parser().parse_args(["--stage", stage, *FLAGS, *flags])
-    nc.finalize_args(args)
-    torch.manual_seed(args.seed)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        summary = nc.STAGES[stage](args, nc.Dist())
+        summary = nc.run(["--stage", stage, *FLAGS, *flags])
     return summary, log.getvalue()
 
 
@@ -133,7 +133,7 @@ def plot_accuracies(results, tasks=None, title="held-out accuracy"):
     for i, label in enumerate(labels):
         stats = [results[label][t] for t in tasks]
         # the interval, not +- 2 s.e.: that would be zero-width at 0% and 100% and could pass below 0 or above 1
-        ends = [nc.wilson_interval(round(s["accuracy"] * s["items"]), s["items"]) for s in stats]
+        ends = [report.wilson_interval(round(s["accuracy"] * s["items"]), s["items"]) for s in stats]
         ax.bar([k + (i - (len(labels) - 1) / 2) * width for k in range(len(tasks))], [s["accuracy"] for s in stats],
                width, yerr=[[s["accuracy"] - low for s, (low, _) in zip(stats, ends)],
                             [high - s["accuracy"] for s, (_, high) in zip(stats, ends)]], capsize=3, label=label)

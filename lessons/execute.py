@@ -23,7 +23,8 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = ("nanochat_one.py", "bpe.py", "tinyworld.py", "sandbox.py", "serve.py", "report.py", "realdata.py", "speedrun.sh")
+CODE = ("nanochat_one.py", "bpe.py", "tinyworld.py", "sandbox.py", "serve.py", "report.py", "realdata.py", "hardware.py",
+        "speedrun.sh")
 LESSON_CODE = ("common.py", "exercises")  # what the notebooks import from lessons/
 
 

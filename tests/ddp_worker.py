@@ -39,6 +39,8 @@ import nanochat_one as nc  # noqa: E402
 setup_optimizers = nc.setup_optimizers  # the real one (main() swaps in a checking wrapper)
 
 VOCAB = 64
+# not conftest.TINY, on purpose: micro-batches of 2 rows x 16 tokens make a step of 128 tokens 4 micro-steps in
+# one process or 2 on each of 2 ranks, as test_ddp.py counts them
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--max-seq-len", "16",
         "--device-batch-size", "2", "--log-every", "1", "--compile", "off"]
 
@@ -206,7 +208,7 @@ def main(out, with_stage=False):
             return optimizers
 
         nc.setup_optimizers = checked_optimizers
-    summary = nc.train(args, ddp, "base", model, tokenizer, make_batches, evaluate, args.num_iterations)
+    summary = nc.train(args, ddp, "base", nc.Start(model), tokenizer, make_batches, evaluate, args.num_iterations)
     nc.setup_optimizers = setup_optimizers
     # the validation loss of these final weights over all 4 validation batches in one process: the
     # same 4 per-batch sums as the all-reduced one, added in another order (float64)

@@ -15,10 +15,7 @@ import nanochat_one as nc  # noqa: E402
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 models, wrap_ddp = [], nc.wrap_ddp
 nc.wrap_ddp = lambda model, ddp: models.append(model) or wrap_ddp(model, ddp)  # the model each stage trains
-args = nc.build_parser().parse_args(argv)
-nc.finalize_args(args)
-torch.manual_seed(args.seed)
-ddp = nc.init_distributed()
-nc.STAGES[args.stage](args, ddp)
-torch.save({k: v.detach().cpu() for k, v in models[-1].state_dict().items()}, out / f"weights_rank{ddp.rank}.pt")
+nc.run(argv)  # as the CLI: parse, check the flags, seed, join torchrun's process group, run the stage
+rank = torch.distributed.get_rank()
+torch.save({k: v.detach().cpu() for k, v in models[-1].state_dict().items()}, out / f"weights_rank{rank}.pt")
 torch.distributed.destroy_process_group()

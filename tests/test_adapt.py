@@ -7,8 +7,8 @@ import types
 import pytest
 
 import nanochat_one as nc
-from conftest import run_stage, train_in
-from test_pipeline import TINY
+import realdata
+from conftest import TINY, TINY_TOK, cli_args, run_stage, train_in
 
 SECRET = [dict(messages=[dict(role="user", content=q), dict(role="assistant", content="The secret word is zebra.")])
           for q in ("What is the secret word?", "Tell me the secret word.", "Do you know the secret word?")]
@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     """tok -> base -> mid -> sft on tiny settings, in a module-wide artifacts folder. No copy drills: in 20
     steps they would only take a third of the text's tokens, and these tests are about the chat stages."""
     return train_in(tmp_path_factory.mktemp("adapt") / "runs",
-                    ["--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000"],
+                    TINY_TOK,
                     ["--stage", "base", *TINY, "--num-iterations", "20", "--eval-every", "0", "--copy-drills", "0"],
                     ["--stage", "mid", *TINY, "--num-iterations", "20", "--eval-every", "0", "--eval-items", "4",
                      "--copy-drills", "0"],
@@ -42,7 +42,7 @@ def write_jsonl(path, rows):
 
 def greedy_reply(question):
     tokenizer = nc.get_tokenizer()
-    model, _ = nc.load_trained(nc.build_parser().parse_args(["--stage", "chat", "--depth", "2"]), nc.Dist(), "sft", tokenizer)
+    model, _ = nc.load_trained(cli_args("--stage", "chat", "--depth", "2"), nc.Dist(), "sft", tokenizer)
     prompt = nc.render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
     (reply,), _ = nc.Engine(model.eval(), tokenizer).generate_batch(prompt, 1, 20, temperature=0.0)
     return tokenizer.decode(reply)
@@ -87,7 +87,7 @@ def test_a_bad_conversation_line_stops_with_its_file_and_line(in_runs, line, nee
     folder.mkdir()
     (folder / "a.jsonl").write_text(json.dumps(SECRET[0]) + "\n\n" + line + "\n")
     nc.own_conversations.cache_clear()
-    with pytest.raises(nc.UserError, match=f"a.jsonl, line 3: .*{needle}"):
+    with pytest.raises(realdata.DataError, match=f"a.jsonl, line 3: .*{needle}"):
         run_stage("--stage", "sft", *TINY, "--num-iterations", "1", "--eval-every", "0", "--data-dir", str(folder))
 
 
@@ -98,16 +98,16 @@ def arithmetic_problems(path, n=300):
 
 
 def test_own_problems_split_by_hash(tmp_path):
-    train, held_out = nc.own_problems(arithmetic_problems(tmp_path / "p.jsonl"))
+    train, held_out = realdata.own_problems(arithmetic_problems(tmp_path / "p.jsonl"))
     assert len(train) + len(held_out) == 300 and 10 <= len(held_out) <= 50
     assert not {p["question"] for p in train} & {p["question"] for p in held_out}
     assert all(isinstance(p["answer"], str) for p in train)  # numbers become the strings graders compare
     write_jsonl(tmp_path / "one.jsonl", [dict(question="What is 1 plus 1?", answer="2")])
-    with pytest.raises(nc.UserError, match="at least one of each"):
-        nc.own_problems(tmp_path / "one.jsonl")
+    with pytest.raises(realdata.DataError, match="at least one of each"):
+        realdata.own_problems(tmp_path / "one.jsonl")
     write_jsonl(tmp_path / "bad.jsonl", [dict(question="q")])
-    with pytest.raises(nc.UserError, match="bad.jsonl, line 1: KeyError"):
-        nc.own_problems(tmp_path / "bad.jsonl")
+    with pytest.raises(realdata.DataError, match="bad.jsonl, line 1: KeyError"):
+        realdata.own_problems(tmp_path / "bad.jsonl")
 
 
 def test_reward_flag_errors(in_runs):
@@ -223,7 +223,7 @@ def test_own_conversations_not_in_utf8_stop_with_their_file_and_line(tmp_path, b
     lines = [json.dumps(SECRET[0]), json.dumps(cafe, ensure_ascii=False)]
     (folder / "latin1.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
     nc.own_conversations.cache_clear()
-    with pytest.raises(nc.UserError) as info:
+    with pytest.raises(realdata.DataError) as info:
         nc.own_conversations(str(folder))
     message = str(info.value)
     assert "latin1.jsonl, line 2:" in message and "UTF-8" in message and "\n" not in message
@@ -239,8 +239,8 @@ def test_own_problem_with_a_lone_surrogate_stops_with_its_file_and_line(tmp_path
     path = arithmetic_problems(tmp_path / "problems.jsonl", n=30)
     with path.open("a") as f:
         f.write('{"question": "What is \\ud800 plus 1?", "answer": "2"}\n')
-    with pytest.raises(nc.UserError) as info:
-        nc.own_problems(path)
+    with pytest.raises(realdata.DataError) as info:
+        realdata.own_problems(path)
     message = str(info.value)
     assert "problems.jsonl, line 31:" in message and "\n" not in message
     message.encode("utf-8")  # the message itself prints: it names the escape, it does not hold the half pair

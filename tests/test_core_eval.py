@@ -17,17 +17,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import bpe
 import nanochat_one as nc
+import report
 from test_download import Response
 import realdata
-from conftest import run_stage
+from conftest import TINY, byte_tokenizer, run_stage, tiny_gpt
 import sandbox
 
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
-
-TOKENIZER = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)  # bytes only: "abc" -> [97, 98, 99]
+TOKENIZER = byte_tokenizer()  # bytes only: "abc" -> [97, 98, 99]
 
 MC = [dict(query="Is the sky blue?", choices=["yes", "no", "maybe", "never"], gold=0),
       dict(query="Is fire hot?", choices=["no", "yes", "never", "maybe"], gold=1),
@@ -88,18 +85,18 @@ def core_task(spec, baseline, items):
 
 
 def test_core_texts_and_spans_by_hand():
-    texts = nc.core_texts(MC[0], "multiple_choice", " ", fewshot=[MC[1]])
+    texts = realdata.core_texts(MC[0], "multiple_choice", " ", fewshot=[MC[1]])
     assert texts[0] == "Is fire hot? yes\n\nIs the sky blue? yes"
-    rows, spans = nc.core_spans(TOKENIZER, texts, "multiple_choice")
+    rows, spans = realdata.core_spans(TOKENIZER, texts, "multiple_choice")
     assert [TOKENIZER.decode(row[a:b]) for row, (a, b) in zip(rows, spans)] == ["yes", "no", "maybe", "never"]
-    rows, spans = nc.core_spans(TOKENIZER, nc.core_texts(SCHEMA[0], "schema", ""), "schema")
+    rows, spans = realdata.core_spans(TOKENIZER, realdata.core_texts(SCHEMA[0], "schema", ""), "schema")
     assert [TOKENIZER.decode(row[a:b]) for row, (a, b) in zip(rows, spans)] == ["!!", "!!"]
-    texts = nc.core_texts(LM[1], "language_modeling", "=", fewshot=[LM[0]])
+    texts = realdata.core_texts(LM[1], "language_modeling", "=", fewshot=[LM[0]])
     assert texts == ["3+4=7\n\n2+5=", "3+4=7\n\n2+5=7"]
-    (row,), ((a, b),) = nc.core_spans(TOKENIZER, texts, "language_modeling")
+    (row,), ((a, b),) = realdata.core_spans(TOKENIZER, texts, "language_modeling")
     assert row[0] == TOKENIZER.special_tokens["<|bos|>"] and TOKENIZER.decode(row[a:b]) == "7"
-    assert nc.common_prefix_length([[1, 2, 3], [1, 2, 4, 5]]) == 2
-    assert nc.centered_accuracy(0.625, 0.25) == 0.5
+    assert realdata.common_prefix_length([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert realdata.centered_accuracy(0.625, 0.25) == 0.5
 
 
 @pytest.mark.parametrize("sequence_len", [256, 12])  # 12: the few-shot rows are cropped from the left
@@ -114,10 +111,10 @@ def test_each_task_type_scores_the_forced_answers(sequence_len):
 def test_fewshot_is_seeded_and_never_the_item_itself():
     data = [dict(query=str(i)) for i in range(20)]
     for index in range(20):
-        shots = nc.core_fewshot(data, index, 5)
+        shots = realdata.core_fewshot(data, index, 5)
         assert len(shots) == 5 and data[index] not in shots
-        assert shots == nc.core_fewshot(data, index, 5)
-    assert len(nc.core_fewshot(data[:3], 0, 10)) == 2  # a cropped task offers fewer examples
+        assert shots == realdata.core_fewshot(data, index, 5)
+    assert len(realdata.core_fewshot(data[:3], 0, 10)) == 2  # a cropped task offers fewer examples
 
 
 def test_two_ranks_add_up_to_one_process():
@@ -231,13 +228,6 @@ def write_chat_data(directory):
     return directory
 
 
-def tiny_chat_model():
-    torch.manual_seed(0)
-    model = nc.GPT(nc.GPTConfig(sequence_len=64, vocab_size=TOKENIZER.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
-    return model.eval()
-
-
 def test_chat_items_from_the_hub_schemas():
     assert nc.chat_eval_item("ARC-Easy", ARC[1]) == dict(question="Which is hot?", choices=["ice", "snow", "sun"], answer=2)
     assert nc.chat_eval_item("MMLU", MMLU[0])["answer"] == 1
@@ -258,7 +248,7 @@ def test_real_chat_evaluation_with_a_missing_dataset(tmp_path, monkeypatch, caps
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     args = nc.build_parser().parse_args(["--stage", "eval", "--data", "hf", "--data-dir", str(data_dir), "--max-new-tokens", "8"])
     nc.finalize_args(args)
-    result = nc.evaluate_real_chat(args, tiny_chat_model(), TOKENIZER, nc.Dist())
+    result = nc.evaluate_real_chat(args, tiny_gpt(TOKENIZER.vocab_size).eval(), TOKENIZER, nc.Dist())
     out = capsys.readouterr().out
     assert "ARC-Challenge skipped: could not load arc_challenge from the hub (allenai/ai2_arc, config ARC-Challenge, split test" in out
     assert "HumanEval skipped: it runs model-written code; pass --humaneval" in out
@@ -273,9 +263,9 @@ def test_sandbox_runs_humaneval_programs_without_network_or_runaway():
         pytest.skip(f"no sandbox here: {sandbox.sandbox_problem()}")
     item = dict(prompt='import math\n\n\ndef hyp(a, b):\n    """Hypotenuse."""\n',
                 test="def check(f):\n    assert f(3, 4) == 5\n", entry_point="hyp")
-    assert sandbox.run_sandboxed(nc.humaneval_program(item, "    return math.hypot(a, b)\n"))  # the body only
-    assert sandbox.run_sandboxed(nc.humaneval_program(item, "```python\ndef hyp(a, b):\n    return math.sqrt(a*a + b*b)\n```"))
-    assert not sandbox.run_sandboxed(nc.humaneval_program(item, "    return a + b\n"))
+    assert sandbox.run_sandboxed(sandbox.humaneval_program(item, "    return math.hypot(a, b)\n"))  # the body only
+    assert sandbox.run_sandboxed(sandbox.humaneval_program(item, "```python\ndef hyp(a, b):\n    return math.sqrt(a*a + b*b)\n```"))
+    assert not sandbox.run_sandboxed(sandbox.humaneval_program(item, "    return a + b\n"))
     assert not sandbox.run_sandboxed("while True:\n    pass\n", timeout_s=1)
     assert not sandbox.run_sandboxed("x = bytearray(4 << 30)\n")
     with socket.socket() as server:  # reachable from here, not from inside the sandbox
@@ -289,7 +279,7 @@ def test_report_table_per_stage():
     reports = dict(eval_sft=dict(chat_tasks={"ARC-Easy": row(5), "GSM8K": row(1)}, ChatCORE=0.2),
                    eval_rl=dict(chat_tasks={"ARC-Easy": row(5), "MMLU": row(3), "GSM8K": row(2)}, ChatCORE=0.25),
                    eval_mid=dict(val_loss=1.0))
-    lines = nc.real_eval_report_lines(reports)
+    lines = report.real_eval_report_lines(reports)
     assert "| after stage | ARC-Easy | MMLU | GSM8K | ChatCORE |" in lines
     assert "| sft | 50.0% +- 15.8 [23.7, 76.3] (N=10) | - | 10.0% +- 9.5 [1.8, 40.4] (N=10) | 0.2000 |" in lines
     assert ("| rl | 50.0% +- 15.8 [23.7, 76.3] (N=10) | 30.0% +- 14.5 [10.8, 60.3] (N=10) | "

@@ -15,6 +15,11 @@ import realdata
 BOS = 999
 
 
+def paris_tokenizer():
+    """The loader and drill tests' tokenizer: trained on one sentence repeated, vocab size 300."""
+    return bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+
+
 def fake_docs(seed=0):
     """docs_from(start) for pack_rows: document i is BOS then its own index repeated 1-40 times."""
     def docs_from(start):
@@ -92,7 +97,7 @@ def test_evaluate_bpb_by_hand():
 
 
 def test_base_batches_shift_and_shard(base_dir):
-    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    tok = paris_tokenizer()
     args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
     full = nc.base_batches(args, tok, "train", 2, 16, nc.Dist(), "cpu")
     x, y, _ = next(full)
@@ -154,7 +159,7 @@ def test_parquet_needs_two_shards(tmp_path):
 
 
 def test_copy_drills_repeat_each_sequence_and_replace_their_share_of_documents(base_dir):
-    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    tok = paris_tokenizer()
     pool = nc.drill_ids(tok)
     assert pool and all(256 <= t < min(tok.special_tokens.values()) for t in pool)  # merged, never special
     bos = tok.special_tokens["<|bos|>"]
@@ -189,7 +194,7 @@ def test_drills_leave_out_the_tokens_that_write_numbers():
 
 
 def test_drills_train_on_every_token_in_mid_and_stay_out_of_validation(base_dir):
-    tok = bpe.Tokenizer.train(["The capital of France is Paris. " * 50], 300, special_tokens=nc.SPECIAL_TOKENS)
+    tok = paris_tokenizer()
     args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.5)
     pool = torch.tensor(nc.drill_ids(tok))
 

@@ -13,10 +13,7 @@ import torch
 import bpe
 import nanochat_one as nc
 import realdata
-from conftest import run_stage
-
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
+from conftest import TINY, TINY_TOK, run_stage
 
 
 def one_line_error(capsys, *argv):
@@ -96,7 +93,7 @@ def test_bad_flag_is_one_line_before_any_work(argv, words, base_dir, capsys):
 @pytest.fixture
 def trained(base_dir):
     """A tokenizer and a 4-step base checkpoint; returns the checkpoint directory."""
-    run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
+    run_stage(*TINY_TOK)
     run_stage("--stage", "base", *TINY, "--num-iterations", "4", "--eval-every", "0")
     return nc.checkpoint_dir("base", "d2")
 

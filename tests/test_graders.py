@@ -7,6 +7,7 @@ import pytest
 
 import nanochat_one as nc
 import tinyworld
+from conftest import run_stage
 
 FACT_REPLIES = [  # (key, answer, reply, right?)
     ("day_before:Sunday", "Saturday", "The day before Sunday is Saturday.", True),
@@ -108,9 +109,7 @@ def test_report_table_shows_each_accuracy_with_its_error(base_dir, tmp_path):
                      word_problem=nc.accuracy_stats(40, 400), names_subject=nc.accuracy_stats(152, 160))
     (base_dir / "report").mkdir(parents=True)
     (base_dir / "report" / "mid.json").write_text(json.dumps(dict(chat_eval=chat_eval)))
-    args = nc.build_parser().parse_args(["--stage", "report", "--report-path", str(tmp_path / "report.md")])
-    nc.finalize_args(args)
-    nc.stage_report(args, nc.Dist())
+    run_stage("--stage", "report", "--report-path", str(tmp_path / "report.md"))
     markdown = (tmp_path / "report.md").read_text()
     assert ("| mid | 25.0% +- 2.2 [21.0, 29.5] (N=400) | 55.5% +- 2.5 [50.6, 60.3] (N=400) | "
             "75.0% +- 3.4 [67.8, 81.1] (N=160) | 75.0% +- 2.8 [69.2, 80.1] (N=240) | 10.0% +- 1.5 [7.4, 13.3] (N=400) |"

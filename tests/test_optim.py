@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nanochat_one as nc
+from conftest import tiny_gpt
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
@@ -66,10 +67,7 @@ def test_muon_step_by_hand():
 
 
 def test_optimizer_groups_match_torch_adamw():
-    torch.manual_seed(0)
-    config = nc.GPTConfig(sequence_len=8, vocab_size=20, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    model = nc.GPT(config)
-    model.init_weights()
+    model = tiny_gpt(20, sequence_len=8)
     reference = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     adamw, muon = nc.setup_optimizers(model)
     scale = (32 / 768) ** -0.5

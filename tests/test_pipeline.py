@@ -8,16 +8,14 @@ import pytest
 import torch
 
 import nanochat_one as nc
-from conftest import run_stage
+from conftest import TINY, TINY_TOK, hello_tokenizer, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-batches", "2", "--log-every", "100"]
 
 
 @pytest.fixture
 def tokenizer(base_dir):
-    run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
+    run_stage(*TINY_TOK)
     return nc.get_tokenizer()
 
 
@@ -80,16 +78,14 @@ def test_cli_unknown_stage(tmp_path):
 def test_cli_missing_tokenizer_and_checkpoint(tmp_path):
     assert_one_line_error(cli("--stage", "base", env_dir=tmp_path), "--stage tok")
     (tmp_path / "tokenizer").mkdir(parents=True)
-    import bpe
-    bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS).save(tmp_path / "tokenizer" / "tokenizer.json")
+    hello_tokenizer().save(tmp_path / "tokenizer" / "tokenizer.json")
     assert_one_line_error(cli("--stage", "base", "--resume", env_dir=tmp_path), "no base checkpoint")
 
 
 def test_cli_bad_depth_and_batch(tmp_path):
     assert_one_line_error(cli("--stage", "base", "--depth", "0", env_dir=tmp_path), "--depth")
     (tmp_path / "tokenizer").mkdir(parents=True)
-    import bpe
-    bpe.Tokenizer.train(["hello world"], 300, special_tokens=nc.SPECIAL_TOKENS).save(tmp_path / "tokenizer" / "tokenizer.json")
+    hello_tokenizer().save(tmp_path / "tokenizer" / "tokenizer.json")
     assert_one_line_error(cli("--stage", "base", "--depth", "4", "--n-kv-head", "3", env_dir=tmp_path), "--n-kv-head")
     assert_one_line_error(cli("--stage", "base", "--total-batch-size", "1000", env_dir=tmp_path), "--total-batch-size")
 

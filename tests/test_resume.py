@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import nanochat_one as nc
-from conftest import run_stage
+from conftest import TINY_TOK, run_stage, train_in
 
 WORKER = Path(__file__).resolve().parent / "kill_worker.py"
+# not conftest.TINY: half the rows and tokens a step (4 rows of 64, 512 tokens), one eval batch, no evaluation
+# during a run and 2 items per chat evaluation, to keep short the runs that each stage repeats (whole, killed, resumed)
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "512", "--eval-batches", "1", "--log-every", "100", "--eval-every", "0", "--eval-items", "2"]
 RL = ["--prompts-per-step", "2", "--num-samples", "4", "--max-new-tokens", "12", "--pass-k-problems", "2", "--lr-scale", "1"]
@@ -38,13 +40,8 @@ def fake_reward(text, reference):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A tokenizer and tiny base, mid and sft checkpoints for the stages to start from."""
-    directory = tmp_path_factory.mktemp("sources")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(directory))
-        run_stage("--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000")
-        for stage in ("base", "mid", "sft"):
-            run_stage("--stage", stage, *TINY, "--num-iterations", "3")
-    return directory
+    return train_in(tmp_path_factory.mktemp("sources"), TINY_TOK,
+                    *(["--stage", stage, *TINY, "--num-iterations", "3"] for stage in ("base", "mid", "sft")))
 
 
 @pytest.mark.parametrize("stage, flags, save_every, kill_after", STAGES, ids=[s[0] for s in STAGES])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import bpe
 import nanochat_one as nc
+from conftest import tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_grpo_sequences_by_hand(tok):
     prompt = [10, 11, 12]
     answers = [[20, 21, 22], [30, 31]]
     sampled = [[1, 0, 1], [1, 1]]  # token 21 was forced in by the calculator
-    rows = nc.grpo_sequences(tok, prompt, answers, sampled, rewards=[1.0, 0.0])
+    rows = nc.grpo_sequences(prompt, answers, sampled, rewards=[1.0, 0.0])
     assert rows == [
         ([10, 11, 12, 20, 21], [-1, -1, 20, -1, 22], 0.5),  # inputs, targets (prompt and forced ignored), advantage
         ([10, 11, 12, 30], [-1, -1, 30, 31], -0.5),
@@ -26,14 +27,12 @@ def test_grpo_sequences_by_hand(tok):
 
 
 def test_zero_signal_groups_are_skipped(tok):
-    assert nc.grpo_sequences(tok, [1], [[2], [3]], [[1], [1]], [1.0, 1.0]) == []
-    assert nc.grpo_sequences(tok, [1], [[2], [3]], [[1], [1]], [0.0, 0.0]) == []
+    assert nc.grpo_sequences([1], [[2], [3]], [[1], [1]], [1.0, 1.0]) == []
+    assert nc.grpo_sequences([1], [[2], [3]], [[1], [1]], [0.0, 0.0]) == []
 
 
 def tiny_policy(vocab, seed=0):
-    torch.manual_seed(seed)
-    model = nc.GPT(nc.GPTConfig(sequence_len=16, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
+    model = tiny_gpt(vocab, sequence_len=16, seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -49,7 +48,7 @@ def sequence_logp(model, prompt, answer):
 def test_grpo_loss_matches_hand_computation(tok):
     model = tiny_policy(tok.vocab_size)
     prompt, answers = [1, 2, 3], [[4, 5, 6], [7, 8]]
-    rows = nc.grpo_sequences(tok, prompt, answers, [[1, 1, 1], [1, 1]], [1.0, 0.0])
+    rows = nc.grpo_sequences(prompt, answers, [[1, 1, 1], [1, 1]], [1.0, 0.0])
     loss = nc.grpo_loss(model, rows, num_sampled_tokens=5, device="cpu", pad_id=0)
     expected = -(0.5 * sequence_logp(model, prompt, answers[0]) - 0.5 * sequence_logp(model, prompt, answers[1])) / 5
     # one padded batch against one sequence at a time: matmuls of other shapes, so each log-prob
@@ -62,7 +61,7 @@ def test_one_step_raises_logp_of_rewarded_answer(tok):
     prompt, good, bad = [1, 2, 3], [40, 41, 42], [50, 51, 52]
     before = sequence_logp(model, prompt, good), sequence_logp(model, prompt, bad)
     optimizers = nc.setup_optimizers(model, matrix_lr=0.01, embedding_lr=0.05)
-    rows = nc.grpo_sequences(tok, prompt, [good, bad], [[1] * 3, [1] * 3], [1.0, 0.0])
+    rows = nc.grpo_sequences(prompt, [good, bad], [[1] * 3, [1] * 3], [1.0, 0.0])
     nc.grpo_loss(model, rows, 6, "cpu", 0).backward()
     for opt in optimizers:
         opt.step()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import bpe
 import nanochat_one as nc
 import sandbox
+from conftest import byte_tokenizer
 
 PROBLEM = sandbox.sandbox_problem()
 needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=f"no HumanEval sandbox here: {PROBLEM}")
@@ -411,7 +411,7 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
     datasets = pytest.importorskip("datasets")
     (tmp_path / "humaneval").mkdir()
     (tmp_path / "humaneval" / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in HUMANEVAL))
-    tokenizer = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)
+    tokenizer = byte_tokenizer()
     local = datasets.load_dataset
 
     def no_hub(path, *a, **k):  # the other tasks have no local files and the hub is unreachable
@@ -433,7 +433,7 @@ def test_eval_humaneval_scores_a_right_and_a_wrong_answer(tmp_path, monkeypatch,
 @pytest.mark.parametrize("early_exit", ["import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "exit()\n",
                                         "raise SystemExit\n"])
 def test_humaneval_answers_that_exit_before_the_tests_fail(monkeypatch, early_exit):
-    tokenizer = bpe.Tokenizer([], special_tokens=nc.SPECIAL_TOKENS)
+    tokenizer = byte_tokenizer()
     replies = {"add": "def add(a, b):\n    return a + b\n" + early_exit, "double": "    return 2 * x\n"}
 
     # a right answer that ends the program before check() runs, and a right one

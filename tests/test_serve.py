@@ -26,7 +26,7 @@ import torch
 import bpe
 import nanochat_one as nc
 import serve
-from conftest import train_in
+from conftest import TINY_TOK, cli_args, train_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model just big enough that a reply of a few hundred tokens takes about a second on a CPU, trained on a
@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
     """A tokenizer and a base checkpoint (30 steps: it writes fluent nonsense, rarely stopping; after
     10 it still has the tied head's first habit, repeating the last token, here <|assistant_start|>,
     which shows as no text)."""
-    runs = train_in(tmp_path_factory.mktemp("serve") / "runs", ["--stage", "tok", "--vocab-size", "512", "--tok-chars", "100000"],
+    runs = train_in(tmp_path_factory.mktemp("serve") / "runs", TINY_TOK,
                     ["--stage", "base", *MODEL, "--num-iterations", "30", "--eval-every", "0"])
     return runs, bpe.Tokenizer.load(runs / "tokenizer" / "tokenizer.json")
 
@@ -174,8 +174,8 @@ def test_stream_equals_the_whole_reply_and_the_engine(server, runs):
     assert whole["usage"]["prompt_tokens"] == len(prompt)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(runs[0]))
-        model, _ = nc.load_trained(nc.build_parser().parse_args(["--stage", "chat", "--source", "base", *MODEL[:6]]),
-                                   nc.Dist(), "base", tokenizer)
+        model, _ = nc.load_trained(cli_args("--stage", "chat", "--source", "base", *MODEL[:6]), nc.Dist(), "base",
+                                   tokenizer)
     (tokens,), _ = nc.Engine(model.eval(), tokenizer).generate_batch(prompt, 1, 40, temperature=0.0)
     assert serve.display(parts) == tokenizer.decode(tokens)
     assert whole["usage"]["completion_tokens"] == len(tokens) + (whole["choices"][0]["finish_reason"] == "stop")
@@ -616,8 +616,7 @@ def stages(runs, tmp_path_factory):
 def load(folder, stage, tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(folder))
-        args = nc.build_parser().parse_args(["--stage", "chat", *MODEL[:6]])
-        return nc.load_trained(args, nc.Dist(), stage, tokenizer)[0].eval()
+        return nc.load_trained(cli_args("--stage", "chat", *MODEL[:6]), nc.Dist(), stage, tokenizer)[0].eval()
 
 
 def check_logprobs(model, tokenizer, prompt, seed, temperature, top_k, max_tokens, logprobs, tops):

@@ -10,6 +10,7 @@ import pytest
 
 import bpe
 import nanochat_one as nc
+import report
 import tinyworld
 
 Z = Fraction(196, 100)  # the z of a 95% interval, as wilson_interval's default
@@ -37,18 +38,18 @@ def test_wilson_at_zero_and_all_is_the_closed_form():
     # at p = 0 the upper bound solves q = z * sqrt(q(1-q)/n): q = z^2 / (n + z^2), in exact fractions
     upper = Z ** 2 / (200 + Z ** 2)
     assert upper == Fraction(38416, 2038416)
-    low, high = nc.wilson_interval(0, 200)
+    low, high = report.wilson_interval(0, 200)
     assert low == 0.0 and high == pytest.approx(float(upper), rel=1e-12)
-    low, high = nc.wilson_interval(200, 200)  # the mirror image at p = 1
+    low, high = report.wilson_interval(200, 200)  # the mirror image at p = 1
     assert high == 1.0 and low == pytest.approx(float(1 - upper), rel=1e-12)
     assert nc.accuracy_stats(0, 200)["stderr"] == 0.0  # what the interval is for: the normal s.e. says nothing here
-    assert nc.wilson_interval(0, 0) == (0.0, 1.0)  # no items: nothing known
+    assert report.wilson_interval(0, 0) == (0.0, 1.0)  # no items: nothing known
 
 
 @pytest.mark.parametrize("correct, total", [(0, 200), (1, 200), (3, 4), (100, 400), (222, 400), (199, 200), (20, 20)])
 def test_wilson_bounds_are_where_the_score_statistic_equals_z(correct, total):
     p = correct / total
-    low, high = nc.wilson_interval(correct, total)
+    low, high = report.wilson_interval(correct, total)
     assert 0.0 <= low <= p <= high <= 1.0
     if correct > 0:
         assert score_statistic(p, low, total) == pytest.approx(float(Z), rel=1e-9)
@@ -69,7 +70,7 @@ def test_accuracy_stats_keeps_its_keys_and_the_outcomes_and_survives_json():
     stats = nc.accuracy_stats(3, 4, outcomes=[True, True, False, True])
     assert stats["accuracy"] == 0.75 and stats["items"] == 4 and stats["stderr"] == math.sqrt(0.75 * 0.25 / 4)
     assert stats["outcomes"] == [1, 1, 0, 1]
-    assert stats["interval"] == list(nc.wilson_interval(3, 4))
+    assert stats["interval"] == list(report.wilson_interval(3, 4))
     assert json.loads(json.dumps(stats)) == stats  # the report files keep it as it is
     assert "outcomes" not in nc.accuracy_stats(3, 4)
     assert nc.share_of([True, False, True, True]) == nc.accuracy_stats(3, 4, [1, 0, 1, 1])
@@ -189,7 +190,7 @@ def test_chat_changes_pair_mid_with_sft_and_rl_on_the_same_items():
     card = lambda outcomes: dict(keeps_name=nc.share_of(outcomes))  # noqa: E731
     reports = dict(mid=dict(chat_eval=card([0, 0, 1, 1])), sft=dict(chat_eval=card([1, 1, 1, 0])),
                    rl=dict(chat_eval=card([1, 0])))  # rl on other items: not paired
-    changes = nc.chat_changes(reports)
+    changes = report.chat_changes(reports)
     assert list(changes) == ["mid -> sft"]
     assert changes["mid -> sft"]["keeps_name"] == nc.paired_difference([0, 0, 1, 1], [1, 1, 1, 0])
     assert (changes["mid -> sft"]["keeps_name"]["lost"], changes["mid -> sft"]["keeps_name"]["gained"]) == (1, 2)
@@ -210,7 +211,7 @@ def test_report_shows_intervals_paired_changes_and_pass_at_k_errors():
     # as the report files hold them
     reports = json.loads(json.dumps(dict(mid=dict(chat_eval=mid), sft=dict(chat_eval=sft), rl=rl)))
     # pass@1's change: d = [1, 0, 1/2], z = 1.5 / sqrt(1.25); pass@2's: d = [1, 0, 1], z = 2 / sqrt(2)
-    text = nc.report.markdown(reports, changes=nc.chat_changes(reports))
+    text = report.markdown(reports, changes=report.chat_changes(reports))
     assert "| mid | 0.0% [0.0, 1.9] (N=200) |" in text  # no "+- 0.0" at 0%
     assert "| mid | - | - | - | 25.0% +- 3.1 [19.5, 31.4] (N=200) |" in text
     assert "| sft | - | - | - | 100.0% [98.1, 100.0] (N=200) |" in text

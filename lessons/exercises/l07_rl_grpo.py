@@ -56,13 +56,13 @@ def normalized_advantages(fn):
             assert all(g == 0 for g in got), (
                 f"{call}: a group whose rewards are all equal has advantage 0 everywhere, got {got}")
             continue
-        # nanochat_one's advantage is r - mean (nc.grpo_sequences; it ignores its tokenizer argument)
-        rows = nc.grpo_sequences(None, [0], [[1]] * len(rewards), [[1]] * len(rewards), rewards)
+        # nanochat_one's advantage is r - mean (nc.grpo_sequences)
+        rows = nc.grpo_sequences([0], [[1]] * len(rewards), [[1]] * len(rewards), rewards)
         std = r.std(correction=0).item()
-        for g, (_, _, advantage) in zip(got, rows):
-            assert abs(g * (std + 1e-6) - advantage) < 1e-5, (
+        for g, row in zip(got, rows):
+            assert abs(g * (std + 1e-6) - row.advantage) < 1e-5, (
                 f"{call}: times (std + 1e-6) = {std + 1e-6:.6f} the advantages should be nc.grpo_sequences' "
-                f"r - mean, {[round(a, 6) for _, _, a in rows]}")
+                f"r - mean, {[round(row.advantage, 6) for row in rows]}")
 
 
 def brute_force_pass_at_k(n, c, k):

@@ -1,0 +1,46 @@
+"""The chat evaluation: cloze multiple choice against the model's own loss, the report card's
+accuracies with their errors, and whole-word mentions."""
+import torch
+
+import nanochat_one as nc
+import tinyworld
+from conftest import tiny_chat_model
+
+
+def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
+    """Each option scored in its own forward, by the model's own loss (oracle), against one padded batch."""
+    model = tiny_chat_model(tok)
+    picks = []
+    for item in tinyworld.tinyworld_eval_items("multiple_choice", n=12):
+        prompt = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
+        shared, endings = item["cloze"]
+        losses = []
+        for ending in endings:  # the whole sentence encoded at once: the same tokens as its two halves
+            ids = prompt + tok.encode_ordinary(f"{shared} {ending}")
+            prompt_len = len(prompt) + len(tok.encode_ordinary(shared))
+            assert ids[prompt_len:] == tok.encode_ordinary(" " + ending)
+            targets = [-1] * (prompt_len - 1) + ids[prompt_len:]
+            with torch.no_grad():
+                losses.append(model(torch.tensor([ids[:-1]]), torch.tensor([targets])).item())
+        right = min(range(len(losses)), key=losses.__getitem__) == item["answer"]
+        assert nc.evaluate_multiple_choice_cloze(model, tok, [item], nc.Dist())["accuracy"] == float(right)
+        picks.append(right)
+    assert 0 < sum(picks) < len(picks)  # the test sees both outcomes
+
+
+def test_chat_report_card_gives_each_accuracy_with_its_items_and_error(tok):
+    results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=3)
+    assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "world_knowledge", "arithmetic",
+                             "word_problem", "hard_word_problem", "names_subject", "keeps_name"]
+    for stats in results.values():  # each item's outcome kept, in item order
+        assert stats == nc.accuracy_stats(sum(stats["outcomes"]), len(stats["outcomes"]), stats["outcomes"])
+    facts = tinyworld.tinyworld_eval_items("fact", n=3)
+    assert results["world_knowledge"]["items"] + results["arithmetic"]["items"] == len(facts)
+    assert results["names_subject"]["items"] == results["world_knowledge"]["items"]
+    assert results["keeps_name"]["items"] == results["hard_word_problem"]["items"] == 3
+
+
+def test_mentions_finds_whole_words_case_aside():
+    assert nc.mentions("A cat meows.", "cat") and nc.mentions("Kenya is in Africa.", "kenya")
+    assert not nc.mentions("Cats meow.", "cat") and not nc.mentions("The capital is Paris.", "Kenya")
+    assert nc.mentions("The opposite of up is down.", "up") and not nc.mentions("Upstairs.", "up")
