@@ -1,7 +1,9 @@
 """
-The machine: what a GPU can do and what a run will cost on it (--stage plan, MFU in the training log),
-and two settings that make a small CPU faster (glibc's malloc, when torch.compile pays for itself).
-None of it changes a number the model computes. This module imports nothing from nanochat_one.py.
+The machine under the code: what a GPU can do and what a run will cost on it (--stage plan, MFU in
+the training log); two settings that make a small CPU faster (glibc's malloc, when torch.compile pays
+for itself); and files written so that a crash or a power cut never leaves half of one (checkpoints,
+reports). None of it changes a number the model computes. This module imports nothing from
+nanochat_one.py.
 """
 import ctypes
 import math
@@ -69,6 +71,39 @@ def shards_needed(tokens):
 
 
 PLAN_TOKENS_PER_CONVERSATION = 500  # an assumption for mid's and SFT's estimates: the stages count the real ones
+
+def flush_to_disk(path):
+    """fsync a file (its bytes) or a folder (the names in it): until then the operating system may
+    hold a write or a rename in memory only, and a power cut undoes it after it has returned."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write(path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        flush_to_disk(tmp)  # the bytes before the rename: else the disk may get the new name on an empty file
+        os.replace(tmp, path)
+        flush_to_disk(path.parent)  # the rename itself
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_file_is_intact(path):
+    """Whether a file torch.save wrote is whole: a zip archive whose every entry matches its checksum.
+    A file cut short fails (zip keeps its table of contents at the end); a good file that could not
+    be loaded for another reason (not enough memory, say) passes."""
+    import zipfile  # needed only after a failed load
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, EOFError):  # what an archive cut short or garbled raises
+        return False
+
 
 def plan(args, config, params, flops, steps, accum):
     """What a run costs (stage_plan): the model's config, its parameters and training FLOPs per token,

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib
 import itertools
 import json
 import math
@@ -67,8 +66,9 @@ import report
 import sandbox
 import serve
 import tinyworld
-# the numbers every stage prints: an accuracy as "55.5% +- 2.5 [50.6, 60.3] (N=400)" (+- one standard
-# error, [the Wilson 95% interval]), a change measured item by item, pass@k, a time as "3m27s"
+# the numbers every stage prints: an accuracy as "55.5% +- 2.5 [50.6, 60.3] (N=400)" (+- one
+# standard error, [the Wilson 95% interval]), a change measured item by item, pass@k, a time as
+# "3m27s"
 from report import accuracy_stats, format_accuracy, format_seconds, paired_difference, pass_at_k_stats, share_of
 
 
@@ -265,7 +265,8 @@ def render_for_completion(tokenizer, conversation):
 # column (a local folder, or FineWeb-EDU downloaded from the hub: realdata.py)
 
 def base_data_dir(args):
-    """The folder of base-data shards: --data-dir, else <base_dir>/base_data (filled by download_shards)."""
+    """The folder of base-data shards: --data-dir, else <base_dir>/base_data (filled by
+    download_shards)."""
     return Path(args.data_dir) if args.data_dir else base_dir() / "base_data"
 
 
@@ -417,8 +418,9 @@ class CausalSelfAttention(nn.Module):
         self.smear = nn.Parameter(torch.zeros(self.n_kv_head))  # the previous key's weight, sigmoid(0) = 0.5
 
     def smeared(self, k, valid=None):
-        """k_t <- (1 - w) k_t + w k_{t-1}, w = sigmoid(smear) per key head; k: (B, Hkv, T, D). There is no
-        key before the first position, nor before the first of a padded row's tokens (valid: (B, T))."""
+        """k_t <- (1 - w) k_t + w k_{t-1}, w = sigmoid(smear) per key head; k: (B, Hkv, T, D). There is
+        no key before the first position, nor before the first of a padded row's tokens (valid: (B,
+        T))."""
         previous = F.pad(k, (0, 0, 1, 0))[:, :, :-1]
         if valid is not None:
             previous = previous * F.pad(valid, (1, 0))[:, None, :-1, None]
@@ -472,16 +474,16 @@ class Block(nn.Module):
 
 
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap),
-    0 where the target is -1; logits (N, V) fp32, targets (N,) -> (N,). The arithmetic of
+    """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap), 0
+    where the target is -1; logits (N, V) fp32, targets (N,) -> (N,). The arithmetic of
     F.cross_entropy(cap * torch.tanh(logits / cap), targets, ignore_index=-1, reduction="none"),
     written out because the (N, V) tensors are most of a small model's step: autograd through the
     plain ops makes about nine, this makes one (the tanh, kept, then overwritten by the gradient):
         d loss / d z = softmax(z) - onehot(target),     d z / d logits = 1 - tanh(logits / cap)^2
     On a CPU it works in blocks of rows that stay in the cache (in one block on a GPU or under
-    torch.compile, where the CPU code gets tanh(u) as 2 sigmoid(2u) - 1: Inductor's CPU tanh runs one
-    float at a time, its exp 16). As |z| <= cap, sum(exp(z)) <= V e^cap (2e11 at V = 65536) needs no
-    max subtracted first. tests/test_model.py checks it against the plain ops."""
+    torch.compile, where the CPU code gets tanh(u) as 2 sigmoid(2u) - 1: Inductor's CPU tanh runs
+    one float at a time, its exp 16). As |z| <= cap, sum(exp(z)) <= V e^cap (2e11 at V = 65536)
+    needs no max subtracted first. tests/test_model.py checks it against the plain ops."""
 
     @staticmethod
     def blocks(n_rows, n_cols, device):  # slices of at most 2^18 floats on a CPU
@@ -623,13 +625,15 @@ def newton_schulz_orthogonalize(G, steps=5):
     return X.to(G.dtype)
 
 
-# compiled on CUDA, as nanochat does (one graph per matrix shape; on a CPU compiling would cost more than it saves)
+# compiled on CUDA, as nanochat does (one graph per matrix shape; on a CPU compiling would cost more
+# than it saves)
 orthogonalize = torch.compile(newton_schulz_orthogonalize) if DEVICE_TYPE == "cuda" else newton_schulz_orthogonalize
 
 
 def orthogonalize_shared(updates, steps):
     """orthogonalize() of a stack (n, rows, cols); under torch.distributed each of the W ranks does
-    ceil(n / W) of the matrices (the stack padded with zeros, which stay zero) and all-gathers the rest."""
+    ceil(n / W) of the matrices (the stack padded with zeros, which stay zero) and all-gathers the
+    rest."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return orthogonalize(updates, steps)
     world, n = dist.get_world_size(), updates.size(0)
@@ -744,7 +748,8 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
     last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])  # a fresh start has drawn nothing
-    # resume: read the stream again from the oldest waiting document (else the next new one), keep the waiting ones
+    # resume: read the stream again from the oldest waiting document (else the next new one), keep
+    # the waiting ones
     docs = docs_from(min(waiting, default=last + 1))
     found = {}
     for position, doc in (docs if waiting else ()):
@@ -787,10 +792,11 @@ def to_device(batch, device):
 
 
 def drill_ids(tokenizer):
-    """The token ids of copy drills and of the induction score: merged tokens rather than raw bytes, from 300 up to
-    4000 or the special tokens (which come after the merges), less those that write a number ("17", "twenty",
-    "-six"). Digits and number words copied at random cost the model its reading of numbers: with them in the
-    drills, the lessons' model read "twenty-six" as 24 and solved 35.5% of the harder word problems after SFT."""
+    """The token ids of copy drills and of the induction score: merged tokens rather than raw bytes,
+    from 300 up to 4000 or the special tokens (which come after the merges), less those that write a
+    number ("17", "twenty", "-six"). Digits and number words copied at random cost the model its
+    reading of numbers: with them in the drills, the lessons' model read "twenty-six" as 24 and
+    solved 35.5% of the harder word problems after SFT."""
     vocab = min(tokenizer.special_tokens.values())
     words = " ".join(tinyworld.NUMBER_WORDS).replace("-", " ")
 
@@ -802,12 +808,12 @@ def drill_ids(tokenizer):
 
 
 def copy_drill(rng, ids, bos, length=256):
-    """A drill in reading the context: `bos` then random sequences of 5-40 of the `ids` (drill_ids), each written
-    twice, `length` ids or a few more. Only a look back predicts a second copy, so copying pays on every one of
-    them. TinyWorld's text repeats its names at the same places of the same templates, which a model predicts
-    without looking back; with a fifth of the base documents drills (about a third of its tokens), the
-    speedrun's model forms induction heads (its induction score 0.96 -> 0.07) and carries names and
-    subjects into its replies."""
+    """A drill in reading the context: `bos` then random sequences of 5-40 of the `ids` (drill_ids),
+    each written twice, `length` ids or a few more. Only a look back predicts a second copy, so
+    copying pays on every one of them. TinyWorld's text repeats its names at the same places of the
+    same templates, which a model predicts without looking back; with a fifth of the base documents
+    drills (about a third of its tokens), the speedrun's model forms induction heads (its induction
+    score 0.96 -> 0.07) and carries names and subjects into its replies."""
     drill = [bos]
     while len(drill) < length:
         sequence = [ids[rng.randrange(len(ids))] for _ in range(rng.randint(5, 40))]
@@ -825,8 +831,8 @@ def with_drills(docs, share, tokenizer, as_document=list):
 
 
 def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
-    """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted
-    left by one, and the packer's state to resume from. Each rank reads its own share (document_stream)."""
+    """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted left by
+    one, and the packer's state to resume from. Each rank reads its own share (document_stream)."""
     bos = tokenizer.special_tokens["<|bos|>"]
 
     def docs_from(start):
@@ -895,8 +901,9 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # by the inverse CDF: one uniform draw per row (torch.multinomial draws one per vocabulary entry,
-    # and on a CPU that was 40% of generation time); right=True never lands on a zero-probability token
+    # by the inverse CDF: one uniform draw per row (torch.multinomial draws one per vocabulary
+    # entry, and on a CPU that was 40% of generation time); right=True never lands on a
+    # zero-probability token
     cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
@@ -929,21 +936,21 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
                  top_logprobs=None):
-        """Yield, step by step, (tokens, sampled): the next token of every row, and for each
-        whether it was sampled (True) or forced by the tool (False). A row that has written its stop
-        token (<|assistant_end|> or <|bos|>) gets -1 from the next step on; generation stops when every
+        """Yield, step by step, (tokens, sampled): the next token of every row, and for each whether it
+        was sampled (True) or forced by the tool (False). A row that has written its stop token
+        (<|assistant_end|> or <|bos|>) gets -1 from the next step on; generation stops when every
         row has, or after max_tokens. `prompt` is one token list, or a list of them: then rows
         i*num_samples .. (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left
         (KVCache.valid).
 
-        With top_logprobs=k (0 to 20) each step yields (tokens, sampled, scores) instead: scores[row]
-        is (logprob, alternatives) for that row's token, or None for a finished row. The logprob is
-        the model's own: log_softmax of its logits at temperature 1 over the whole vocabulary,
-        whatever the temperature and top_k that sampled the token (so it says what the model
-        believes, not how this sample was drawn; OpenAI reports the same). alternatives are the k
-        most likely tokens there, as (token, logprob) pairs, most likely first. A token the tool
-        forced is scored too: how likely the model found it. Asking for scores changes no token:
-        the same seed samples the same reply."""
+        With top_logprobs=k (0 to 20) each step yields (tokens, sampled, scores) instead:
+        scores[row] is (logprob, alternatives) for that row's token, or None for a finished row. The
+        logprob is the model's own: log_softmax of its logits at temperature 1 over the whole
+        vocabulary, whatever the temperature and top_k that sampled the token (so it says what the
+        model believes, not how this sample was drawn; OpenAI reports the same). alternatives are
+        the k most likely tokens there, as (token, logprob) pairs, most likely first. A token the
+        tool forced is scored too: how likely the model found it. Asking for scores changes no
+        token: the same seed samples the same reply."""
         model, device = self.model, self.model.cos.device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -988,7 +995,8 @@ class Engine:
 
     def advance(self, reply, token):
         """One row's state after its token: finished at a stop token; at <|python_end|> the calculator
-        runs on the expression written since <|python_start|>, and its result is queued to be forced."""
+        runs on the expression written since <|python_start|>, and its result is queued to be
+        forced."""
         if token in self.stop_tokens:
             reply.done = True
         elif token == self.python_start:
@@ -1015,9 +1023,9 @@ class Engine:
 
     def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
                        keep_stop_token=False, top_logprobs=None):
-        """Return (token lists, sampled masks), one per row, each ending before its stop token
-        (or with it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also
-        each row's scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
+        """Return (token lists, sampled masks), one per row, each ending before its stop token (or with
+        it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also each row's
+        scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
         rows = num_samples * (1 if isinstance(prompt[0], int) else len(prompt))
         results, masks, finished = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
         scores = [[] for _ in range(rows)]
@@ -1050,8 +1058,8 @@ EVAL_LOGITS = 2 ** 30  # at most this many logits at once in evaluation: 4 GB in
 
 
 def token_losses(model, x, y):
-    """model(x, y, loss_reduction="none"), (B*T,), computed a slice of rows at a time so that no
-    (rows, T, vocab) tensor holds more than EVAL_LOGITS numbers (a tiny model's batch is one slice)."""
+    """model(x, y, loss_reduction="none"), (B*T,), computed a slice of rows at a time so that no (rows,
+    T, vocab) tensor holds more than EVAL_LOGITS numbers (a tiny model's batch is one slice)."""
     rows = max(1, EVAL_LOGITS // (x.size(1) * model.config.vocab_size))
     return torch.cat([model(x[i:i + rows], y[i:i + rows], loss_reduction="none") for i in range(0, x.size(0), rows)])
 
@@ -1098,9 +1106,10 @@ def induction_score(model, tokenizer, num_sequences=16, length=50, seed=0):
     same ids again. Nothing can predict the first copy; a model with induction heads (attend to the
     token after the previous occurrence of the current token, and copy it) predicts the second.
     Returns (mean loss of the first copy, of the second, second / first): about 1.0 without
-    induction heads, near 0 with perfect copying. The ids are those of the copy drills (drill_ids), with
-    another generator: base trains on drills, so for it this is a held-out measure of the skill the drills
-    teach; the chat tasks' names_subject and keeps_name measure whether it carries over to text."""
+    induction heads, near 0 with perfect copying. The ids are those of the copy drills (drill_ids),
+    with another generator: base trains on drills, so for it this is a held-out measure of the skill
+    the drills teach; the chat tasks' names_subject and keeps_name measure whether it carries over
+    to text."""
     ids = torch.tensor(drill_ids(tokenizer))
     copy = ids[torch.randint(len(ids), (num_sequences, length), generator=torch.Generator().manual_seed(seed))]
     bos = torch.full((num_sequences, 1), tokenizer.special_tokens["<|bos|>"], dtype=torch.long)
@@ -1123,8 +1132,8 @@ def extract_answer(text):
 
 
 def answer_is_correct(text, reference):
-    """Grade a worked answer against the reference number: "18", "18.0" and "18.00" agree,
-    "1,000" equals 1000, and a missing '####' line (or a malformed one like '#####') scores as wrong."""
+    """Grade a worked answer against the reference number: "18", "18.0" and "18.00" agree, "1,000"
+    equals 1000, and a missing '####' line (or a malformed one like '#####') scores as wrong."""
     got = extract_answer(text)
     if got is None:
         return False
@@ -1202,10 +1211,10 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
 @torch.no_grad()
 def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
     """Accuracy (share_of, with each item's outcome) on the same items scored as CORE scores multiple
-    choice: after the bare question, the answer sentence begun in the words all choices share, then each
-    choice's ending (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in one batch;
-    the lowest mean loss per token wins. What the model knows, whether or not it can answer by letter.
-    Chance 1 / choices."""
+    choice: after the bare question, the answer sentence begun in the words all choices share, then
+    each choice's ending (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in
+    one batch; the lowest mean loss per token wins. What the model knows, whether or not it can
+    answer by letter. Chance 1 / choices."""
     outcomes = []
     for item in shard(items, ddp):
         shared, endings = item["cloze"]
@@ -1219,8 +1228,8 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
 
 
 def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
-    """Greedy replies (the calculator available) to the items' questions, [(item, reply)] in item order on
-    every rank: each rank answers its share, and the shares are gathered."""
+    """Greedy replies (the calculator available) to the items' questions, [(item, reply)] in item order
+    on every rank: each rank answers its share, and the shares are gathered."""
     engine, pairs = Engine(model, tokenizer), []
     for chunk in batched(shard(items, ddp), GENERATE_ROWS):  # prompts of different lengths share a batch, padded left
         prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
@@ -1232,15 +1241,16 @@ def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
 
 def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
     """Accuracy (share_of, with each item's outcome) of greedy answers: facts graded by
-    tinyworld.fact_is_correct, word problems by their '####' number (answer_is_correct; the calculator
-    tool is available)."""
+    tinyworld.fact_is_correct, word problems by their '####' number (answer_is_correct; the
+    calculator tool is available)."""
     pairs = greedy_replies(model, tokenizer, items, ddp, max_tokens)
     return share_of([answer_is_correct(reply, item["answer"]) if task == "word_problem"
                      else tinyworld.fact_is_correct(reply, item) for item, reply in pairs])
 
 
 def mentions(reply, name):
-    """Whether the reply names `name` as a whole word, case aside: mentions("A cat meows.", "cat") -> True."""
+    """Whether the reply names `name` as a whole word, case aside: mentions("A cat meows.", "cat") ->
+    True."""
     return re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", reply.lower()) is not None
 
 
@@ -1250,8 +1260,9 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     and mental arithmetic apart; and two measures of reading the context: whether a reply to a world
     knowledge question names its subject ("Kenya" in a reply to "What is the capital of Kenya?") and
     whether a reply to a harder word problem names its person. Every checkpoint evaluated with the
-    same n meets the same items (drawn with a fixed seed), and each task keeps its items' outcomes in
-    item order, so two checkpoints compare item by item (paired_difference). Every rank gets the card."""
+    same n meets the same items (drawn with a fixed seed), and each task keeps its items' outcomes
+    in item order, so two checkpoints compare item by item (paired_difference). Every rank gets the
+    card."""
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
     facts = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp)
@@ -1382,9 +1393,10 @@ def chat_eval_item(task, row):
 
 
 def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
-    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox (accuracy_stats).
-    An answer passes only if its program ran past check() (require_end): exiting with status 0 is not
-    enough, since an answer can call os._exit(0) or sys.exit() before the tests run."""
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox
+    (accuracy_stats). An answer passes only if its program ran past check() (require_end): exiting
+    with status 0 is not enough, since an answer can call os._exit(0) or sys.exit() before the tests
+    run."""
     engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
@@ -1439,30 +1451,10 @@ def checkpoint_dir(stage, tag):
     return base_dir() / "checkpoints" / stage / tag
 
 
-def flush_to_disk(path):
-    """fsync a file (its bytes) or a folder (the names in it): until then the operating system may
-    hold a write or a rename in memory only, and a power cut undoes it after it has returned."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def atomic_write(path, write):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        flush_to_disk(tmp)  # the bytes before the rename: else the disk may get the new name on an empty file
-        os.replace(tmp, path)
-        flush_to_disk(path.parent)  # the rename itself
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def checkpoint_step(path):
-    """The step of a checkpoint file (model_000004.pt, optim_000004.pt, meta_000004.json -> 4), None for
-    any other name: your own files beside them (model_final.pt, meta_best.json) are neither read nor deleted."""
+    """The step of a checkpoint file (model_000004.pt, optim_000004.pt, meta_000004.json -> 4), None
+    for any other name: your own files beside them (model_final.pt, meta_best.json) are neither read
+    nor deleted."""
     match = re.fullmatch(r"(?:model|optim)_(\d{6,})\.pt|meta_(\d{6,})\.json", path.name)
     return int(match[1] or match[2]) if match else None
 
@@ -1477,10 +1469,10 @@ def save_checkpoint(directory, step, model, optimizers, meta):
     say) leaves the last complete checkpoint in place and says so."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
+        hardware.atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
         if optimizers is not None:
-            atomic_write(directory / f"optim_{step:06d}.pt", lambda p: torch.save([o.state_dict() for o in optimizers], p))
-        atomic_write(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+            hardware.atomic_write(directory / f"optim_{step:06d}.pt", lambda p: torch.save([o.state_dict() for o in optimizers], p))
+        hardware.atomic_write(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         kept = last_checkpoint_step(directory) if directory.is_dir() else None
         raise UserError(f"could not write the step {step} checkpoint in {directory} ({str(e).splitlines()[0]}); "
@@ -1498,27 +1490,15 @@ def interrupted(step, directory):
     return UserError(f"interrupted at step {step}; {where or 'no checkpoint was written yet'}")
 
 
-def checkpoint_file_is_intact(path):
-    """Whether a file torch.save wrote is whole: a zip archive whose every entry matches its checksum.
-    A file cut short fails (zip keeps its table of contents at the end); a good file that could not
-    be loaded for another reason (not enough memory, say) passes."""
-    import zipfile  # needed only after a failed load
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, EOFError):  # what an archive cut short or garbled raises
-        return False
-
-
 def torch_load(path, device):
     """torch.load of the weights only (reading a checkpoint runs no code from it). A file that fails to
-    load is called corrupt only when checkpoint_file_is_intact finds it damaged; a whole file (one too
-    big for the memory left, say) is kept, and the error says why it did not load."""
+    load is called corrupt only when hardware.checkpoint_file_is_intact finds it damaged; a whole
+    file (one too big for the memory left, say) is kept, and the error says why it did not load."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         try:
-            intact = checkpoint_file_is_intact(path)
+            intact = hardware.checkpoint_file_is_intact(path)
         except OSError as read_error:  # it cannot be read at all: permissions, a failing disk
             raise UserError(f"cannot read checkpoint file {path} ({read_error})") from None
         if not intact:
@@ -1570,7 +1550,7 @@ def check_tokenizer(meta, tokenizer, where):
 def write_report(stage, data):
     directory = base_dir() / "report"
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / f"{stage}.json", lambda p: p.write_text(json.dumps(data, indent=2)))
+    hardware.atomic_write(directory / f"{stage}.json", lambda p: p.write_text(json.dumps(data, indent=2)))
 
 
 def record_wall_time(stage, seconds):
@@ -1585,12 +1565,13 @@ def record_wall_time(stage, seconds):
 # Training: the loop shared by base, mid and sft
 
 # What each stage does with the flags left unset: one table, which finalize_args applies and --help
-# quotes. steps: the stage's optimizer steps on TinyWorld (--num-iterations -1; --data hf trains one epoch).
-# SFT teaches new sums, not new words: its matrices move 4x faster than the other stages', the tied
-# embedding 4x slower. On the speedrun's tiny tier, SFT at the base rates learned the harder word
-# problems to 21% and forgot facts; at these, 60%, the facts kept (one seed each). Copy drills in
-# TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89) and lifts
-# names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one seed each): off.
+# quotes. steps: the stage's optimizer steps on TinyWorld (--num-iterations -1; --data hf trains one
+# epoch). SFT teaches new sums, not new words: its matrices move 4x faster than the other stages',
+# the tied embedding 4x slower. On the speedrun's tiny tier, SFT at the base rates learned the
+# harder word problems to 21% and forgot facts; at these, 60%, the facts kept (one seed each). Copy
+# drills in TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89)
+# and lifts names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one
+# seed each): off.
 DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6, max_new_tokens=256)
 STAGE_DEFAULTS = dict(
     base=dict(steps=320, copy_drills=0.2),  # the drills on TinyWorld only
@@ -1603,7 +1584,8 @@ STAGE_DEFAULTS = dict(
 
 
 def defaults_help(name):
-    """A flag's defaults as --help words them: defaults_help("lr_scale") -> "default 1.0; sft 0.125, rl 0.05"."""
+    """A flag's defaults as --help words them: defaults_help("lr_scale") -> "default 1.0; sft 0.125, rl
+    0.05"."""
     stages = ", ".join(f"{stage} {values[name]}" for stage, values in STAGE_DEFAULTS.items() if name in values)
     return "; ".join(part for part in (f"default {DEFAULTS[name]}" if name in DEFAULTS else "", stages) if part)
 
@@ -1625,9 +1607,9 @@ class Start(NamedTuple):
 
 
 def start_model(args, ddp, stage, tokenizer, source=None):
-    """The model a stage trains, and where it starts (a Start):
-    --resume: this stage's own last checkpoint, with optimizer state and data position;
-    else source=None (base): a fresh model from the depth dial; else the source stage's checkpoint."""
+    """The model a stage trains, and where it starts (a Start): --resume: this stage's own last
+    checkpoint, with optimizer state and data position; else source=None (base): a fresh model from
+    the depth dial; else the source stage's checkpoint."""
     if args.resume:
         model, optim_states, meta = load_checkpoint(stage, args.model_tag, ddp.device, with_optimizer=True,
                                                     hint="nothing to resume; run without --resume")
@@ -1668,7 +1650,8 @@ def wrap_ddp(model, ddp):
     """Under torchrun, DistributedDataParallel averages gradients across ranks during backward."""
     if not ddp.is_ddp:
         return model
-    # the only buffers are the rotary tables, the same on every rank: nothing to broadcast each forward
+    # the only buffers are the rotary tables, the same on every rank: nothing to broadcast each
+    # forward
     return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None,
                                                broadcast_buffers=False)
 
@@ -1710,16 +1693,18 @@ def save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, 
 
 def periodic(step, every, num_steps):
     """Whether an evaluation or a checkpoint falls on `step`: every `every` steps (0: none on the way)
-    and at the last step. Every training stage evaluates at its first step too, and saves none there."""
+    and at the last step. Every training stage evaluates at its first step too, and saves none
+    there."""
     return step == num_steps or (every > 0 and step % every == 0)
 
 
 def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps, fixed_shapes=True):
-    """Train start.model for num_steps optimizer steps of args.total_batch_size tokens: base, mid and sft.
+    """Train start.model for num_steps optimizer steps of args.total_batch_size tokens: base, mid and
+    sft.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
-    (device_batch_size, max_seq_len); make_batches(split, state) continues right after that one,
-    so checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
+    (device_batch_size, max_seq_len); make_batches(split, state) continues right after that one, so
+    checkpoints (<base_dir>/checkpoints/<stage>/<tag>) keep every rank's state and a resumed run
     sees exactly the data of an uninterrupted one. evaluate(model) returns a dict of validation
     metrics (at the start, every --eval-every steps and at the end). fixed_shapes: whether every
     batch has the same shape (SFT's padded rows do not), which decides whether compiling pays.
@@ -1770,7 +1755,8 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics, data_state)
             if step == num_steps:
                 break
-            # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the last
+            # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the
+            # last
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
                 x, y, batch_state = batch
@@ -1779,8 +1765,9 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     loss = train_model(x, y) / grad_accum
                     loss.backward()
-                # the next batch is built on the CPU while the GPU still works on this one (its kernels are
-                # queued, not finished); the loader's state saved with a checkpoint is that of the trained batch
+                # the next batch is built on the CPU while the GPU still works on this one (its
+                # kernels are queued, not finished); the loader's state saved with a checkpoint is
+                # that of the trained batch
                 batch, data_state = next(train_batches), batch_state
             # the learning rates of this step, then the update itself
             lrm = apply_schedules(optimizers, step, num_steps, args)
@@ -1839,8 +1826,8 @@ def base_steps(args, num_params):
 
 def prepare_base_data(args, ddp):
     """--data hf without --data-dir: rank 0 downloads the FineWeb-EDU shards into <base_dir>/base_data
-    (the shards already there are kept) while the other ranks wait: --num-shards, by default
-    those the base run's tokens need (hardware.shards_needed), with the vocabulary of the tokenizer if
+    (the shards already there are kept) while the other ranks wait: --num-shards, by default those
+    the base run's tokens need (hardware.shards_needed), with the vocabulary of the tokenizer if
     there is one, else of --vocab-size (--stage tok, before it trains one)."""
     if args.data != "hf" or args.data_dir:
         return
@@ -2003,9 +1990,10 @@ def stage_sft(args, ddp):
 
 def reply_text(tokenizer, tokens):
     """A sampled reply as its reader sees it, and as a reward receives it in training and in evaluation
-    alike: the text before the stop token, each calculator call written as the server's whole replies
-    write it, and no other special token. E.g. the tokens of 'It is <|python_start|>2*3<|python_end|>
-    <|output_start|>6<|output_end|> 6.<|assistant_end|>' give 'It is [calculator: 2*3 = 6] 6.'"""
+    alike: the text before the stop token, each calculator call written as the server's whole
+    replies write it, and no other special token. E.g. the tokens of 'It is
+    <|python_start|>2*3<|python_end|> <|output_start|>6<|output_end|> 6.<|assistant_end|>' give 'It
+    is [calculator: 2*3 = 6] 6.'"""
     s = tokenizer.special_tokens
     shown = {s["<|python_start|>"]: b"[calculator: ", s["<|output_start|>"]: b" = ", s["<|output_end|>"]: b"]"}
     special, stop = set(s.values()), {s["<|assistant_end|>"], s["<|bos|>"]}
@@ -2025,7 +2013,8 @@ def correct_answer_reward(question, reply, answer):
 def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0, reward=correct_answer_reward):
     """Sample k answers per problem; return (pass_at_k_stats, each problem's k rewards in problem
     order). pass@1 is the mean reward of a sample and pass@k the mean over problems of the best of
-    its k rewards: with 0/1 rewards, the fraction of correct samples and of problems with any correct."""
+    its k rewards: with 0/1 rewards, the fraction of correct samples and of problems with any
+    correct."""
     engine, rewards = Engine(model, tokenizer), []
     for i, chunk in enumerate(batched(shard(problems, ddp), max(1, GENERATE_ROWS // k))):
         prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
@@ -2073,26 +2062,6 @@ def grpo_loss(model, rows, num_sampled_tokens, device, pad_id):
     return (nll * advantages[:, None]).sum() / num_sampled_tokens
 
 
-def load_reward(spec):
-    """--reward module:function: a function (question, reply, answer) -> float from your own module
-    (importable from the current folder) that replaces correct_answer_reward."""
-    module_name, _, function_name = spec.partition(":")
-    sys.path.insert(0, os.getcwd())
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"--reward {spec}: {type(e).__name__}: {e}; give module:function, the module a .py file "
-                        "in the current folder or installed") from None
-
-    def reward(question, reply, answer):
-        value = function(question, reply, answer)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"--reward {spec} returned {value!r} for the question {question[:60]!r}: it must return a finite number")
-        return float(value)
-
-    return reward
-
-
 def rl_problems(args):
     """(draw_problem, held_out, size): a function drawing a training problem {"question", "answer"}
     with a random.Random, the held-out problems for pass@k, and how many training problems there
@@ -2128,9 +2097,9 @@ def warn_no_signal(steps, mean_reward, examples):
 
 def rollout(engine, tokenizer, problems, args, seed, reward):
     """Sample args.num_samples replies to each problem with the current policy (all the groups in one
-    batch) and score them with `reward`. Returns, problem by problem, (prompt, answers, sampled masks,
-    replies, rewards): answers as tokens, with the stop token (RL teaches when to stop too); replies as
-    text, as pass_at_k reads them."""
+    batch) and score them with `reward`. Returns, problem by problem, (prompt, answers, sampled
+    masks, replies, rewards): answers as tokens, with the stop token (RL teaches when to stop too);
+    replies as text, as pass_at_k reads them."""
     G = args.num_samples
     prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
     answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature, args.top_k, seed=seed,
@@ -2158,7 +2127,8 @@ def policy_step(ddp_model, ddp, rows, num_tokens, micro_batch, pad_id):
         sync = j == micro_steps - 1 or not ddp.is_ddp
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             if j < len(chunks):
-                # DDP averages the ranks' gradients: per rank, divide by its share of all the sampled tokens
+                # DDP averages the ranks' gradients: per rank, divide by its share of all the
+                # sampled tokens
                 loss = grpo_loss(ddp_model, chunks[j], num_tokens / ddp.world_size, ddp.device, pad_id)
             else:
                 loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
@@ -2179,7 +2149,7 @@ def stage_rl(args, ddp):
     else:  # with GSM8K an epoch's worth of problems, as nanochat (drawn at random here)
         num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else STAGE_DEFAULTS["rl"]["steps"]
     start_step = first_step(start, num_steps)
-    reward = load_reward(args.reward) if args.reward else correct_answer_reward
+    reward = realdata.load_reward(args.reward) if args.reward else correct_answer_reward
     print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, max "
            f"{args.max_new_tokens} new tokens, lr x{args.lr_scale}, pass@k on {len(held_out)} held-out problems")
     history = []  # each evaluation: the step, pass@1 and pass@k with their errors
@@ -2205,15 +2175,16 @@ def stage_rl(args, ddp):
             if step == num_steps:
                 break
             t0 = time.time()
-            # 1) rollout: G answers to each of this rank's problems from the current policy, and their rewards;
-            # a step's problems depend on the step alone, so a resumed run draws the same
+            # 1) rollout: G answers to each of this rank's problems from the current policy, and
+            # their rewards; a step's problems depend on the step alone, so a resumed run draws the
+            # same
             model.eval()
             rng = random.Random(f"rl-{args.seed}-{step}")
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
             groups = rollout(engine, tokenizer, problems, args, args.seed * 100_003 + step * ddp.world_size + ddp.rank,
                              reward)
-            # 2) advantages: each answer's reward less its group's mean; a group whose rewards are all
-            # equal has none, so it carries no signal
+            # 2) advantages: each answer's reward less its group's mean; a group whose rewards are
+            # all equal has none, so it carries no signal
             rows, rewards_all, zero_signal, examples = [], [], 0, []
             for prompt, answers, sampled, replies, rewards in groups:
                 rewards_all += rewards
@@ -2222,7 +2193,8 @@ def stage_rl(args, ddp):
                 zero_signal += not group_rows
                 rows += group_rows
             rows.sort(key=lambda row: len(row.ids))  # micro-batches of similar lengths: less padding to compute
-            # 3) one policy-gradient step on the groups with signal, normalised by all their sampled tokens
+            # 3) one policy-gradient step on the groups with signal, normalised by all their sampled
+            # tokens
             model.train()
             counts = torch.tensor([sum(t >= 0 for row in rows for t in row.targets), sum(rewards_all),
                                    len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
@@ -2334,9 +2306,9 @@ def stage_chat(args, ddp):
 
 
 def stage_serve(args, ddp):
-    """The chat page (chat.html) and an OpenAI-style API over HTTP (serve.py) for every checkpoint of the
-    model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one a request
-    gets unless it names another."""
+    """The chat page (chat.html) and an OpenAI-style API over HTTP (serve.py) for every checkpoint of
+    the model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one a
+    request gets unless it names another."""
     tokenizer = get_tokenizer()
     tag = args.model_tag
     models = {}
@@ -2346,8 +2318,8 @@ def stage_serve(args, ddp):
             continue
         model, meta = load_trained(args, ddp, stage, tokenizer)
         written = (directory / f"model_{meta['step']:06d}.pt").stat().st_mtime
-        # the context is the length the model was trained on (its rotary tables run 10x longer, to positions
-        # it never saw)
+        # the context is the length the model was trained on (its rotary tables run 10x longer, to
+        # positions it never saw)
         models[stage] = serve.Checkpoint(Engine(model.eval(), tokenizer), meta["step"], model.config.sequence_len,
                                          int(written))
         params = list(model.parameters())
@@ -2398,8 +2370,8 @@ def stage_report(args, ddp):
 
 def stage_plan(args, ddp):
     """For the model the flags describe, on --gpus GPUs at an assumed --mfu: every stage's tokens,
-    steps, batch, data and hours (hardware.plan). Nothing is loaded or downloaded (meta_model: shapes,
-    no memory). `speedrun.sh d20|d26|d32` prints it before it starts."""
+    steps, batch, data and hours (hardware.plan). Nothing is loaded or downloaded (meta_model:
+    shapes, no memory). `speedrun.sh d20|d26|d32` prints it before it starts."""
     model = meta_model(args, args.vocab_size)
     params = sum(p.numel() for p in model.parameters())
     plan, table = hardware.plan(args, model.config, params, model.estimate_flops(), base_steps(args, params),

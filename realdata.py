@@ -13,9 +13,11 @@ DataError, which nanochat_one.py prints as one line.
 import importlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +26,8 @@ import tinyworld
 
 
 class DataError(Exception):
-    """Real data that is missing, unreachable or malformed; the message says what to do."""
+    """Data that is missing, unreachable or malformed (real datasets, your own files, your reward
+    module); the message says what to do."""
 
 
 def require(name):
@@ -390,3 +393,23 @@ def core_fewshot(data, index, num_fewshot):
 def centered_accuracy(accuracy, baseline):
     """0 at chance, 1 when perfect: centered_accuracy(0.625, 0.25) -> 0.5"""
     return (accuracy - baseline) / (1 - baseline)
+
+
+def load_reward(spec):
+    """--reward module:function: a function (question, reply, answer) -> float from your own module
+    (importable from the current folder) that replaces nanochat_one's correct_answer_reward."""
+    module_name, _, function_name = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"--reward {spec}: {type(e).__name__}: {e}; give module:function, the module a .py file "
+                        "in the current folder or installed") from None
+
+    def reward(question, reply, answer):
+        value = function(question, reply, answer)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"--reward {spec} returned {value!r} for the question {question[:60]!r}: it must return a finite number")
+        return float(value)
+
+    return reward

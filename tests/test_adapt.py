@@ -112,12 +112,12 @@ def test_own_problems_split_by_hash(tmp_path):
 
 def test_reward_flag_errors(in_runs):
     (in_runs / "my_rewards.py").write_text("def text(question, reply, answer):\n    return 'good'\n")
-    with pytest.raises(nc.UserError, match="ModuleNotFoundError"):
-        nc.load_reward("no_such_module:f")
-    with pytest.raises(nc.UserError, match="AttributeError"):
-        nc.load_reward("my_rewards:missing")
-    with pytest.raises(nc.UserError, match="must return a finite number"):
-        nc.load_reward("my_rewards:text")("q", "reply", "a")
+    with pytest.raises(realdata.DataError, match="ModuleNotFoundError"):
+        realdata.load_reward("no_such_module:f")
+    with pytest.raises(realdata.DataError, match="AttributeError"):
+        realdata.load_reward("my_rewards:missing")
+    with pytest.raises(realdata.DataError, match="must return a finite number"):
+        realdata.load_reward("my_rewards:text")("q", "reply", "a")
     for argv, needle in ((["--stage", "rl", "--reward", "my_rewards"], "module:function"),
                          (["--stage", "sft", "--reward", "my_rewards:text"], "for --stage rl"),
                          (["--stage", "rl", "--problems", "missing.jsonl"], "not a file")):
