@@ -473,52 +473,6 @@ class Block(nn.Module):
         return x
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap), 0
-    where the target is -1; logits (N, V) fp32, targets (N,) -> (N,). The arithmetic of
-    F.cross_entropy(cap * torch.tanh(logits / cap), targets, ignore_index=-1, reduction="none"),
-    written out because the (N, V) tensors are most of a small model's step: autograd through the
-    plain ops makes about nine, this makes one (the tanh, kept, then overwritten by the gradient):
-        d loss / d z = softmax(z) - onehot(target),     d z / d logits = 1 - tanh(logits / cap)^2
-    On a CPU it works in blocks of rows that stay in the cache (in one block on a GPU or under
-    torch.compile, where the CPU code gets tanh(u) as 2 sigmoid(2u) - 1: Inductor's CPU tanh runs
-    one float at a time, its exp 16). As |z| <= cap, sum(exp(z)) <= V e^cap (2e11 at V = 65536)
-    needs no max subtracted first. tests/test_model.py checks it against the plain ops."""
-
-    @staticmethod
-    def blocks(n_rows, n_cols, device):  # slices of at most 2^18 floats on a CPU
-        rows = n_rows if device.type != "cpu" or torch.compiler.is_compiling() else max(1, 2 ** 18 // n_cols)
-        return [slice(r, r + rows) for r in range(0, n_rows, rows)]
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap):
-        squashed = torch.empty_like(logits)  # (N, V) tanh(logits / cap)
-        sum_exp = logits.new_empty(logits.size(0))  # (N,) sum of exp(z) over the vocabulary
-        for rows in SoftcapCrossEntropy.blocks(*logits.shape, logits.device):
-            if torch.compiler.is_compiling() and logits.device.type == "cpu":  # 2x faster, see above
-                block = squashed[rows] = torch.sigmoid(logits[rows] * (2 / cap)) * 2 - 1
-            else:
-                block = torch.div(logits[rows], cap, out=squashed[rows]).tanh_()
-            sum_exp[rows] = block.mul(cap).exp_().sum(dim=-1)
-        valid, safe_targets = targets >= 0, targets.clamp_min(0)
-        loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
-        ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
-        ctx.cap = cap
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
-        scale = (grad_loss * valid)[:, None]  # (N, 1)
-        at_target = squashed.gather(1, safe_targets[:, None])  # (N, 1) tanh at the target, before it is overwritten
-        for rows in SoftcapCrossEntropy.blocks(*squashed.shape, squashed.device):
-            block = squashed[rows]
-            softmax = block.mul(ctx.cap).exp_().div_(sum_exp[rows, None])
-            block.square_().neg_().add_(1).mul_(softmax).mul_(scale[rows])  # (1 - tanh^2) softmax(z), in place
-        squashed.scatter_add_(1, safe_targets[:, None], -(1 - at_target.square()) * scale)  # - (1 - tanh^2) onehot
-        return squashed, None, None  # the gradient, in the memory of the saved tanh
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -590,12 +544,64 @@ class GPT(nn.Module):
         if targets is None:
             return 15 * torch.tanh(logits / 15)
         targets = targets.reshape(-1)
+        # loss = F.cross_entropy(15 * tanh(logits / 15), targets, ignore_index=-1, reduction="none"), the
+        # textbook formula, computed in one fused step that saves most of its memory (SoftcapCrossEntropy, below)
         loss = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, 15.0)  # (B*T,)
         if loss_reduction == "none":
             return loss
         if loss_reduction == "sum":
             return loss.sum()
         return loss.sum() / (targets >= 0).sum().clamp(min=1)  # the mean over the tokens that have a target (0 if none)
+
+
+# -----------------------------------------------------------------------------------------------
+# The loss, fused: GPT.forward's cross-entropy of the softcapped logits, the same numbers in a fraction
+# of the memory (a speed-up, not a new idea: tests/test_model.py equates it with the plain formula)
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap), 0
+    where the target is -1; logits (N, V) fp32, targets (N,) -> (N,). The arithmetic of
+    F.cross_entropy(cap * torch.tanh(logits / cap), targets, ignore_index=-1, reduction="none"),
+    written out because the (N, V) tensors are most of a small model's step: autograd through the
+    plain ops makes about nine, this makes one (the tanh, kept, then overwritten by the gradient):
+        d loss / d z = softmax(z) - onehot(target),     d z / d logits = 1 - tanh(logits / cap)^2
+    On a CPU it works in blocks of rows that stay in the cache (in one block on a GPU or under
+    torch.compile, where the CPU code gets tanh(u) as 2 sigmoid(2u) - 1: Inductor's CPU tanh runs
+    one float at a time, its exp 16). As |z| <= cap, sum(exp(z)) <= V e^cap (2e11 at V = 65536)
+    needs no max subtracted first. tests/test_model.py checks it against the plain ops."""
+
+    @staticmethod
+    def blocks(n_rows, n_cols, device):  # slices of at most 2^18 floats on a CPU
+        rows = n_rows if device.type != "cpu" or torch.compiler.is_compiling() else max(1, 2 ** 18 // n_cols)
+        return [slice(r, r + rows) for r in range(0, n_rows, rows)]
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap):
+        squashed = torch.empty_like(logits)  # (N, V) tanh(logits / cap)
+        sum_exp = logits.new_empty(logits.size(0))  # (N,) sum of exp(z) over the vocabulary
+        for rows in SoftcapCrossEntropy.blocks(*logits.shape, logits.device):
+            if torch.compiler.is_compiling() and logits.device.type == "cpu":  # 2x faster, see above
+                block = squashed[rows] = torch.sigmoid(logits[rows] * (2 / cap)) * 2 - 1
+            else:
+                block = torch.div(logits[rows], cap, out=squashed[rows]).tanh_()
+            sum_exp[rows] = block.mul(cap).exp_().sum(dim=-1)
+        valid, safe_targets = targets >= 0, targets.clamp_min(0)
+        loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
+        ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
+        scale = (grad_loss * valid)[:, None]  # (N, 1)
+        at_target = squashed.gather(1, safe_targets[:, None])  # (N, 1) tanh at the target, before it is overwritten
+        for rows in SoftcapCrossEntropy.blocks(*squashed.shape, squashed.device):
+            block = squashed[rows]
+            softmax = block.mul(ctx.cap).exp_().div_(sum_exp[rows, None])
+            block.square_().neg_().add_(1).mul_(softmax).mul_(scale[rows])  # (1 - tanh^2) softmax(z), in place
+        squashed.scatter_add_(1, safe_targets[:, None], -(1 - at_target.square()) * scale)  # - (1 - tanh^2) onehot
+        return squashed, None, None  # the gradient, in the memory of the saved tanh
 
 
 # -----------------------------------------------------------------------------------------------
