@@ -15,7 +15,7 @@ One command per stage; each finds its input checkpoint by convention (base -> mi
     python nanochat_one.py --stage sft             # supervised fine-tuning on assistant turns
     python nanochat_one.py --stage rl              # simplified GRPO on word problems
     python nanochat_one.py --stage eval --source sft
-    python nanochat_one.py --stage eval --source base --core-bundle eval_bundle   # CORE (DCLM tasks)
+    python nanochat_one.py --stage eval --source base --core-bundle eval_bundle  # CORE (DCLM tasks)
     python nanochat_one.py --stage chat -p "What is the capital of France?"
     python nanochat_one.py --stage serve --source rl  # chat in a browser at http://127.0.0.1:8000/
     python nanochat_one.py --stage report          # gather everything into report.md
@@ -24,11 +24,12 @@ Any training stage continues from its last checkpoint with --resume. The laptop 
 `bash speedrun.sh` (tiny depth, CPU, minutes); `bash speedrun.sh d20` is nanochat's speedrun on one
 node with 8 GPUs. What such a run costs, before paying for it, and its base stage by hand:
 
-    python nanochat_one.py --stage plan --depth 20 --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 \
-        --vocab-size 65536 --device-batch-size 32 --total-batch-size 524288 --target-param-data-ratio 20 --gpus 8
+    python nanochat_one.py --stage plan --depth 20 --aspect-ratio 64 --head-dim 128 \
+        --max-seq-len 2048 --vocab-size 65536 --device-batch-size 32 --total-batch-size 524288 \
+        --target-param-data-ratio 20 --gpus 8
     torchrun --standalone --nproc_per_node=8 nanochat_one.py --stage base --data hf --depth 20 \
-        --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288 \
-        --target-param-data-ratio 20
+        --aspect-ratio 64 --head-dim 128 --max-seq-len 2048 --device-batch-size 32 \
+        --total-batch-size 524288 --target-param-data-ratio 20
 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
 this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
@@ -69,7 +70,8 @@ import tinyworld
 # the numbers every stage prints: an accuracy as "55.5% +- 2.5 [50.6, 60.3] (N=400)" (+- one
 # standard error, [the Wilson 95% interval]), a change measured item by item, pass@k, a time as
 # "3m27s"
-from report import accuracy_stats, format_accuracy, format_seconds, paired_difference, pass_at_k_stats, share_of
+from report import (accuracy_stats, format_accuracy, format_seconds, paired_difference,
+                    pass_at_k_stats, share_of)
 
 
 class UserError(Exception):
@@ -104,7 +106,8 @@ def default_compute_dtype():
 
 COMPUTE_DTYPE = default_compute_dtype()
 if DEVICE_TYPE == "cuda":
-    torch.set_float32_matmul_precision("high")  # fp32 matmuls (outside autocast) on TF32 tensor cores
+    # fp32 matmuls (outside autocast) on TF32 tensor cores
+    torch.set_float32_matmul_precision("high")
 
 
 def autocast():
@@ -132,7 +135,8 @@ class Dist:
 
 
 def init_distributed():
-    """Read torchrun's environment variables and join the process group (NCCL on GPUs, gloo on CPU)."""
+    """Read torchrun's environment variables and join the process group (NCCL on GPUs, gloo
+    on CPU)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -140,7 +144,8 @@ def init_distributed():
     if DEVICE_TYPE == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if DEVICE_TYPE == "cuda" else "gloo", device_id=device if DEVICE_TYPE == "cuda" else None)
+        dist.init_process_group(backend="nccl" if DEVICE_TYPE == "cuda" else "gloo",
+                                device_id=device if DEVICE_TYPE == "cuda" else None)
     return Dist(rank, local_rank, world_size, device)
 
 
@@ -211,12 +216,15 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
     the model also learns the user turns and the special tokens around them. Message text
     is encoded as ordinary text, so a user typing "<|assistant_start|>" cannot inject the token."""
     messages = list(conversation["messages"])
-    if messages and messages[0]["role"] == "system":  # no system role: fold it into the first user turn
+    # no system role: fold it into the first user turn
+    if messages and messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")
-        messages = [dict(role="user", content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
+        messages = [dict(role="user",
+                         content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
     special = tokenizer.special_tokens
-    prompt_mask = 0 if assistant_only else 1  # for <|bos|>, the user's turns and <|assistant_start|>
+    # for <|bos|>, the user's turns and <|assistant_start|>
+    prompt_mask = 0 if assistant_only else 1
     ids, mask = [special["<|bos|>"]], [prompt_mask]
 
     def add(tokens, supervised):
@@ -226,13 +234,14 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise ValueError(f"message {i} has role {message['role']!r}; roles must alternate user, assistant, ... "
-                             "starting with user (after an optional system message)")
+            raise ValueError(f"message {i} has role {message['role']!r}; roles must alternate user, "
+                             "assistant, ... starting with user (after an optional system message)")
         content = message["content"]
         if expected == "user":
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: user content must be a string")
-            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content) + [special["<|user_end|>"]], prompt_mask)
+            add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content)
+                + [special["<|user_end|>"]], prompt_mask)
             continue
         add([special["<|assistant_start|>"]], prompt_mask)
         parts = [dict(type="text", text=content)] if isinstance(content, str) else content
@@ -274,7 +283,8 @@ def document_stream(args, split, start=0, rank=0, world_size=1):
     """This rank's (position, text) documents from position `start` on: every world_size-th of
     TinyWorld's, or the parquet row groups it owns (no rank reads another's text)."""
     if args.data == "tinyworld":
-        return ((p, text) for p, text in tinyworld.tinyworld_documents(split, start) if p % world_size == rank)
+        return ((p, text) for p, text in tinyworld.tinyworld_documents(split, start)
+                if p % world_size == rank)
     return realdata.parquet_documents(base_data_dir(args), split, start, rank, world_size)
 
 
@@ -304,10 +314,12 @@ def chat_examples(args, split, start=0, stage="mid"):
     """Yield (position, conversation) forever: TinyWorld's chat mixture or the real chat data; in
     training, with --data-dir's own conversations (own_conversations) in place of every other one,
     chosen by a hash of the position (so every rank sees both)."""
-    named = tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld" else realdata.chat_examples(args.data_dir, split, start, stage)
+    named = (tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld"
+             else realdata.chat_examples(args.data_dir, split, start, stage))
     own = own_conversations(args.data_dir) if split == "train" else []
     for position, conversation in named:
-        yield position, own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2 else conversation
+        yield position, (own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2
+                         else conversation)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -346,12 +358,14 @@ def config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim
     if depth < 1:
         raise UserError(f"--depth must be at least 1, got {depth}")
     if head_dim < 2 or head_dim % 2:
-        raise UserError(f"--head-dim must be a positive even number (rotary pairs dimensions), got {head_dim}")
+        raise UserError("--head-dim must be a positive even number (rotary pairs dimensions), "
+                        f"got {head_dim}")
     n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = n_embd // head_dim
     n_kv_head = n_head if n_kv_head is None else n_kv_head
     if n_kv_head < 1 or n_head % n_kv_head:
-        raise UserError(f"--n-kv-head {n_kv_head} must divide the number of heads ({n_head} at depth {depth})")
+        raise UserError(f"--n-kv-head {n_kv_head} must divide the number of heads "
+                        f"({n_head} at depth {depth})")
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
 
@@ -415,12 +429,13 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.smear = nn.Parameter(torch.zeros(self.n_kv_head))  # the previous key's weight, sigmoid(0) = 0.5
+        # the previous key's weight, sigmoid(0) = 0.5
+        self.smear = nn.Parameter(torch.zeros(self.n_kv_head))
 
     def smeared(self, k, valid=None):
-        """k_t <- (1 - w) k_t + w k_{t-1}, w = sigmoid(smear) per key head; k: (B, Hkv, T, D). There is
-        no key before the first position, nor before the first of a padded row's tokens (valid: (B,
-        T))."""
+        """k_t <- (1 - w) k_t + w k_{t-1}, w = sigmoid(smear) per key head; k: (B, Hkv, T, D).
+        There is no key before the first position, nor before the first of a padded row's tokens
+        (valid: (B, T))."""
         previous = F.pad(k, (0, 0, 1, 0))[:, :, :-1]
         if valid is not None:
             previous = previous * F.pad(valid, (1, 0))[:, None, :-1, None]
@@ -438,13 +453,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, self.smeared(k), v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, Tk, D), all positions so far, unsmeared
+            # (B, Hkv, Tk, D), all positions so far, unsmeared
+            k, v = kv_cache.insert(self.layer_idx, k, v)
             Tk = k.size(2)
             k = self.smeared(k, None if kv_cache.valid is None else kv_cache.valid[:, :Tk])
             # T new tokens after Tk - T cached ones: query i sees keys 0 .. Tk - T + i
-            mask = None if T == 1 else torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-            if kv_cache.valid is not None:  # and not the padding; a pad sees itself (a row of -inf gives NaN)
-                itself = torch.arange(Tk, device=q.device) == torch.arange(Tk - T, Tk, device=q.device)[:, None]
+            mask = (None if T == 1 else
+                    torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T))
+            # and not the padding; a pad sees itself (a row of -inf gives NaN)
+            if kv_cache.valid is not None:
+                itself = (torch.arange(Tk, device=q.device)
+                          == torch.arange(Tk - T, Tk, device=q.device)[:, None])
                 mask = (kv_cache.valid[:, None, None, :Tk] | itself) & (True if mask is None else mask)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -491,7 +510,8 @@ class GPT(nn.Module):
     def rotary_tables(self, length, base=10000, device=None):
         head_dim = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        # (T, D/2)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         return angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, T, D/2)
 
     @torch.no_grad()
@@ -532,26 +552,30 @@ class GPT(nn.Module):
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.rotary_len:
-            raise ValueError(f"sequence of {t0 + T} tokens is longer than the rotary table ({self.rotary_len})")
+            raise ValueError(f"sequence of {t0 + T} tokens is longer than the rotary table "
+                             f"({self.rotary_len})")
         cos, sin = self.cos[:, :, t0:t0 + T], self.sin[:, :, t0:t0 + T]
         with autocast():
             x = norm(self.transformer.wte(idx))  # (B, T, C)
             for block in self.transformer.h:
                 x = block(x, cos, sin, kv_cache)
             x = norm(x)
-            logits = F.linear(x, self.transformer.wte.weight) * self.config.n_embd ** -0.5  # (B, T, vocab), tied
+            # (B, T, vocab), tied
+            logits = F.linear(x, self.transformer.wte.weight) * self.config.n_embd ** -0.5
         logits = logits.float()  # the softcap and the loss in fp32
         if targets is None:
             return 15 * torch.tanh(logits / 15)
         targets = targets.reshape(-1)
-        # loss = F.cross_entropy(15 * tanh(logits / 15), targets, ignore_index=-1, reduction="none"), the
-        # textbook formula, computed in one fused step that saves most of its memory (SoftcapCrossEntropy, below)
+        # loss = F.cross_entropy(15 * tanh(logits / 15), targets, ignore_index=-1,
+        # reduction="none"), the textbook formula, computed in one fused step that saves most of its
+        # memory (SoftcapCrossEntropy, below)
         loss = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, 15.0)  # (B*T,)
         if loss_reduction == "none":
             return loss
         if loss_reduction == "sum":
             return loss.sum()
-        return loss.sum() / (targets >= 0).sum().clamp(min=1)  # the mean over the tokens that have a target (0 if none)
+        # the mean over the tokens that have a target (0 if none)
+        return loss.sum() / (targets >= 0).sum().clamp(min=1)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -580,13 +604,15 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         squashed = torch.empty_like(logits)  # (N, V) tanh(logits / cap)
         sum_exp = logits.new_empty(logits.size(0))  # (N,) sum of exp(z) over the vocabulary
         for rows in SoftcapCrossEntropy.blocks(*logits.shape, logits.device):
-            if torch.compiler.is_compiling() and logits.device.type == "cpu":  # 2x faster, see above
+            # 2x faster, see above
+            if torch.compiler.is_compiling() and logits.device.type == "cpu":
                 block = squashed[rows] = torch.sigmoid(logits[rows] * (2 / cap)) * 2 - 1
             else:
                 block = torch.div(logits[rows], cap, out=squashed[rows]).tanh_()
             sum_exp[rows] = block.mul(cap).exp_().sum(dim=-1)
         valid, safe_targets = targets >= 0, targets.clamp_min(0)
-        loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid  # (N,)
+        # (N,)
+        loss = (sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)) * valid
         ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
         ctx.cap = cap
         return loss
@@ -595,12 +621,15 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
         scale = (grad_loss * valid)[:, None]  # (N, 1)
-        at_target = squashed.gather(1, safe_targets[:, None])  # (N, 1) tanh at the target, before it is overwritten
+        # (N, 1) tanh at the target, before it is overwritten
+        at_target = squashed.gather(1, safe_targets[:, None])
         for rows in SoftcapCrossEntropy.blocks(*squashed.shape, squashed.device):
             block = squashed[rows]
             softmax = block.mul(ctx.cap).exp_().div_(sum_exp[rows, None])
-            block.square_().neg_().add_(1).mul_(softmax).mul_(scale[rows])  # (1 - tanh^2) softmax(z), in place
-        squashed.scatter_add_(1, safe_targets[:, None], -(1 - at_target.square()) * scale)  # - (1 - tanh^2) onehot
+            # (1 - tanh^2) softmax(z), in place
+            block.square_().neg_().add_(1).mul_(softmax).mul_(scale[rows])
+        # - (1 - tanh^2) onehot
+        squashed.scatter_add_(1, safe_targets[:, None], -(1 - at_target.square()) * scale)
         return squashed, None, None  # the gradient, in the memory of the saved tanh
 
 
@@ -633,7 +662,8 @@ def newton_schulz_orthogonalize(G, steps=5):
 
 # compiled on CUDA, as nanochat does (one graph per matrix shape; on a CPU compiling would cost more
 # than it saves)
-orthogonalize = torch.compile(newton_schulz_orthogonalize) if DEVICE_TYPE == "cuda" else newton_schulz_orthogonalize
+orthogonalize = (torch.compile(newton_schulz_orthogonalize) if DEVICE_TYPE == "cuda"
+                 else newton_schulz_orthogonalize)
 
 
 def orthogonalize_shared(updates, steps):
@@ -646,7 +676,8 @@ def orthogonalize_shared(updates, steps):
     share = -(-n // world)
     padded = torch.cat([updates, updates.new_zeros(share * world - n, *updates.shape[1:])])
     gathered = list(torch.empty_like(padded).chunk(world))
-    dist.all_gather(gathered, orthogonalize(padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], steps))
+    dist.all_gather(gathered, orthogonalize(
+        padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], steps))
     return torch.cat(gathered)[:n]
 
 
@@ -678,8 +709,10 @@ class Muon(torch.optim.Optimizer):
                     if buf is None:  # the first step
                         buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                     buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * grad
-                    updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov: look one step ahead
-                updates = orthogonalize_shared(torch.stack(updates), group["ns_steps"])  # (n, rows, cols)
+                    # Nesterov: look one step ahead
+                    updates.append(p.grad.lerp(buf, group["momentum"]))
+                # (n, rows, cols)
+                updates = orthogonalize_shared(torch.stack(updates), group["ns_steps"])
                 scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for p, update in zip(same, updates):
                     p.add_(update, alpha=-group["lr"] * scale)
@@ -728,8 +761,8 @@ def set_lr(optimizers, lrm):
 
 
 def apply_schedules(optimizers, step, num_steps, args):
-    """The learning rates (lr_multiplier of the flags' warm-up and warm-down) and Muon's momentum for
-    `step`; returns the multiplier."""
+    """The learning rates (lr_multiplier of the flags' warm-up and warm-down) and Muon's momentum
+    for `step`; returns the multiplier."""
     lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     set_lr(optimizers, lrm)
     for opt in optimizers:
@@ -753,7 +786,8 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
     one that still fits; when none fits, the shortest document is cropped to fill the row
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
-    last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])  # a fresh start has drawn nothing
+    # a fresh start has drawn nothing
+    last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])
     # resume: read the stream again from the oldest waiting document (else the next new one), keep
     # the waiting ones
     docs = docs_from(min(waiting, default=last + 1))
@@ -772,13 +806,15 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
                     try:
                         last, doc = next(docs)
                     except StopIteration:  # only a finite (validation) stream ends
-                        raise UserError("the validation documents ran out before an evaluation was complete: "
-                                        "lower --eval-batches or --device-batch-size, or use a larger validation shard") from None
+                        raise UserError("the validation documents ran out before an evaluation was "
+                                        "complete: lower --eval-batches or --device-batch-size, or "
+                                        "use a larger validation shard") from None
                     buffer.append((last, doc))
                 space = T + 1 - len(row)
                 lengths = [len(doc) for _, doc in buffer]
                 fitting = [i for i, n in enumerate(lengths) if n <= space]
-                if not row:  # a new row starts with the longest document (cropped if longer than a row)
+                # a new row starts with the longest document (cropped if longer than a row)
+                if not row:
                     i = max(range(len(buffer)), key=lambda i: lengths[i])
                 elif fitting:  # then the largest document that still fits
                     i = max(fitting, key=lambda i: lengths[i])
@@ -810,7 +846,8 @@ def drill_ids(tokenizer):
         text = text.strip(" -").lower()
         return any(c.isdigit() for c in text) or (len(text) >= 3 and text in words)
 
-    return [i for i in range(min(300, (256 + vocab) // 2), min(4000, vocab)) if not writes_number(tokenizer.decode([i]))]
+    return [i for i in range(min(300, (256 + vocab) // 2), min(4000, vocab))
+            if not writes_number(tokenizer.decode([i]))]
 
 
 def copy_drill(rng, ids, bos, length=256):
@@ -828,8 +865,8 @@ def copy_drill(rng, ids, bos, length=256):
 
 
 def with_drills(docs, share, tokenizer, as_document=list):
-    """(position, ids) documents with a `share` of them, chosen by a hash of the position (so a resumed
-    run sees the same), replaced by a copy drill of the same seed, as_document(drill)."""
+    """(position, ids) documents with a `share` of them, chosen by a hash of the position (so a
+    resumed run sees the same), replaced by a copy drill of the same seed, as_document(drill)."""
     ids, bos = drill_ids(tokenizer) if share else [], tokenizer.special_tokens["<|bos|>"]
     for position, doc in docs:
         rng = random.Random(f"drill:{position}")
@@ -837,14 +874,16 @@ def with_drills(docs, share, tokenizer, as_document=list):
 
 
 def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
-    """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted left by
-    one, and the packer's state to resume from. Each rank reads its own share (document_stream)."""
+    """Yield (inputs, targets, state) for pretraining: (B, T) tensors, targets = inputs shifted
+    left by one, and the packer's state to resume from. Each rank reads its own share
+    (document_stream)."""
     bos = tokenizer.special_tokens["<|bos|>"]
 
     def docs_from(start):
         docs = document_stream(args, split, start, ddp.rank, ddp.world_size)
         docs = ((position, [bos] + tokenizer.encode_ordinary(text)) for position, text in docs)
-        return with_drills(docs, args.copy_drills if split == "train" else 0.0, tokenizer)  # validation: text only
+        # validation: text only
+        return with_drills(docs, args.copy_drills if split == "train" else 0.0, tokenizer)
 
     for rows, state in pack_rows(docs_from, B, T, state):
         batch = torch.tensor(rows, dtype=torch.long)
@@ -857,8 +896,9 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
 
     def docs_from(start):
         share = args.copy_drills if split == "train" else 0.0
+        # a drill trains on every token
         yield from with_drills(conversations_from(start), share, tokenizer,
-                               lambda drill: [(token, 1) for token in drill])  # a drill trains on every token
+                               lambda drill: [(token, 1) for token in drill])
 
     def conversations_from(start):
         for position, conversation in chat_examples(args, split, start, "mid"):
@@ -867,9 +907,11 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
                 yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
 
     for rows, state in pack_rows(docs_from, B, T, state):
-        ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)  # (B, T+1)
+        # (B, T+1)
+        ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)
         trained = torch.tensor([[flag for _, flag in row] for row in rows], dtype=torch.bool)
-        yield to_device(ids[:, :-1], device), to_device(ids[:, 1:].masked_fill(~trained[:, 1:], -1), device), state
+        yield (to_device(ids[:, :-1], device),
+               to_device(ids[:, 1:].masked_fill(~trained[:, 1:], -1), device), state)
 
 
 def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
@@ -878,7 +920,8 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     resume from is the position of the last conversation used."""
     bos = tokenizer.special_tokens["<|bos|>"]
     last = -1 if state is None else state["last"]
-    examples = ((p, c) for p, c in chat_examples(args, split, last + 1, "sft") if p % ddp.world_size == ddp.rank)
+    examples = ((p, c) for p, c in chat_examples(args, split, last + 1, "sft")
+                if p % ddp.world_size == ddp.rank)
     while True:
         rows = []
         for last, conversation in itertools.islice(examples, B):
@@ -895,7 +938,8 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
 # -----------------------------------------------------------------------------------------------
 # Engine: sampling with a KV cache, and the calculator tool
 
-calculator = sandbox.calculator  # the tool: arithmetic read from its syntax tree, never executed (sandbox.py)
+# the tool: arithmetic read from its syntax tree, never executed (sandbox.py)
+calculator = sandbox.calculator
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=None):
@@ -918,7 +962,8 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
 @dataclass
 class Reply:
     """What Engine.generate remembers of one row's reply as it is written."""
-    forced: list = dataclasses.field(default_factory=list)  # tokens the tool queued, sent before sampling again
+    # tokens the tool queued, sent before sampling again
+    forced: list = dataclasses.field(default_factory=list)
     expression: list = None  # the tokens of a calculator call being written, else None
     done: bool = False  # it wrote a stop token
 
@@ -942,8 +987,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
                  top_logprobs=None):
-        """Yield, step by step, (tokens, sampled): the next token of every row, and for each whether it
-        was sampled (True) or forced by the tool (False). A row that has written its stop token
+        """Yield, step by step, (tokens, sampled): the next token of every row, and for each whether
+        it was sampled (True) or forced by the tool (False). A row that has written its stop token
         (<|assistant_end|> or <|bos|>) gets -1 from the next step on; generation stops when every
         row has, or after max_tokens. `prompt` is one token list, or a list of them: then rows
         i*num_samples .. (i+1)*num_samples-1 answer prompt i, the shorter prompts padded on the left
@@ -968,8 +1013,8 @@ class Engine:
             valid = torch.ones(len(prompts), width + max_tokens, dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 valid[row, :width - len(p)] = False
-        cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens, c.n_layer, device,
-                        COMPUTE_DTYPE, valid)
+        cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens,
+                        c.n_layer, device, COMPUTE_DTYPE, valid)
         ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
         # each prompt is read once, (P, T) -> logits (P, vocab), then copied for its samples
         logits = model(ids, kv_cache=cache)[:, -1, :]
@@ -981,7 +1026,8 @@ class Engine:
             # every row in the cache samples (a finished one too, so each row's draw stays the same)
             drawn = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
             sampled = [not reply.forced for reply in replies]
-            fed = [reply.forced.pop(0) if reply.forced else drawn.get(row) for row, reply in enumerate(replies)]
+            fed = [reply.forced.pop(0) if reply.forced else drawn.get(row)
+                   for row, reply in enumerate(replies)]
             tokens = [-1 if reply.done else token for reply, token in zip(replies, fed)]
             if top_logprobs is None:
                 yield tokens, sampled
@@ -994,21 +1040,23 @@ class Engine:
                 return
             # a batch that is a quarter finished sheds its finished rows: less to compute each step
             if sum(not replies[row].done for row in live) <= 3 * len(live) // 4:
-                cache.keep_rows(torch.tensor([i for i, row in enumerate(live) if not replies[row].done],
-                                             device=device))
+                cache.keep_rows(torch.tensor(
+                    [i for i, row in enumerate(live) if not replies[row].done], device=device))
                 live = [row for row in live if not replies[row].done]
-            logits = model(torch.tensor([fed[row] for row in live], device=device)[:, None], kv_cache=cache)[:, -1]
+            logits = model(torch.tensor([fed[row] for row in live], device=device)[:, None],
+                           kv_cache=cache)[:, -1]
 
     def advance(self, reply, token):
-        """One row's state after its token: finished at a stop token; at <|python_end|> the calculator
-        runs on the expression written since <|python_start|>, and its result is queued to be
-        forced."""
+        """One row's state after its token: finished at a stop token; at <|python_end|> the
+        calculator runs on the expression written since <|python_start|>, and its result is queued
+        to be forced."""
         if token in self.stop_tokens:
             reply.done = True
         elif token == self.python_start:
             reply.expression = []
         elif token == self.python_end and reply.expression is not None:
-            _, result = calculator(self.tokenizer.decode(reply.expression))  # a refusal is shown too
+            # a refusal is shown too
+            _, result = calculator(self.tokenizer.decode(reply.expression))
             reply.forced = [self.output_start] + self.tokenizer.encode_ordinary(result) + [self.output_end]
             reply.expression = None
         elif reply.expression is not None:
@@ -1016,8 +1064,9 @@ class Engine:
 
     @staticmethod
     def scores(logits, live, tokens, k):
-        """(logprob, [(token, logprob)] * k) for each row's token, None for finished rows (token -1):
-        see generate. logits (len(live), vocab) are the cache's rows, in the order of `live`."""
+        """(logprob, [(token, logprob)] * k) for each row's token, None for finished rows
+        (token -1): see generate. logits (len(live), vocab) are the cache's rows, in the order
+        of `live`."""
         logprobs = F.log_softmax(logits.float(), dim=-1)  # (len(live), vocab)
         top = logprobs.topk(k, dim=-1)
         scores = [None] * len(tokens)
@@ -1027,11 +1076,11 @@ class Engine:
                 scores[row] = (logprobs[i, tokens[row]].item(), alternatives)
         return scores
 
-    def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None, seed=42,
-                       keep_stop_token=False, top_logprobs=None):
-        """Return (token lists, sampled masks), one per row, each ending before its stop token (or with
-        it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also each row's
-        scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
+    def generate_batch(self, prompt, num_samples=1, max_tokens=64, temperature=1.0, top_k=None,
+                       seed=42, keep_stop_token=False, top_logprobs=None):
+        """Return (token lists, sampled masks), one per row, each ending before its stop token (or
+        with it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also each
+        row's scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
         rows = num_samples * (1 if isinstance(prompt[0], int) else len(prompt))
         results, masks, finished = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
         scores = [[] for _ in range(rows)]
@@ -1053,21 +1102,25 @@ class Engine:
 def complete(model, tokenizer, text, max_tokens=48, temperature=0.0, seed=42):
     """Continue a text prompt (after BOS), greedily by default, stopping at BOS."""
     bos = tokenizer.special_tokens["<|bos|>"]
-    (tokens,), _ = Engine(model, tokenizer).generate_batch([bos] + tokenizer.encode_ordinary(text), 1, max_tokens, temperature, seed=seed)
+    (tokens,), _ = Engine(model, tokenizer).generate_batch(
+        [bos] + tokenizer.encode_ordinary(text), 1, max_tokens, temperature, seed=seed)
     return tokenizer.decode(tokens)
 
 
 # -----------------------------------------------------------------------------------------------
 # Evaluation: bits per byte
 
-EVAL_LOGITS = 2 ** 30  # at most this many logits at once in evaluation: 4 GB in fp32 (B=32, T=2048, V=65536 makes 4.3e9)
+# at most this many logits at once in evaluation: 4 GB in fp32 (B=32, T=2048, V=65536 makes 4.3e9)
+EVAL_LOGITS = 2 ** 30
 
 
 def token_losses(model, x, y):
-    """model(x, y, loss_reduction="none"), (B*T,), computed a slice of rows at a time so that no (rows,
-    T, vocab) tensor holds more than EVAL_LOGITS numbers (a tiny model's batch is one slice)."""
+    """model(x, y, loss_reduction="none"), (B*T,), computed a slice of rows at a time so that no
+    (rows, T, vocab) tensor holds more than EVAL_LOGITS numbers (a tiny model's batch is
+    one slice)."""
     rows = max(1, EVAL_LOGITS // (x.size(1) * model.config.vocab_size))
-    return torch.cat([model(x[i:i + rows], y[i:i + rows], loss_reduction="none") for i in range(0, x.size(0), rows)])
+    return torch.cat([model(x[i:i + rows], y[i:i + rows], loss_reduction="none")
+                      for i in range(0, x.size(0), rows)])
 
 
 @torch.no_grad()
@@ -1095,7 +1148,8 @@ def evaluate_bpb(model, batches, num_batches, token_bytes):
 def evaluate_loss(model, batches, num_batches):
     """Mean cross-entropy over the targets that are not ignored (-1), all-reduced across ranks."""
     device = model.cos.device
-    total, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device)
+    total, count = (torch.zeros((), dtype=torch.float64, device=device),
+                    torch.zeros((), dtype=torch.int64, device=device))
     for _ in range(num_batches):
         x, y, _ = next(batches)
         total += token_losses(model, x, y).sum().double()
@@ -1117,7 +1171,8 @@ def induction_score(model, tokenizer, num_sequences=16, length=50, seed=0):
     the drills teach; the chat tasks' names_subject and keeps_name measure whether it carries over
     to text."""
     ids = torch.tensor(drill_ids(tokenizer))
-    copy = ids[torch.randint(len(ids), (num_sequences, length), generator=torch.Generator().manual_seed(seed))]
+    copy = ids[torch.randint(len(ids), (num_sequences, length),
+                             generator=torch.Generator().manual_seed(seed))]
     bos = torch.full((num_sequences, 1), tokenizer.special_tokens["<|bos|>"], dtype=torch.long)
     ids = torch.cat([bos, copy, copy], dim=1).to(model.cos.device)  # (N, 1 + 2 * length)
     losses = token_losses(model, ids[:, :-1], ids[:, 1:]).view(num_sequences, 2 * length)
@@ -1154,7 +1209,8 @@ def shard(items, ddp):
     return items[ddp.rank::ddp.world_size]
 
 
-GENERATE_ROWS = 128  # rows sampled together by evaluation: on a CPU 128 rows cost ~7x one row, not 128x
+# rows sampled together by evaluation: on a CPU 128 rows cost ~7x one row, not 128x
+GENERATE_ROWS = 128
 
 
 def batched(items, n):
@@ -1170,15 +1226,16 @@ def all_reduce_counts(correct, total, device):
 
 
 def gather_in_order(ddp, mine):
-    """This rank's results for shard(items, ddp) and every other rank's, back in item order, on every
-    rank: of W ranks, rank r scored items r, r + W, r + 2W, ..., so item i is result i // W of rank
-    i % W. With one process, `mine` as it is. Per-item results in item order let two checkpoints
-    scored on the same items be compared item by item (paired_difference)."""
+    """This rank's results for shard(items, ddp) and every other rank's, back in item order, on
+    every rank: of W ranks, rank r scored items r, r + W, r + 2W, ..., so item i is result i // W of
+    rank i % W. With one process, `mine` as it is. Per-item results in item order let two
+    checkpoints scored on the same items be compared item by item (paired_difference)."""
     if not ddp.is_ddp:
         return list(mine)
     shares = [None] * ddp.world_size
     dist.all_gather_object(shares, list(mine))
-    return [shares[i % ddp.world_size][i // ddp.world_size] for i in range(sum(len(share) for share in shares))]
+    return [shares[i % ddp.world_size][i // ddp.world_size]
+            for i in range(sum(len(share) for share in shares))]
 
 
 def forward_padded(model, rows, spans, pad_id, device):
@@ -1188,7 +1245,8 @@ def forward_padded(model, rows, spans, pad_id, device):
     crops = [max(0, len(row) - model.config.sequence_len) for row in rows]
     rows = [row[crop:] for row, crop in zip(rows, crops)]
     spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
-    ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)  # (N, L)
+    # (N, L)
+    ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row, device=device)
     return ids, model(ids), spans  # logits (N, L, vocab): position t predicts token t+1
@@ -1196,7 +1254,8 @@ def forward_padded(model, rows, spans, pad_id, device):
 
 def mean_span_losses(ids, logits, spans):
     """The mean loss of each row's tokens [start, end), (N,): how unlikely the model finds them."""
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L-1)
+    # (N, L-1)
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
 
 
@@ -1207,7 +1266,8 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
     Chance 1 / choices."""
     outcomes = []
     for item in shard(items, ddp):
-        ids = render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
+        ids = render_for_completion(
+            tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         outcomes.append(logits[letters].argmax().item() == item["answer"])
@@ -1216,29 +1276,33 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
 
 @torch.no_grad()
 def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
-    """Accuracy (share_of, with each item's outcome) on the same items scored as CORE scores multiple
-    choice: after the bare question, the answer sentence begun in the words all choices share, then
-    each choice's ending (item["cloze"]: "The capital of Japan is" + " Tokyo." / " Seoul." / ...) in
-    one batch; the lowest mean loss per token wins. What the model knows, whether or not it can
-    answer by letter. Chance 1 / choices."""
+    """Accuracy (share_of, with each item's outcome) on the same items scored as CORE scores
+    multiple choice: after the bare question, the answer sentence begun in the words all choices
+    share, then each choice's ending (item["cloze"]: "The capital of Japan is" + " Tokyo." /
+    " Seoul." / ...) in one batch; the lowest mean loss per token wins. What the model knows,
+    whether or not it can answer by letter. Chance 1 / choices."""
     outcomes = []
     for item in shard(items, ddp):
         shared, endings = item["cloze"]
-        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+        prompt = render_for_completion(tokenizer,
+                                       dict(messages=[dict(role="user", content=item["question"])]))
         prompt += tokenizer.encode_ordinary(shared)
         rows = [prompt + tokenizer.encode_ordinary(" " * bool(shared) + ending) for ending in endings]
         spans = [(len(prompt), len(row)) for row in rows]
-        ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], ddp.device)
+        ids, logits, spans = forward_padded(model, rows, spans,
+                                            tokenizer.special_tokens["<|bos|>"], ddp.device)
         outcomes.append(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
     return share_of(gather_in_order(ddp, outcomes))
 
 
 def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
-    """Greedy replies (the calculator available) to the items' questions, [(item, reply)] in item order
-    on every rank: each rank answers its share, and the shares are gathered."""
+    """Greedy replies (the calculator available) to the items' questions, [(item, reply)] in item
+    order on every rank: each rank answers its share, and the shares are gathered."""
     engine, pairs = Engine(model, tokenizer), []
-    for chunk in batched(shard(items, ddp), GENERATE_ROWS):  # prompts of different lengths share a batch, padded left
-        prompts = [render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
+    # prompts of different lengths share a batch, padded left
+    for chunk in batched(shard(items, ddp), GENERATE_ROWS):
+        prompts = [render_for_completion(tokenizer,
+                                         dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
         replies = engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]
         pairs += zip(chunk, (tokenizer.decode(tokens) for tokens in replies))
@@ -1255,8 +1319,8 @@ def evaluate_generative(model, tokenizer, items, ddp, task, max_tokens=96):
 
 
 def mentions(reply, name):
-    """Whether the reply names `name` as a whole word, case aside: mentions("A cat meows.", "cat") ->
-    True."""
+    """Whether the reply names `name` as a whole word, case aside: mentions("A cat meows.", "cat")
+    -> True."""
     return re.search(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)", reply.lower()) is not None
 
 
@@ -1272,15 +1336,19 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
     facts = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp)
-    world = [(item, reply) for item, reply in facts if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
-    arithmetic = [(item, reply) for item, reply in facts if item["key"].split(":")[0] in tinyworld.ARITHMETIC_KINDS]
-    hard = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("hard_word_problem", n=n), ddp, 128)
+    world = [(item, reply) for item, reply in facts
+             if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
+    arithmetic = [(item, reply) for item, reply in facts
+                  if item["key"].split(":")[0] in tinyworld.ARITHMETIC_KINDS]
+    hard = greedy_replies(model, tokenizer,
+                          tinyworld.tinyworld_eval_items("hard_word_problem", n=n), ddp, 128)
     return dict(
         multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
         world_knowledge=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in world]),
         arithmetic=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in arithmetic]),
-        word_problem=evaluate_generative(model, tokenizer, tinyworld.tinyworld_eval_items("word_problem", n=n), ddp,
+        word_problem=evaluate_generative(model, tokenizer,
+                                         tinyworld.tinyworld_eval_items("word_problem", n=n), ddp,
                                          "word_problem"),
         hard_word_problem=share_of([answer_is_correct(reply, item["answer"]) for item, reply in hard]),
         names_subject=share_of([mentions(reply, item["key"].split(":", 1)[1]) for item, reply in world]),
@@ -1289,14 +1357,15 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
 
 
 def chat_report_card(model, tokenizer, ddp, n, heading):
-    """evaluate_chat and the induction score, printed under `heading`: (the chat results, the induction
-    score as a dict of the first copy's loss, the second's and their ratio)."""
+    """evaluate_chat and the induction score, printed under `heading`: (the chat results, the
+    induction score as a dict of the first copy's loss, the second's and their ratio)."""
     results = evaluate_chat(model, tokenizer, ddp, n)
     first, second, ratio = induction_score(model, tokenizer)
     print0(f"{heading} (+- one standard error, [Wilson 95% interval]):")
     for task, stats in results.items():
         print0(f"  {task:22s} {format_accuracy(stats)}")
-    print0(f"  induction: a repeated random sequence's loss {first:.2f} -> {second:.2f} nats/token (ratio {ratio:.2f})")
+    print0(f"  induction: a repeated random sequence's loss {first:.2f} -> {second:.2f} nats/token "
+           f"(ratio {ratio:.2f})")
     return results, dict(first=round(first, 3), second=round(second, 3), ratio=round(ratio, 3))
 
 
@@ -1353,7 +1422,8 @@ def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
         centered = realdata.centered_accuracy(accuracy, task["random_baseline"])
         table[task["label"]] = dict(type=task["type"], shots=task["num_fewshot"], items=total,
                                     accuracy=accuracy, centered=centered)
-        print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} {accuracy:9.4f} {centered:9.4f}")
+        print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} "
+               f"{accuracy:9.4f} {centered:9.4f}")
     core = sum(row["centered"] for row in table.values()) / max(len(table), 1)
     print0(f"  {'CORE (mean centered accuracy)':34s} {'':17s} {'':5s} {'':6s} {'':9s} {core:9.4f}")
     return dict(CORE=core, core_tasks=table)
@@ -1364,8 +1434,8 @@ def find_core_bundle(args, ddp):
     --data hf. Returns None after saying, in one line, what is missing and how to supply it."""
     if args.core_bundle:
         if not (Path(args.core_bundle) / "core.yaml").exists():
-            raise UserError(f"--core-bundle {args.core_bundle} has no core.yaml: pass the folder that holds "
-                            "core.yaml, eval_meta_data.csv and eval_data/")
+            raise UserError(f"--core-bundle {args.core_bundle} has no core.yaml: pass the folder "
+                            "that holds core.yaml, eval_meta_data.csv and eval_data/")
         return Path(args.core_bundle)
     directory = base_dir() / "eval_bundle"
     if not (directory / "core.yaml").exists() and args.data == "hf":
@@ -1377,8 +1447,9 @@ def find_core_bundle(args, ddp):
         if ddp.is_ddp:
             dist.barrier()
     elif not (directory / "core.yaml").exists():
-        print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder with core.yaml, "
-               f"eval_meta_data.csv, eval_data/, unzipped from {realdata.EVAL_BUNDLE_URL}), or use --data hf to download it")
+        print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder "
+               "with core.yaml, eval_meta_data.csv, eval_data/, unzipped from "
+               f"{realdata.EVAL_BUNDLE_URL}), or use --data hf to download it")
     return directory if (directory / "core.yaml").exists() else None
 
 
@@ -1407,7 +1478,8 @@ def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
     for item in mine:
         prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
         (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        passed += sandbox.run_sandboxed(sandbox.humaneval_program(item, tokenizer.decode(tokens)), require_end=True)
+        passed += sandbox.run_sandboxed(sandbox.humaneval_program(item, tokenizer.decode(tokens)),
+                                        require_end=True)
     return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
 
 
@@ -1467,7 +1539,8 @@ def checkpoint_step(path):
 
 def last_checkpoint_step(directory):
     steps = [checkpoint_step(p) for p in directory.glob("meta_*.json")]
-    return max((s for s in steps if s is not None and (directory / f"model_{s:06d}.pt").exists()), default=None)
+    return max((s for s in steps if s is not None and (directory / f"model_{s:06d}.pt").exists()),
+               default=None)
 
 
 def save_checkpoint(directory, step, model, optimizers, meta):
@@ -1477,13 +1550,17 @@ def save_checkpoint(directory, step, model, optimizers, meta):
         directory.mkdir(parents=True, exist_ok=True)
         hardware.atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
         if optimizers is not None:
-            hardware.atomic_write(directory / f"optim_{step:06d}.pt", lambda p: torch.save([o.state_dict() for o in optimizers], p))
-        hardware.atomic_write(directory / f"meta_{step:06d}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+            hardware.atomic_write(directory / f"optim_{step:06d}.pt",
+                                  lambda p: torch.save([o.state_dict() for o in optimizers], p))
+        hardware.atomic_write(directory / f"meta_{step:06d}.json",
+                              lambda p: p.write_text(json.dumps(meta, indent=2)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         kept = last_checkpoint_step(directory) if directory.is_dir() else None
-        raise UserError(f"could not write the step {step} checkpoint in {directory} ({str(e).splitlines()[0]}); "
+        raise UserError(f"could not write the step {step} checkpoint in {directory} "
+                        f"({str(e).splitlines()[0]}); "
                         + (f"the step {kept} checkpoint is kept: free some space and continue with --resume"
-                           if kept is not None else "no earlier checkpoint exists: free some space and run again")) from None
+                           if kept is not None
+                           else "no earlier checkpoint exists: free some space and run again")) from None
     for old in directory.iterdir():  # the new step is on the disk now (atomic_write flushed it)
         if checkpoint_step(old) not in (None, step):
             old.unlink(missing_ok=True)
@@ -1492,13 +1569,14 @@ def save_checkpoint(directory, step, model, optimizers, meta):
 def interrupted(step, directory):
     """The error for Ctrl-C during training: where the last complete checkpoint is."""
     last = last_checkpoint_step(directory) if directory.is_dir() else None
-    where = f"the last checkpoint (step {last}) is in {directory}: continue with --resume" if last is not None else None
+    where = (f"the last checkpoint (step {last}) is in {directory}: continue with --resume"
+             if last is not None else None)
     return UserError(f"interrupted at step {step}; {where or 'no checkpoint was written yet'}")
 
 
 def torch_load(path, device):
-    """torch.load of the weights only (reading a checkpoint runs no code from it). A file that fails to
-    load is called corrupt only when hardware.checkpoint_file_is_intact finds it damaged; a whole
+    """torch.load of the weights only (reading a checkpoint runs no code from it). A file that fails
+    to load is called corrupt only when hardware.checkpoint_file_is_intact finds it damaged; a whole
     file (one too big for the memory left, say) is kept, and the error says why it did not load."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -1512,9 +1590,10 @@ def torch_load(path, device):
                             "delete that checkpoint directory and run the stage again") from None
         cause = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
         out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError))
-        what_to_do = f"free memory on {device} (another process may hold it)" if out_of_memory else "fix that cause"
-        raise UserError(f"cannot load checkpoint file {path} onto {device} ({cause}); the file is whole, so keep it: "
-                        f"{what_to_do} and run again") from None
+        what_to_do = (f"free memory on {device} (another process may hold it)" if out_of_memory
+                      else "fix that cause")
+        raise UserError(f"cannot load checkpoint file {path} onto {device} ({cause}); "
+                        f"the file is whole, so keep it: {what_to_do} and run again") from None
 
 
 def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
@@ -1529,7 +1608,8 @@ def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
         if not all(type(v) is int and v > 0 for v in dataclasses.astuple(config)):
             raise ValueError(f"model_config {meta['model_config']} is not positive whole numbers")
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint metadata {directory}/meta_{step:06d}.json is unreadable ({type(e).__name__}: {e}); "
+        raise UserError(f"checkpoint metadata {directory}/meta_{step:06d}.json is unreadable "
+                        f"({type(e).__name__}: {e}); "
                         "delete that checkpoint directory and run the stage again") from None
     with torch.device("meta"):
         model = GPT(config)
@@ -1539,15 +1619,17 @@ def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise UserError(f"checkpoint {directory} does not match its metadata's model config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {directory} does not match its metadata's model config: "
+                        f"{str(e).splitlines()[0]}") from None
     optim_states = torch_load(directory / f"optim_{step:06d}.pt", device) if with_optimizer else None
     return model, optim_states, meta
 
 
 def check_tokenizer(meta, tokenizer, where):
     if meta.get("tokenizer") != tokenizer_id(tokenizer):
-        raise UserError(f"{where} was trained with tokenizer {meta.get('tokenizer')}, but the current one is "
-                        f"{tokenizer_id(tokenizer)}: retrain the stages after --stage tok, or restore that tokenizer")
+        raise UserError(f"{where} was trained with tokenizer {meta.get('tokenizer')}, but the "
+                        f"current one is {tokenizer_id(tokenizer)}: retrain the stages "
+                        "after --stage tok, or restore that tokenizer")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1578,11 +1660,13 @@ def record_wall_time(stage, seconds):
 # drills in TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89)
 # and lifts names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one
 # seed each): off.
-DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6, max_new_tokens=256)
+DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6,
+                max_new_tokens=256)
 STAGE_DEFAULTS = dict(
     base=dict(steps=320, copy_drills=0.2),  # the drills on TinyWorld only
     mid=dict(steps=100),
-    sft=dict(steps=150, lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125),  # SFT nudges a model that chats
+    # SFT nudges a model that chats
+    sft=dict(steps=150, lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125),
     rl=dict(steps=70, lr_scale=0.05, temperature=1.0, max_new_tokens=128),
     chat=dict(top_k=50),
     serve=dict(top_k=50),
@@ -1590,23 +1674,27 @@ STAGE_DEFAULTS = dict(
 
 
 def defaults_help(name):
-    """A flag's defaults as --help words them: defaults_help("lr_scale") -> "default 1.0; sft 0.125, rl
-    0.05"."""
-    stages = ", ".join(f"{stage} {values[name]}" for stage, values in STAGE_DEFAULTS.items() if name in values)
-    return "; ".join(part for part in (f"default {DEFAULTS[name]}" if name in DEFAULTS else "", stages) if part)
+    """A flag's defaults as --help words them: defaults_help("lr_scale") -> "default 1.0; sft 0.125,
+    rl 0.05"."""
+    stages = ", ".join(f"{stage} {values[name]}" for stage, values in STAGE_DEFAULTS.items()
+                       if name in values)
+    return "; ".join(part for part in (f"default {DEFAULTS[name]}" if name in DEFAULTS else "",
+                                       stages) if part)
 
 
 def load_trained(args, ddp, stage, tokenizer):
     """The last checkpoint of `stage` for --model-tag, checked against the tokenizer: (model, meta).
     Says which stage to run first when there is none."""
-    model, _, meta = load_checkpoint(stage, args.model_tag, ddp.device, hint=f"run `python nanochat_one.py --stage "
-                                     f"{stage}` first (or pass the --model-tag / --depth it was trained with)")
+    model, _, meta = load_checkpoint(stage, args.model_tag, ddp.device,
+                                     hint=f"run `python nanochat_one.py --stage {stage}` first (or "
+                                          "pass the --model-tag / --depth it was trained with)")
     check_tokenizer(meta, tokenizer, f"the {stage} checkpoint")
     return model, meta
 
 
 class Start(NamedTuple):
-    """Where a training stage starts: a model, and when it resumes, its optimizer states and metadata."""
+    """Where a training stage starts: a model, and when it resumes, its optimizer states and
+    metadata."""
     model: GPT
     optim_states: list = None
     meta: dict = None
@@ -1623,8 +1711,8 @@ def start_model(args, ddp, stage, tokenizer, source=None):
         return Start(model, optim_states, meta)
     if source is not None:
         return Start(load_trained(args, ddp, source, tokenizer)[0])
-    config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len, args.aspect_ratio,
-                               args.head_dim, args.n_kv_head)
+    config = config_from_depth(args.depth, tokenizer.vocab_size, args.max_seq_len,
+                               args.aspect_ratio, args.head_dim, args.n_kv_head)
     with torch.device(ddp.device):
         model = GPT(config)
     model.init_weights()
@@ -1633,20 +1721,21 @@ def start_model(args, ddp, stage, tokenizer, source=None):
 
 def stage_optimizers(args, start):
     """setup_optimizers with the flags' learning rates times --lr-scale, restored when resuming."""
-    optimizers = setup_optimizers(start.model, args.matrix_lr * args.lr_scale, args.embedding_lr * args.lr_scale,
-                                  args.smear_lr * args.lr_scale, args.weight_decay)
+    optimizers = setup_optimizers(start.model, args.matrix_lr * args.lr_scale,
+                                  args.embedding_lr * args.lr_scale, args.smear_lr * args.lr_scale,
+                                  args.weight_decay)
     for opt, state in zip(optimizers, start.optim_states or []):
         opt.load_state_dict(state)
     return optimizers
 
 
 def first_step(start, num_steps):
-    """The step a stage starts at: 0, or a resumed checkpoint's (which must not be past num_steps: the
-    loop would never meet its last step, and the learning rate would turn negative)."""
+    """The step a stage starts at: 0, or a resumed checkpoint's (which must not be past num_steps:
+    the loop would never meet its last step, and the learning rate would turn negative)."""
     step = start.meta["step"] if start.optim_states is not None else 0
     if step > num_steps:
-        raise UserError(f"the checkpoint is at step {step}, past --num-iterations {num_steps}: give "
-                        f"--num-iterations above {step} to train on")
+        raise UserError(f"the checkpoint is at step {step}, past --num-iterations {num_steps}: "
+                        f"give --num-iterations above {step} to train on")
     if step:
         print0(f"resuming from step {step}")
     return step
@@ -1656,19 +1745,19 @@ def wrap_ddp(model, ddp):
     """Under torchrun, DistributedDataParallel averages gradients across ranks during backward."""
     if not ddp.is_ddp:
         return model
-    # the only buffers are the rotary tables, the same on every rank: nothing to broadcast each
-    # forward
-    return nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None,
-                                               broadcast_buffers=False)
+    # the only buffers are the rotary tables, the same on every rank:
+    # nothing to broadcast each forward
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[ddp.local_rank] if DEVICE_TYPE == "cuda" else None, broadcast_buffers=False)
 
 
 def grad_accum_steps(args, world_size):
     """Micro-steps per optimizer step: --total-batch-size tokens are reached by accumulation."""
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
-        raise UserError(f"--total-batch-size {args.total_batch_size} must be a multiple of device batch x "
-                        f"sequence length x processes = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
-                        f"= {tokens_per_micro_step}")
+        raise UserError(f"--total-batch-size {args.total_batch_size} must be a multiple of device "
+                        f"batch x sequence length x processes = {args.device_batch_size} x "
+                        f"{args.max_seq_len} x {world_size} = {tokens_per_micro_step}")
     return args.total_batch_size // tokens_per_micro_step
 
 
@@ -1676,8 +1765,8 @@ def resume_data_state(meta, ddp):
     """This rank's loader state from a checkpoint's metadata."""
     states = meta.get("data_state")
     if states is None or len(states) != ddp.world_size:
-        raise UserError(f"the checkpoint's data position was saved by {len(states or [])} process(es), not "
-                        f"{ddp.world_size}: resume with the same number of processes")
+        raise UserError(f"the checkpoint's data position was saved by {len(states or [])} process(es), "
+                        f"not {ddp.world_size}: resume with the same number of processes")
     return states[ddp.rank]
 
 
@@ -1691,22 +1780,22 @@ def save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, 
         if ddp.is_ddp:  # every rank takes part in the gather, rank 0 writes
             meta["data_state"] = [None] * ddp.world_size
             dist.all_gather_object(meta["data_state"], data_state)
-    meta |= dict(model_config=dataclasses.asdict(model.config), tokenizer=tokenizer_id(tokenizer), args=vars(args),
-                 metrics=metrics)
+    meta |= dict(model_config=dataclasses.asdict(model.config), tokenizer=tokenizer_id(tokenizer),
+                 args=vars(args), metrics=metrics)
     if ddp.is_master:
         save_checkpoint(checkpoint_dir(stage, args.model_tag), step, model, optimizers, meta)
 
 
 def periodic(step, every, num_steps):
-    """Whether an evaluation or a checkpoint falls on `step`: every `every` steps (0: none on the way)
-    and at the last step. Every training stage evaluates at its first step too, and saves none
+    """Whether an evaluation or a checkpoint falls on `step`: every `every` steps (0: none on the
+    way) and at the last step. Every training stage evaluates at its first step too, and saves none
     there."""
     return step == num_steps or (every > 0 and step % every == 0)
 
 
 def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps, fixed_shapes=True):
-    """Train start.model for num_steps optimizer steps of args.total_batch_size tokens: base, mid and
-    sft.
+    """Train start.model for num_steps optimizer steps of args.total_batch_size tokens: base, mid
+    and sft.
 
     make_batches(split, state=None) yields (inputs, targets, state) micro-batches of
     (device_batch_size, max_seq_len); make_batches(split, state) continues right after that one, so
@@ -1721,31 +1810,35 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.estimate_flops()
     grad_accum = grad_accum_steps(args, ddp.world_size)
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), "
-           f"vocab {config.vocab_size}, {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token")
-    print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = {num_steps * args.total_batch_size:,} "
-           f"tokens ({grad_accum} micro-steps of {B}x{T} on {ddp.world_size} process(es), {DEVICE_TYPE}, "
-           f"{str(COMPUTE_DTYPE)[6:]})")
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads "
+           f"({config.n_kv_head} kv), vocab {config.vocab_size}, {num_params:,} parameters, "
+           f"{flops_per_token:.3g} FLOPs/token")
+    print0(f"{stage}: {num_steps} steps x {args.total_batch_size:,} tokens = "
+           f"{num_steps * args.total_batch_size:,} tokens ({grad_accum} micro-steps of {B}x{T} on "
+           f"{ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
     optimizers = stage_optimizers(args, start)
     start_step = first_step(start, num_steps)
     data_state = resume_data_state(start.meta, ddp) if start_step else None
     ddp_model = wrap_ddp(model, ddp)
-    use_compile, why = hardware.compile_setting(args.compile, DEVICE_TYPE, num_steps - start_step, fixed_shapes)
+    use_compile, why = hardware.compile_setting(args.compile, DEVICE_TYPE, num_steps - start_step,
+                                                fixed_shapes)
     print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     batch = next(train_batches)  # (inputs, targets, the loader's state after them)
     peak = hardware.peak_flops(ddp.device)
 
-    def mfu(tok_per_s):  # model FLOPs utilisation: the share of the GPUs' peak that the model's FLOPs use
+    # model FLOPs utilisation: the share of the GPUs' peak that the model's FLOPs use
+    def mfu(tok_per_s):
         return 100 * flops_per_token * tok_per_s / (peak * ddp.world_size)
 
     metrics = {}  # the last evaluation's
     history = []  # every evaluation: the step and its metrics
     train_curve = []  # (step, loss) of every step
     smooth_loss = None  # an exponential moving average of the loss, for the log
-    t_train, tokens_timed = 0.0, 0  # time and tokens of the steps after the first (which warms up, compiles)
+    # time and tokens of the steps after the first (which warms up, compiles)
+    t_train, tokens_timed = 0.0, 0
     first_step_seconds = None
     step = start_step
     model.train()
@@ -1756,17 +1849,20 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 metrics = evaluate(model)
                 model.train()
                 history.append(dict(step=step, **metrics))
-                print0(f"step {step:5d}/{num_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                print0(f"step {step:5d}/{num_steps} | "
+                       + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if step > start_step and periodic(step, args.save_every, num_steps):
-                save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics, data_state)
+                save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics,
+                           data_state)
             if step == num_steps:
                 break
-            # one optimizer step: accumulate gradients over micro-steps; DDP all-reduces only on the
-            # last
+            # one optimizer step: accumulate gradients over micro-steps;
+            # DDP all-reduces only on the last
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
                 x, y, batch_state = batch
-                step_tokens += x.numel() * ddp.world_size  # SFT rows are shorter than T: count what ran
+                # SFT rows are shorter than T: count what ran
+                step_tokens += x.numel() * ddp.world_size
                 sync = micro == grad_accum - 1 or not ddp.is_ddp
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     loss = train_model(x, y) / grad_accum
@@ -1795,8 +1891,9 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
             timed_steps = step - start_step - 1
             eta = format_seconds((num_steps - step) * t_train / timed_steps) if timed_steps else "?"
             if step % args.log_every == 0 or step == num_steps:
-                print0(f"step {step:5d}/{num_steps} | loss {smooth_loss:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f}ms "
-                       f"| {tok_per_s:,.0f} tok/s" + (f" | mfu {mfu(tok_per_s):.1f}%" if peak else "") + f" | eta {eta}")
+                print0(f"step {step:5d}/{num_steps} | loss {smooth_loss:.4f} | lr x{lrm:.2f} | "
+                       f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s"
+                       + (f" | mfu {mfu(tok_per_s):.1f}%" if peak else "") + f" | eta {eta}")
     except KeyboardInterrupt:
         raise interrupted(step, checkpoint_dir(stage, args.model_tag)) from None
     tok_per_s = tokens_timed / t_train if t_train else 0.0  # over the timed steps
@@ -1813,8 +1910,10 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
 # Stages tok and base: the data they need, and how long base trains
 
 def meta_model(args, vocab_size):
-    """The model the flags describe, built on the meta device: its shapes and parameters, no memory."""
-    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.n_kv_head)
+    """The model the flags describe, built on the meta device: its shapes and parameters, no
+    memory."""
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio,
+                               args.head_dim, args.n_kv_head)
     with torch.device("meta"):
         return GPT(config)
 
@@ -1831,10 +1930,11 @@ def base_steps(args, num_params):
 
 
 def prepare_base_data(args, ddp):
-    """--data hf without --data-dir: rank 0 downloads the FineWeb-EDU shards into <base_dir>/base_data
-    (the shards already there are kept) while the other ranks wait: --num-shards, by default those
-    the base run's tokens need (hardware.shards_needed), with the vocabulary of the tokenizer if
-    there is one, else of --vocab-size (--stage tok, before it trains one)."""
+    """--data hf without --data-dir: rank 0 downloads the FineWeb-EDU shards into
+    <base_dir>/base_data (the shards already there are kept) while the other ranks wait:
+    --num-shards, by default those the base run's tokens need (hardware.shards_needed), with
+    the vocabulary of the tokenizer if there is one, else of --vocab-size (--stage tok,
+    before it trains one)."""
     if args.data != "hf" or args.data_dir:
         return
     if ddp.is_master:
@@ -1861,12 +1961,13 @@ def stage_tok(args, ddp):
             n_chars += len(text)
             if n_chars >= args.tok_chars:
                 break
-        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} characters "
-               f"of {args.data} text...")
+        print0(f"training a {args.vocab_size}-token BPE ({bpe.BACKEND} backend) on {n_chars:,} "
+               f"characters of {args.data} text...")
         tokenizer = bpe.Tokenizer.train(texts, args.vocab_size, special_tokens=SPECIAL_TOKENS)
         train_seconds = time.time() - t0
         if tokenizer.vocab_size < args.vocab_size:
-            print0(f"note: the text ran out of pairs to merge; the vocabulary has {tokenizer.vocab_size} tokens")
+            print0(f"note: the text ran out of pairs to merge; the vocabulary has "
+                   f"{tokenizer.vocab_size} tokens")
         tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tokenizer_path())
         val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
@@ -1876,8 +1977,9 @@ def stage_tok(args, ddp):
         print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
                f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
         print0(f"example: {pieces}")
-        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND, train_chars=n_chars,
-                                 train_seconds=round(train_seconds, 2), val_bytes_per_token=round(n_bytes / n_tokens, 3)))
+        write_report("tok", dict(vocab_size=tokenizer.vocab_size, backend=bpe.BACKEND,
+                                 train_chars=n_chars, train_seconds=round(train_seconds, 2),
+                                 val_bytes_per_token=round(n_bytes / n_tokens, 3)))
     if ddp.is_ddp:
         dist.barrier()
 
@@ -1894,7 +1996,8 @@ def stage_base(args, ddp):
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
     def make_batches(split, state=None):
-        return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
+        return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp,
+                            ddp.device, state)
 
     def evaluate(model):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes),
@@ -1924,13 +2027,15 @@ def stage_base(args, ddp):
 # only on the assistant's words, one conversation per row (SFT).
 
 def epoch_steps(args, ddp, stage, tokenizer):
-    """--data hf: the optimizer steps of one epoch of the stage's mixture, as nanochat trains mid and
-    SFT: for SFT its conversations over the conversations per step; for mid its tokens (each rank
-    renders its share once) over --total-batch-size."""
+    """--data hf: the optimizer steps of one epoch of the stage's mixture, as nanochat trains mid
+    and SFT: for SFT its conversations over the conversations per step; for mid its tokens (each
+    rank renders its share once) over --total-batch-size."""
     epoch = len(realdata.mixture(args.data_dir, "train", stage)[1])
     if stage == "sft":
-        return max(1, epoch // (args.device_batch_size * ddp.world_size * grad_accum_steps(args, ddp.world_size)))
-    mine = (c for p, c in itertools.islice(chat_examples(args, "train", 0, stage), epoch) if p % ddp.world_size == ddp.rank)
+        return max(1, epoch // (args.device_batch_size * ddp.world_size
+                                * grad_accum_steps(args, ddp.world_size)))
+    mine = (c for p, c in itertools.islice(chat_examples(args, "train", 0, stage), epoch)
+            if p % ddp.world_size == ddp.rank)
     tokens = torch.tensor(sum(len(render_conversation(tokenizer, c)[0]) for c in mine), device=ddp.device)
     if dist.is_initialized():
         dist.all_reduce(tokens)
@@ -1944,7 +2049,8 @@ def chat_stage(args, ddp, stage, source, make_loader, fixed_shapes=True):
     start = start_model(args, ddp, stage, tokenizer, source=source)
 
     def make_batches(split, state=None):
-        return make_loader(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp, ddp.device, state)
+        return make_loader(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp,
+                           ddp.device, state)
 
     def evaluate(model):
         return dict(val_loss=evaluate_loss(model, make_batches("val"), args.eval_batches))
@@ -1958,8 +2064,8 @@ def chat_stage(args, ddp, stage, source, make_loader, fixed_shapes=True):
     summary = train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps, fixed_shapes)
     summary["chat_eval"] = {}
     if args.data == "tinyworld":  # real-data chat tasks: --stage eval --data hf
-        summary["chat_eval"], summary["induction"] = chat_report_card(start.model, tokenizer, ddp, args.eval_items,
-                                                                      f"{stage} held-out accuracy")
+        summary["chat_eval"], summary["induction"] = chat_report_card(
+            start.model, tokenizer, ddp, args.eval_items, f"{stage} held-out accuracy")
     if ddp.is_master:
         write_report(stage, summary)
     return summary
@@ -1995,13 +2101,14 @@ def stage_sft(args, ddp):
 # are skipped. Tokens forced in by the calculator and the prompt are never trained on.
 
 def reply_text(tokenizer, tokens):
-    """A sampled reply as its reader sees it, and as a reward receives it in training and in evaluation
-    alike: the text before the stop token, each calculator call written as the server's whole
-    replies write it, and no other special token. E.g. the tokens of 'It is
-    <|python_start|>2*3<|python_end|> <|output_start|>6<|output_end|> 6.<|assistant_end|>' give 'It
-    is [calculator: 2*3 = 6] 6.'"""
+    """A sampled reply as its reader sees it, and as a reward receives it in training and in
+    evaluation alike: the text before the stop token, each calculator call written as the server's
+    whole replies write it, and no other special token. E.g. the tokens of
+    'It is <|python_start|>2*3<|python_end|> <|output_start|>6<|output_end|> 6.<|assistant_end|>'
+    give 'It is [calculator: 2*3 = 6] 6.'"""
     s = tokenizer.special_tokens
-    shown = {s["<|python_start|>"]: b"[calculator: ", s["<|output_start|>"]: b" = ", s["<|output_end|>"]: b"]"}
+    shown = {s["<|python_start|>"]: b"[calculator: ", s["<|output_start|>"]: b" = ",
+             s["<|output_end|>"]: b"]"}
     special, stop = set(s.values()), {s["<|assistant_end|>"], s["<|bos|>"]}
     pieces = []
     for token in tokens:
@@ -2016,14 +2123,16 @@ def correct_answer_reward(question, reply, answer):
     return float(answer_is_correct(reply, answer))
 
 
-def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0, reward=correct_answer_reward):
+def pass_at_k(model, tokenizer, problems, ddp, k, max_tokens, temperature, seed=0,
+              reward=correct_answer_reward):
     """Sample k answers per problem; return (pass_at_k_stats, each problem's k rewards in problem
     order). pass@1 is the mean reward of a sample and pass@k the mean over problems of the best of
     its k rewards: with 0/1 rewards, the fraction of correct samples and of problems with any
     correct."""
     engine, rewards = Engine(model, tokenizer), []
     for i, chunk in enumerate(batched(shard(problems, ddp), max(1, GENERATE_ROWS // k))):
-        prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in chunk]
+        prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"]))
+                   for p in chunk]
         answers, _ = engine.generate_batch(prompts, k, max_tokens, temperature, seed=seed + i)
         for j, problem in enumerate(chunk):
             replies = [reply_text(tokenizer, a) for a in answers[j * k:(j + 1) * k]]
@@ -2041,8 +2150,9 @@ class GRPORow(NamedTuple):
 
 
 def grpo_sequences(prompt, answers, sampled_masks, rewards):
-    """Turn one group of G sampled answers into GRPORows, the advantage of each its reward less the
-    group's mean, trained on its sampled tokens only. Returns [] when the group carries no signal."""
+    """Turn one group of G sampled answers into GRPORows, the advantage of each its reward less
+    the group's mean, trained on its sampled tokens only. Returns [] when the group carries no
+    signal."""
     mean = sum(rewards) / len(rewards)
     if all(r == rewards[0] for r in rewards):
         return []
@@ -2079,37 +2189,45 @@ def rl_problems(args):
         def draw_problem(rng):
             return tinyworld.train_item(tinyworld.tinyworld_hard_word_problem, rng)
 
-        return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test", n=args.pass_k_problems), None
-    train, test = realdata.load_rows("gsm8k", "train", args.data_dir), realdata.load_rows("gsm8k", "test", args.data_dir)
+        return draw_problem, tinyworld.tinyworld_eval_items("hard_word_problem", "test",
+                                                            n=args.pass_k_problems), None
+    train, test = (realdata.load_rows("gsm8k", "train", args.data_dir),
+                   realdata.load_rows("gsm8k", "test", args.data_dir))
 
     def draw_problem(rng):
         row = train[rng.randrange(len(train))]
         return dict(question=row["question"], answer=extract_answer(row["answer"]))
 
     held_out = test.select(range(min(args.pass_k_problems, len(test))))
-    return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"])) for row in held_out], len(train)
+    return draw_problem, [dict(question=row["question"], answer=extract_answer(row["answer"]))
+                          for row in held_out], len(train)
 
 
-NO_SIGNAL_STEPS = 5  # steps in a row in which every group's rewards were all equal before RL says so
+# steps in a row in which every group's rewards were all equal before RL says so
+NO_SIGNAL_STEPS = 5
 
 
 def warn_no_signal(steps, mean_reward, examples):
-    """Say once that nothing is being learned, with a few of the last step's replies and their rewards."""
-    print0(f"rl: for {steps} steps in a row every group's rewards were all equal (mean {mean_reward:.3f}): the reward "
-           "never varies, so no step changes the model. Check the reward on replies like these from the last step:")
+    """Say once that nothing is being learned, with a few of the last step's replies and their
+    rewards."""
+    print0(f"rl: for {steps} steps in a row every group's rewards were all equal "
+           f"(mean {mean_reward:.3f}): the reward never varies, so no step changes the model. "
+           "Check the reward on replies like these from the last step:")
     for reward, reply in examples[:3]:
         print0(f"  reward {reward:.3f} for the reply {reply[:200]!r}")
 
 
 def rollout(engine, tokenizer, problems, args, seed, reward):
-    """Sample args.num_samples replies to each problem with the current policy (all the groups in one
-    batch) and score them with `reward`. Returns, problem by problem, (prompt, answers, sampled
+    """Sample args.num_samples replies to each problem with the current policy (all the groups in
+    one batch) and score them with `reward`. Returns, problem by problem, (prompt, answers, sampled
     masks, replies, rewards): answers as tokens, with the stop token (RL teaches when to stop too);
     replies as text, as pass_at_k reads them."""
     G = args.num_samples
-    prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"])) for p in problems]
-    answers, sampled = engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature, args.top_k, seed=seed,
-                                             keep_stop_token=True) if prompts else ([], [])
+    prompts = [render_for_completion(tokenizer, tinyworld.word_problem_conversation(p["question"]))
+               for p in problems]
+    answers, sampled = (engine.generate_batch(prompts, G, args.max_new_tokens, args.temperature,
+                                              args.top_k, seed=seed, keep_stop_token=True)
+                        if prompts else ([], []))
     groups = []
     for i, (problem, prompt) in enumerate(zip(problems, prompts)):
         group_answers, group_sampled = answers[i * G:(i + 1) * G], sampled[i * G:(i + 1) * G]
@@ -2133,8 +2251,8 @@ def policy_step(ddp_model, ddp, rows, num_tokens, micro_batch, pad_id):
         sync = j == micro_steps - 1 or not ddp.is_ddp
         with contextlib.nullcontext() if sync else ddp_model.no_sync():
             if j < len(chunks):
-                # DDP averages the ranks' gradients: per rank, divide by its share of all the
-                # sampled tokens
+                # DDP averages the ranks' gradients:
+                # per rank, divide by its share of all the sampled tokens
                 loss = grpo_loss(ddp_model, chunks[j], num_tokens / ddp.world_size, ddp.device, pad_id)
             else:
                 loss = ddp_model(torch.tensor([[pad_id]], device=ddp.device)).sum() * 0.0
@@ -2153,11 +2271,13 @@ def stage_rl(args, ddp):
     if args.num_iterations > 0:
         num_steps = args.num_iterations
     else:  # with GSM8K an epoch's worth of problems, as nanochat (drawn at random here)
-        num_steps = max(1, num_train // P) if args.data == "hf" and args.problems is None else STAGE_DEFAULTS["rl"]["steps"]
+        num_steps = (max(1, num_train // P) if args.data == "hf" and args.problems is None
+                     else STAGE_DEFAULTS["rl"]["steps"])
     start_step = first_step(start, num_steps)
     reward = realdata.load_reward(args.reward) if args.reward else correct_answer_reward
-    print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, max "
-           f"{args.max_new_tokens} new tokens, lr x{args.lr_scale}, pass@k on {len(held_out)} held-out problems")
+    print0(f"rl: {num_steps} steps x {P} problems x {G} samples, temperature {args.temperature}, "
+           f"max {args.max_new_tokens} new tokens, lr x{args.lr_scale}, pass@k on {len(held_out)} "
+           "held-out problems")
     history = []  # each evaluation: the step, pass@1 and pass@k with their errors
     evaluated = []  # each evaluation's rewards, problem by problem
     curve = []  # each step's mean reward, share of groups without signal, trained tokens
@@ -2169,8 +2289,8 @@ def stage_rl(args, ddp):
         while True:
             if step == start_step or periodic(step, args.eval_every, num_steps):
                 model.eval()
-                stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k, args.max_new_tokens,
-                                           args.temperature, 10_000, reward)
+                stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k,
+                                           args.max_new_tokens, args.temperature, 10_000, reward)
                 history.append(dict(step=step, **stats))
                 evaluated.append(rewards)
                 print0(f"step {step:4d}/{num_steps} | held-out pass@1 {stats['pass1']:.3f} +- "
@@ -2181,14 +2301,14 @@ def stage_rl(args, ddp):
             if step == num_steps:
                 break
             t0 = time.time()
-            # 1) rollout: G answers to each of this rank's problems from the current policy, and
-            # their rewards; a step's problems depend on the step alone, so a resumed run draws the
-            # same
+            # 1) rollout: G answers to each of this rank's problems from the current policy,
+            # and their rewards; a step's problems depend on the step alone, so a resumed run
+            # draws the same
             model.eval()
             rng = random.Random(f"rl-{args.seed}-{step}")
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
-            groups = rollout(engine, tokenizer, problems, args, args.seed * 100_003 + step * ddp.world_size + ddp.rank,
-                             reward)
+            groups = rollout(engine, tokenizer, problems, args,
+                             args.seed * 100_003 + step * ddp.world_size + ddp.rank, reward)
             # 2) advantages: each answer's reward less its group's mean; a group whose rewards are
             # all equal has none, so it carries no signal
             rows, rewards_all, zero_signal, examples = [], [], 0, []
@@ -2198,12 +2318,14 @@ def stage_rl(args, ddp):
                 group_rows = grpo_sequences(prompt, answers, sampled, rewards)
                 zero_signal += not group_rows
                 rows += group_rows
-            rows.sort(key=lambda row: len(row.ids))  # micro-batches of similar lengths: less padding to compute
-            # 3) one policy-gradient step on the groups with signal, normalised by all their sampled
-            # tokens
+            # micro-batches of similar lengths: less padding to compute
+            rows.sort(key=lambda row: len(row.ids))
+            # 3) one policy-gradient step on the groups with signal,
+            # normalised by all their sampled tokens
             model.train()
-            counts = torch.tensor([sum(t >= 0 for row in rows for t in row.targets), sum(rewards_all),
-                                   len(rewards_all), zero_signal], dtype=torch.float64, device=ddp.device)
+            counts = torch.tensor([sum(t >= 0 for row in rows for t in row.targets),
+                                   sum(rewards_all), len(rewards_all), zero_signal],
+                                  dtype=torch.float64, device=ddp.device)
             if dist.is_initialized():
                 dist.all_reduce(counts)  # summed over ranks
             num_tokens, reward_sum, num_rewards, zero_groups = counts.tolist()
@@ -2219,23 +2341,26 @@ def stage_rl(args, ddp):
             curve.append(dict(step=step, mean_reward=mean_reward, zero_signal=zero_groups / P,
                               sampled_tokens=int(num_tokens)))
             eta = format_seconds((num_steps - step) * t_steps / (step - start_step))
-            print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups {zero_groups / P:.2f} "
-                   f"| trained tokens {int(num_tokens)} | {dt:.1f}s | eta {eta} (+ evaluations)")
+            print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups "
+                   f"{zero_groups / P:.2f} | trained tokens {int(num_tokens)} | {dt:.1f}s | "
+                   f"eta {eta} (+ evaluations)")
             steps_without_signal = steps_without_signal + 1 if zero_groups == P else 0
             if steps_without_signal == NO_SIGNAL_STEPS:
                 warn_no_signal(steps_without_signal, mean_reward, examples)
     except KeyboardInterrupt:
         raise interrupted(step, checkpoint_dir("rl", args.model_tag)) from None
-    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G, pass_k=args.pass_k,
-                   prompts_per_step=P, held_out=len(held_out), train_seconds=round(time.time() - t_start, 1),
-                   chat_eval={})
-    if len(evaluated) > 1:  # the same held-out problems at the first and last evaluation: compared problem by problem
+    summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G,
+                   pass_k=args.pass_k, prompts_per_step=P, held_out=len(held_out),
+                   train_seconds=round(time.time() - t_start, 1), chat_eval={})
+    # the same held-out problems at the first and last evaluation: compared problem by problem
+    if len(evaluated) > 1:
         first, last = ([sum(r) / len(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
         best_first, best_last = ([max(r) for r in rewards] for rewards in (evaluated[0], evaluated[-1]))
-        summary["change"] = dict(pass1=paired_difference(first, last), passk=paired_difference(best_first, best_last))
+        summary["change"] = dict(pass1=paired_difference(first, last),
+                                 passk=paired_difference(best_first, best_last))
     if args.data == "tinyworld":
-        summary["chat_eval"], summary["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
-                                                                      "rl held-out accuracy")
+        summary["chat_eval"], summary["induction"] = chat_report_card(
+            model, tokenizer, ddp, args.eval_items, "rl held-out accuracy")
     if ddp.is_master:
         write_report("rl", summary)
         report.plot_reward_curve(summary, base_dir() / "report" / "rl.png")
@@ -2253,7 +2378,8 @@ def stage_eval(args, ddp):
     results = {}
     if args.source == "base":
         token_bytes = token_byte_lengths(tokenizer, ddp.device)
-        batches = base_batches(args, tokenizer, "val", args.device_batch_size, args.max_seq_len, ddp, ddp.device)
+        batches = base_batches(args, tokenizer, "val", args.device_batch_size, args.max_seq_len,
+                               ddp, ddp.device)
         results["val_bpb"] = evaluate_bpb(model, batches, args.eval_batches, token_bytes)
         bundle = find_core_bundle(args, ddp)
         real = evaluate_core(model, tokenizer, bundle, ddp, args.max_per_task) if bundle else {}
@@ -2264,7 +2390,8 @@ def stage_eval(args, ddp):
     print0(f"{args.source} checkpoint {tag} (step {meta['step']})"
            + (f": validation bits per byte {results['val_bpb']:.4f}" if "val_bpb" in results else ""))
     if args.data == "tinyworld":
-        chat, results["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items, "held-out accuracy")
+        chat, results["induction"] = chat_report_card(model, tokenizer, ddp, args.eval_items,
+                                                      "held-out accuracy")
         results |= chat
     if ddp.is_master:
         write_report(f"eval_{args.source}", results | real)
@@ -2281,7 +2408,8 @@ def stage_chat(args, ddp):
     engine, messages = Engine(model, tokenizer), []
     opening = dict(text="", python="[calculator: ", python_output=" = ")
     if args.prompt is None:
-        print(f"chatting with the {args.source} model {tag}; an empty line or Ctrl-D quits, /clear starts over")
+        print(f"chatting with the {args.source} model {tag}; an empty line or Ctrl-D quits, "
+              "/clear starts over")
     while True:
         if args.prompt is not None:
             user = args.prompt
@@ -2299,7 +2427,8 @@ def stage_chat(args, ddp):
         messages.append(dict(role="user", content=user))
         prompt, parts = render_for_completion(tokenizer, dict(messages=messages)), []
         print("assistant> " if args.prompt is None else "", end="", flush=True)
-        for text, part in serve.reply_pieces(engine, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed):
+        for text, part in serve.reply_pieces(engine, prompt, args.max_new_tokens, args.temperature,
+                                             args.top_k, args.seed):
             shown = parts[-1]["type"] if parts else "text"
             if text and part != shown:
                 print(("]" if shown == "python_output" else "") + opening[part], end="")
@@ -2312,9 +2441,9 @@ def stage_chat(args, ddp):
 
 
 def stage_serve(args, ddp):
-    """The chat page (chat.html) and an OpenAI-style API over HTTP (serve.py) for every checkpoint of
-    the model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one a
-    request gets unless it names another."""
+    """The chat page (chat.html) and an OpenAI-style API over HTTP (serve.py) for every checkpoint
+    of the model tag: base, mid, sft and rl, those that exist, each loaded once; --source is the one
+    a request gets unless it names another."""
     tokenizer = get_tokenizer()
     tag = args.model_tag
     models = {}
@@ -2324,13 +2453,14 @@ def stage_serve(args, ddp):
             continue
         model, meta = load_trained(args, ddp, stage, tokenizer)
         written = (directory / f"model_{meta['step']:06d}.pt").stat().st_mtime
-        # the context is the length the model was trained on (its rotary tables run 10x longer, to
-        # positions it never saw)
-        models[stage] = serve.Checkpoint(Engine(model.eval(), tokenizer), meta["step"], model.config.sequence_len,
-                                         int(written))
+        # the context is the length the model was trained on
+        # (its rotary tables run 10x longer, to positions it never saw)
+        models[stage] = serve.Checkpoint(Engine(model.eval(), tokenizer), meta["step"],
+                                         model.config.sequence_len, int(written))
         params = list(model.parameters())
-        print(f"loaded the {stage} checkpoint (step {meta['step']}): {sum(p.numel() for p in params) / 1e6:.1f}M "
-              f"parameters, {sum(p.numel() * p.element_size() for p in params) / 2**20:.0f} MiB", flush=True)
+        print(f"loaded the {stage} checkpoint (step {meta['step']}): "
+              f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters, "
+              f"{sum(p.numel() * p.element_size() for p in params) / 2**20:.0f} MiB", flush=True)
     info = dict(model=tag, stage=args.source,
                 defaults=dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens))
     limits = serve.Limits(max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
@@ -2351,19 +2481,22 @@ def stage_serve(args, ddp):
 def stage_report(args, ddp):
     if not ddp.is_master:
         return
-    reports = {path.stem: json.loads(path.read_text()) for path in sorted((base_dir() / "report").glob("*.json"))}
+    reports = {path.stem: json.loads(path.read_text())
+               for path in sorted((base_dir() / "report").glob("*.json"))}
     final, samples = next((stage for stage in ("rl", "sft") if stage in reports), None), []
     if final is not None:  # two sample conversations with the last chat model
         tokenizer = get_tokenizer()
         model, _ = load_trained(args, ddp, final, tokenizer)
         engine = Engine(model.eval(), tokenizer)
-        for question in ("What is the capital of Japan?", tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
+        for question in ("What is the capital of Japan?",
+                         tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
             samples.append((question, tokenizer.decode(reply)))
     reward_curve = base_dir() / "report" / "rl.png"
-    text = report.markdown(reports, report.real_eval_report_lines(reports), final, samples, args.wall_seconds,
-                           reward_curve if reward_curve.exists() else None, report.chat_changes(reports))
+    text = report.markdown(reports, report.real_eval_report_lines(reports), final, samples,
+                           args.wall_seconds, reward_curve if reward_curve.exists() else None,
+                           report.chat_changes(reports))
     Path(args.report_path).write_text(text)
     print0(text, end="")
     print0(f"wrote {args.report_path}")
@@ -2380,8 +2513,8 @@ def stage_plan(args, ddp):
     shapes, no memory). `speedrun.sh d20|d26|d32` prints it before it starts."""
     model = meta_model(args, args.vocab_size)
     params = sum(p.numel() for p in model.parameters())
-    plan, table = hardware.plan(args, model.config, params, model.estimate_flops(), base_steps(args, params),
-                                grad_accum_steps(args, args.gpus))
+    plan, table = hardware.plan(args, model.config, params, model.estimate_flops(),
+                                base_steps(args, params), grad_accum_steps(args, args.gpus))
     print0(table)
     return plan
 
@@ -2389,9 +2522,11 @@ def stage_plan(args, ddp):
 # -----------------------------------------------------------------------------------------------
 # CLI
 
-TRAINING_STAGES = ("base", "mid", "sft", "rl")  # the stages that train and checkpoint a model, in order
+# the stages that train and checkpoint a model, in order
+TRAINING_STAGES = ("base", "mid", "sft", "rl")
 STAGES = {"tok": stage_tok, "base": stage_base, "mid": stage_mid, "sft": stage_sft, "rl": stage_rl,
-          "eval": stage_eval, "chat": stage_chat, "serve": stage_serve, "report": stage_report, "plan": stage_plan}
+          "eval": stage_eval, "chat": stage_chat, "serve": stage_serve, "report": stage_report,
+          "plan": stage_plan}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2403,8 +2538,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # What a numeric flag's value must be, (test, the words of its error), given where the flag is added
 # (add_argument(...).must = ...) and checked by finalize_args; a flag left at None passes.
-AT_LEAST_1, POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v > 0, "positive"), \
-    (lambda v: v >= 0, "0 or more")
+AT_LEAST_1, POSITIVE, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), \
+    (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or more")
 FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
 STEPS_OR_ALL = (lambda v: v >= 1 or v == -1, "at least 1, or -1 (the default)")
 
@@ -2417,68 +2552,73 @@ def build_parser():
     p.add_argument("--stage", required=True, choices=list(STAGES), help="which stage to run")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
-                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets (FineWeb-EDU, "
-                        "SmolTalk, MMLU, GSM8K)")
-    g.add_argument("--data-dir", default=None,
-                   help="--data hf: folder of FineWeb-EDU style parquet shards (a text column) and of smoltalk/, "
-                        "mmlu/, gsm8k/, arc_easy/, arc_challenge/ subfolders (default: <base_dir>/base_data, "
-                        "downloaded there; chat data from the hub). mid and sft, either --data: its *.jsonl files "
-                        'of your own {"messages": [...]} conversations replace every other training conversation')
+                   help="tinyworld: the embedded synthetic world (offline); hf: real datasets "
+                        "(FineWeb-EDU, SmolTalk, MMLU, GSM8K)")
+    g.add_argument("--data-dir", default=None, help="--data hf: folder of FineWeb-EDU style "
+                   "parquet shards (a text column) and of smoltalk/, mmlu/, gsm8k/, arc_easy/, "
+                   "arc_challenge/ subfolders (default: <base_dir>/base_data, downloaded there; "
+                   "chat data from the hub). mid and sft, either --data: its *.jsonl files of your "
+                   'own {"messages": [...]} conversations replace every other training '
+                   "conversation")
     g.add_argument("--problems", default=None,
-                   help='rl: your own problems instead: a .jsonl file of {"question", "answer"} lines (one in ten '
-                        "held out for pass@k, by a hash of the question)")
-    g.add_argument("--reward", default=None,
-                   help="rl: module:function, your own reward (question, reply, answer) -> float in place of 1.0 "
-                        "for the right '####' answer, else 0.0 (module: a .py file in the current folder); reply "
-                        "is the text a reader sees, the same in training and evaluation: no stop token, "
-                        "calculator calls as [calculator: 2*3 = 6]")
+                   help='rl: your own problems instead: a .jsonl file of {"question", "answer"} '
+                        "lines (one in ten held out for pass@k, by a hash of the question)")
+    g.add_argument("--reward", default=None, help="rl: module:function, your own reward (question, "
+                   "reply, answer) -> float in place of 1.0 for the right '####' answer, else 0.0 "
+                   "(module: a .py file in the current folder); reply is the text a reader sees, "
+                   "the same in training and evaluation: no stop token, calculator calls as "
+                   "[calculator: 2*3 = 6]")
     g.add_argument("--num-shards", type=int, default=None,
-                   help="--data hf without --data-dir: FineWeb-EDU shards to download (about 100 MB each): the "
-                        "first N-1 for training, plus the pinned validation shard (default: those the base run's "
-                        "tokens need, with a 10%% margin)"
+                   help="--data hf without --data-dir: FineWeb-EDU shards to download (about 100 "
+                        "MB each): the first N-1 for training, plus the pinned validation shard "
+                        "(default: those the base run's tokens need, with a 10%% margin)"
                    ).must = (lambda v: v >= 2, "at least 2 (one train shard and the validation shard)")
-    g.add_argument("--copy-drills", type=float, default=None,
-                   help="base and mid: the share of training documents (conversations) replaced by a copy drill, "
-                        "random token ids written twice, which teaches reading the context (default: 0.2 for "
-                        "TinyWorld's base, else 0)").must = (lambda v: 0 <= v < 1, "at least 0 and below 1")
+    g.add_argument("--copy-drills", type=float, default=None, help="base and mid: the share of "
+                   "training documents (conversations) replaced by a copy drill, random token ids "
+                   "written twice, which teaches reading the context (default: 0.2 for TinyWorld's "
+                   "base, else 0)").must = (lambda v: 0 <= v < 1, "at least 0 and below 1")
     g = p.add_argument_group("tokenizer (tok)")
-    g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (256 bytes + merges + special "
-                   "tokens)").must = (lambda v: v > 256 + len(SPECIAL_TOKENS), f"more than {256 + len(SPECIAL_TOKENS)}"
-                                      f" (256 bytes + {len(SPECIAL_TOKENS)} special tokens + at least one merge)")
+    g.add_argument("--vocab-size", type=int, default=4096,
+                   help="vocabulary size (256 bytes + merges + special tokens)"
+                   ).must = (lambda v: v > 256 + len(SPECIAL_TOKENS),
+                             f"more than {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens + at least one merge)")
     g.add_argument("--tok-chars", type=int, default=2_000_000,
                    help="characters of training text").must = (lambda v: v >= 1000, "at least 1000")
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=4,
                    help="number of transformer blocks; the width follows from it").must = AT_LEAST_1
-    g.add_argument("--aspect-ratio", type=int, default=32,
-                   help="width = depth x aspect ratio, rounded up to whole heads (nanochat: 64)").must = AT_LEAST_1
-    g.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head (nanochat: 128)"
-                   ).must = (lambda v: v >= 2 and v % 2 == 0, "even and at least 2 (rotary embeddings rotate pairs)")
-    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query attention "
-                   "(default: as many as query heads)").must = AT_LEAST_1
+    g.add_argument("--aspect-ratio", type=int, default=32, help="width = depth x aspect ratio, "
+                   "rounded up to whole heads (nanochat: 64)").must = AT_LEAST_1
+    g.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head "
+                   "(nanochat: 128)").must = (lambda v: v >= 2 and v % 2 == 0, "even and "
+                                              "at least 2 (rotary embeddings rotate pairs)")
+    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for grouped-query "
+                   "attention (default: as many as query heads)").must = AT_LEAST_1
     g.add_argument("--max-seq-len", type=int, default=256,
                    help="context length in tokens").must = (lambda v: v >= 2, "at least 2")
     g.add_argument("--model-tag", default=None, help="checkpoint name (default: d<depth>)")
     g = p.add_argument_group("training (base, mid, sft, rl)")
     g.add_argument("--device-batch-size", type=int, default=16,
                    help="sequences per forward pass on each device").must = AT_LEAST_1
-    g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step (gradient "
-                   "accumulation makes up the rest)").must = AT_LEAST_1
-    g.add_argument("--num-iterations", type=int, default=-1,
-                   help=f"optimizer steps (-1: the stage's default: {defaults_help('steps')}; with --data hf one "
-                        "epoch of mid's, SFT's or RL's data, as nanochat)").must = STEPS_OR_ALL
+    g.add_argument("--total-batch-size", type=int, default=8192, help="tokens per optimizer step "
+                   "(gradient accumulation makes up the rest)").must = AT_LEAST_1
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: the "
+                   f"stage's default: {defaults_help('steps')}; with --data hf one epoch of mid's, "
+                   "SFT's or RL's data, as nanochat)").must = STEPS_OR_ALL
     g.add_argument("--target-param-data-ratio", type=float, default=None, help="base: training tokens per "
                    "parameter, used when --num-iterations is -1 (Chinchilla: 20)").must = POSITIVE
-    g.add_argument("--lr-scale", type=float, default=None,
-                   help=f"multiply every learning rate ({defaults_help('lr_scale')})").must = POSITIVE
-    g.add_argument("--matrix-lr", type=float, default=None, help="Muon learning rate for the block matrices, "
-                   f"times --lr-scale ({defaults_help('matrix_lr')})").must = POSITIVE
-    g.add_argument("--embedding-lr", type=float, default=None,
-                   help="AdamW learning rate for wte, the embedding and the head, times --lr-scale and scaled by "
-                        f"(width/768)^-0.5 ({defaults_help('embedding_lr')})").must = POSITIVE
+    g.add_argument("--lr-scale", type=float, default=None, help="multiply every learning rate "
+                   f"({defaults_help('lr_scale')})").must = POSITIVE
+    g.add_argument("--matrix-lr", type=float, default=None, help="Muon learning rate for the block "
+                   f"matrices, times --lr-scale ({defaults_help('matrix_lr')})").must = POSITIVE
+    g.add_argument("--embedding-lr", type=float, default=None, help="AdamW learning rate for wte, "
+                   "the embedding and the head, times --lr-scale and scaled by (width/768)^-0.5 "
+                   f"({defaults_help('embedding_lr')})").must = POSITIVE
     g.add_argument("--smear-lr", type=float, default=0.05,
                    help="AdamW learning rate for the keys' smear weights").must = POSITIVE
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay").must = NOT_NEGATIVE
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay").must = NOT_NEGATIVE
     g.add_argument("--warmup-ratio", type=float, default=0.0,
                    help="fraction of steps with linear LR warm-up").must = FRACTION
     g.add_argument("--warmdown-ratio", type=float, default=0.2,
@@ -2489,8 +2629,9 @@ def build_parser():
                    "(auto: on CUDA; on a CPU for long runs of one batch shape, see the log)")
     g.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
     g.add_argument("--seed", type=int, default=1337, help="random seed")
-    g.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations (bits per "
-                   "byte, loss, or rl's pass@k; 0: start and end only)").must = NOT_NEGATIVE
+    g.add_argument("--eval-every", type=int, default=100,
+                   help="steps between validation evaluations (bits per byte, loss, or rl's "
+                        "pass@k; 0: start and end only)").must = NOT_NEGATIVE
     g.add_argument("--eval-batches", type=int, default=8,
                    help="validation batches per evaluation").must = AT_LEAST_1
     g.add_argument("--save-every", type=int, default=100,
@@ -2499,49 +2640,53 @@ def build_parser():
     g.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="base: prompts to continue at the end of training")
     g = p.add_argument_group("rl (simplified GRPO)")
-    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training problem: the "
-                   "group size G").must = (lambda v: v >= 2, "at least 2 (GRPO compares the answers within a group)")
+    g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training "
+                   "problem: the group size G").must = (lambda v: v >= 2, "at least 2 (GRPO "
+                                                        "compares the answers within a group)")
     g.add_argument("--prompts-per-step", type=int, default=16,
                    help="problems per optimizer step (split across ranks)").must = AT_LEAST_1
     g.add_argument("--pass-k", type=int, default=4,
                    help="answers sampled per held-out problem: the k of pass@k").must = AT_LEAST_1
-    g.add_argument("--pass-k-problems", type=int, default=400, help="held-out harder word problems for pass@1 "
-                   "and pass@k before, during (--eval-every) and after RL").must = AT_LEAST_1
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl and chat "
-                   f"(0: greedy; {defaults_help('temperature')})").must = (lambda v: v >= 0, "0 (greedy) or more")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer in tokens "
-                   f"({defaults_help('max_new_tokens')})").must = AT_LEAST_1
+    g.add_argument("--pass-k-problems", type=int, default=400, help="held-out harder word problems "
+                   "for pass@1 and pass@k before, during (--eval-every) and after RL").must = AT_LEAST_1
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature for rl "
+                   f"and chat (0: greedy; {defaults_help('temperature')})"
+                   ).must = (lambda v: v >= 0, "0 (greedy) or more")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer "
+                   f"in tokens ({defaults_help('max_new_tokens')})").must = AT_LEAST_1
     g = p.add_argument_group("eval and chat")
-    g.add_argument("--source", default="sft", choices=TRAINING_STAGES, help="which stage's checkpoint to load")
+    g.add_argument("--source", default="sft", choices=TRAINING_STAGES,
+                   help="which stage's checkpoint to load")
     g.add_argument("--eval-items", type=int, default=400, help="held-out items per task in chat evaluations "
                    "(TinyWorld's test split holds 398 facts, each asked once)").must = AT_LEAST_1
     g.add_argument("--core-bundle", default=None,
                    help="eval --source base: folder of the DCLM eval bundle for CORE (core.yaml, "
-                        "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, downloaded there with "
-                        "--data hf")
-    g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items per CORE task and "
-                   "per real chat task (-1: all)").must = STEPS_OR_ALL
-    g.add_argument("--humaneval", action="store_true",
-                   help="eval --data hf: also run HumanEval, executing the model's code in a sandbox (Linux, "
-                        "bubblewrap: read-only system files only, no other processes, no network, limits)")
+                        "eval_meta_data.csv, eval_data/); default <base_dir>/eval_bundle, "
+                        "downloaded there with --data hf")
+    g.add_argument("--max-per-task", type=int, default=-1, help="eval: at most this many items "
+                   "per CORE task and per real chat task (-1: all)").must = STEPS_OR_ALL
+    g.add_argument("--humaneval", action="store_true", help="eval --data hf: also run HumanEval, "
+                   "executing the model's code in a sandbox (Linux, bubblewrap: read-only system "
+                   "files only, no other processes, no network, limits)")
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: "
                    f"all tokens; {defaults_help('top_k')}; nanochat's rl: 50)").must = AT_LEAST_1
     g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0: every network interface; there is no login)")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every "
+                   "network interface; there is no login)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)"
                    ).must = (lambda v: 0 <= v <= 65535, "from 0 (any free port) to 65535")
-    g.add_argument("--max-queue", type=int, default=32,
-                   help="requests that may wait while one is answered; more get 503 busy").must = NOT_NEGATIVE
+    g.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one is "
+                   "answered; more get 503 busy").must = NOT_NEGATIVE
     g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests whose Host or Origin header names NAME, as behind a proxy "
-                        "(repeatable; the --host address needs none)")
-    g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the training flags)")
+                   help="also answer requests whose Host or Origin header names NAME, as behind a "
+                        "proxy (repeatable; the --host address needs none)")
+    g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the "
+                             "training flags)")
     g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="GPUs the run will use").must = AT_LEAST_1
-    g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in percent "
-                   "(nanochat measures about 43 at depth 12 and 20 on H100s)"
+    g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in "
+                   "percent (nanochat measures about 43 at depth 12 and 20 on H100s)"
                    ).must = (lambda v: 0 < v <= 100, "a percentage above 0, at most 100")
     g = p.add_argument_group("report")
     g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
@@ -2551,7 +2696,8 @@ def build_parser():
 
 
 def finalize_args(args, parser=None):
-    """Check the flags (raising UserError, before any work starts) and fill in the per-stage defaults."""
+    """Check the flags (raising UserError, before any work starts) and fill in the per-stage
+    defaults."""
     defaults = DEFAULTS | STAGE_DEFAULTS.get(args.stage, {})
     if args.data != "tinyworld":  # copy drills are made for TinyWorld's text
         defaults["copy_drills"] = 0.0
@@ -2561,14 +2707,17 @@ def finalize_args(args, parser=None):
     args.model_tag = args.model_tag or f"d{args.depth}"
     for action in (parser or build_parser())._actions:  # each flag's rule, .must where it was added
         value = getattr(args, action.dest, None)
-        if hasattr(action, "must") and value is not None and not (math.isfinite(value) and action.must[0](value)):
+        if (hasattr(action, "must") and value is not None
+                and not (math.isfinite(value) and action.must[0](value))):
             raise UserError(f"--{action.dest.replace('_', '-')} must be {action.must[1]}, got {value}")
     if COMPUTE_DTYPE == torch.float16 and args.stage in TRAINING_STAGES:
-        raise UserError("NANOCHAT_DTYPE=fp16 would need loss scaling (a GradScaler) to train, which this file leaves out: "
-                        "use bf16 (Ampere GPUs and newer) or fp32")
+        raise UserError("NANOCHAT_DTYPE=fp16 would need loss scaling (a GradScaler) to train, "
+                        "which this file leaves out: use bf16 (Ampere GPUs and newer) or fp32")
     if args.warmup_ratio + args.warmdown_ratio > 1:
-        raise UserError(f"--warmup-ratio {args.warmup_ratio} + --warmdown-ratio {args.warmdown_ratio} must be at most 1")
-    if args.stage in ("base", "mid", "sft", "plan"):  # the same check as train()'s, before any work starts
+        raise UserError(f"--warmup-ratio {args.warmup_ratio} + "
+                        f"--warmdown-ratio {args.warmdown_ratio} must be at most 1")
+    # the same check as train()'s, before any work starts
+    if args.stage in ("base", "mid", "sft", "plan"):
         grad_accum_steps(args, args.gpus if args.stage == "plan" else int(os.environ.get("WORLD_SIZE", "1")))
     if args.resume and args.stage not in TRAINING_STAGES:
         raise UserError(f"--resume continues a training stage (base, mid, sft, rl), not --stage {args.stage}")

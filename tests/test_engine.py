@@ -128,3 +128,38 @@ def test_sample_next_greedy_is_the_argmax():
         assert greedy.tolist() == [max(range(6), key=row.__getitem__) for row in SAMPLING_LOGITS.tolist()] == [1, 3, 1]
     # top_k=1 at any temperature is the argmax too
     assert nc.sample_next(SAMPLING_LOGITS.repeat(100, 1), torch.Generator().manual_seed(0), 1.0, 1).tolist() == [1, 3, 1] * 100
+
+
+class FixedModel(torch.nn.Module):
+    """A stand-in model whose next-token distribution is the same at every step: each token's logit is
+    `logits`, whatever it reads, so every row writes its stop token with the same chance each step."""
+
+    def __init__(self, vocab_size, logits):
+        super().__init__()
+        self.config = nc.GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.register_buffer("cos", torch.zeros(1))
+        self.logits = logits
+
+    def forward(self, idx, kv_cache=None):
+        return self.logits.expand(idx.size(0), idx.size(1), -1)
+
+
+def test_a_finished_row_yields_minus_one_and_no_score_until_all_are_done(tok):
+    """Rows stop at different steps (a stop token drawn with probability 1/4 a step); from the step after
+    its stop token a row's token is -1 and its score None, while the batch sheds finished rows."""
+    s = tok.special_tokens
+    logits = torch.zeros(tok.vocab_size)
+    logits[s["<|assistant_end|>"]] = math.log(0.25 / 0.75 * (tok.vocab_size - 1))  # softmax: 1/4 on the stop token
+    engine = nc.Engine(FixedModel(tok.vocab_size, logits), tok)
+    steps = list(engine.generate([s["<|bos|>"]], num_samples=16, max_tokens=40, temperature=1.0, seed=0,
+                                 top_logprobs=2))
+    stopped_at = [next(i for i, (tokens, _, _) in enumerate(steps) if tokens[row] == s["<|assistant_end|>"])
+                  for row in range(16)]
+    assert len(set(stopped_at)) > 3  # the rows finish at different steps
+    assert len(steps) == max(stopped_at) + 1  # generation ends with the last row's stop token
+    for i, (tokens, _, scores) in enumerate(steps):
+        for row in range(16):
+            finished = i > stopped_at[row]
+            assert (tokens[row] == -1) == finished and (scores[row] is None) == finished, (i, row)
+    replies, _ = engine.generate_batch([s["<|bos|>"]], 16, 40, temperature=1.0, seed=0)
+    assert [len(reply) for reply in replies] == stopped_at  # the same rows, cut before their stop token
