@@ -1370,154 +1370,6 @@ def chat_report_card(model, tokenizer, ddp, n, heading):
 
 
 # -----------------------------------------------------------------------------------------------
-# Evaluation: CORE (DCLM) for base models; real chat tasks and ChatCORE for chat models
-#
-# CORE is the score the DCLM paper gives a base model: in-context learning on 22 public tasks,
-# read from an "eval bundle" of jsonl files. Nothing is sampled; every item is decided by the
-# model's per-token loss on candidate texts, in one of three ways:
-# - multiple_choice: one question, several answers; the model picks the answer whose tokens
-#   have the lowest mean loss after the question.
-# - schema: several contexts, one shared continuation; the model picks the context after which
-#   the continuation has the lowest mean loss.
-# - language_modeling: one context and its continuation; right only if greedy prediction
-#   reproduces every token of the continuation.
-# A task's accuracy is centered on its random baseline, (acc - baseline) / (1 - baseline), so
-# chance scores 0 and perfection 1 on every task alike; CORE is the mean over the tasks.
-
-
-
-
-@torch.no_grad()
-def score_core_item(model, tokenizer, task, data, index, device):
-    """True when the model gets CORE item data[index] right (see the section comment)."""
-    item = data[index]
-    texts = realdata.core_texts(item, task["type"], task["delimiter"],
-                               realdata.core_fewshot(data, index, task["num_fewshot"]))
-    rows, spans = realdata.core_spans(tokenizer, texts, task["type"])
-    # all the candidates of one item in one forward; too long a row loses its oldest few-shot text
-    ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], device)
-    if task["type"] == "language_modeling":
-        (start, end), = spans
-        return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), ids[0, start:end])
-    return mean_span_losses(ids, logits, spans).argmin().item() == item["gold"]
-
-
-def evaluate_core_task(model, tokenizer, task, data, ddp):
-    """(correct, total) on one CORE task, summed over ranks: each rank scores every
-    world_size-th item, with the whole task at hand for drawing few-shot examples."""
-    mine = shard(list(range(len(data))), ddp)
-    correct = sum(score_core_item(model, tokenizer, task, data, index, ddp.device) for index in mine)
-    return all_reduce_counts(correct, len(mine), ddp.device)
-
-
-def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
-    """CORE of a base model on the bundle in bundle_dir; prints one line per task."""
-    tasks = realdata.load_core_bundle(bundle_dir, max_per_task)
-    print0(f"CORE on {len(tasks)} tasks from {bundle_dir}:")
-    print0(f"  {'task':34s} {'type':17s} {'shots':>5s} {'items':>6s} {'accuracy':>9s} {'centered':>9s}")
-    table = {}
-    for task in tasks:
-        correct, total = evaluate_core_task(model, tokenizer, task, task["items"], ddp)
-        accuracy = correct / max(total, 1)
-        centered = realdata.centered_accuracy(accuracy, task["random_baseline"])
-        table[task["label"]] = dict(type=task["type"], shots=task["num_fewshot"], items=total,
-                                    accuracy=accuracy, centered=centered)
-        print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} "
-               f"{accuracy:9.4f} {centered:9.4f}")
-    core = sum(row["centered"] for row in table.values()) / max(len(table), 1)
-    print0(f"  {'CORE (mean centered accuracy)':34s} {'':17s} {'':5s} {'':6s} {'':9s} {core:9.4f}")
-    return dict(CORE=core, core_tasks=table)
-
-
-def find_core_bundle(args, ddp):
-    """The CORE bundle folder: --core-bundle, else <base_dir>/eval_bundle, downloaded there with
-    --data hf. Returns None after saying, in one line, what is missing and how to supply it."""
-    if args.core_bundle:
-        if not (Path(args.core_bundle) / "core.yaml").exists():
-            raise UserError(f"--core-bundle {args.core_bundle} has no core.yaml: pass the folder "
-                            "that holds core.yaml, eval_meta_data.csv and eval_data/")
-        return Path(args.core_bundle)
-    directory = base_dir() / "eval_bundle"
-    if not (directory / "core.yaml").exists() and args.data == "hf":
-        if ddp.is_master:
-            try:
-                realdata.download_eval_bundle(directory)
-            except realdata.DataError as e:
-                print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
-        if ddp.is_ddp:
-            dist.barrier()
-    elif not (directory / "core.yaml").exists():
-        print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder "
-               "with core.yaml, eval_meta_data.csv, eval_data/, unzipped from "
-               f"{realdata.EVAL_BUNDLE_URL}), or use --data hf to download it")
-    return directory if (directory / "core.yaml").exists() else None
-
-
-# The chat model's report card on real data (nanochat's choice of tasks): ARC-Easy,
-# ARC-Challenge and MMLU as multiple choice, read off the letter logits; GSM8K generated
-# greedily with the calculator tool; HumanEval, when asked for, generated and run in a sandbox.
-# ChatCORE is, like CORE, the mean centered accuracy, here over the tasks that ran.
-
-def chat_eval_item(task, row):
-    """One test row in the item format of the evaluators above: multiple choice with the index of
-    its answer, GSM8K with the number after '####', HumanEval with its prompt and tests."""
-    if task == "GSM8K":
-        return dict(question=row["question"], answer=extract_answer(row["answer"]))
-    if task == "HumanEval":
-        return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
-    choices = row["choices"] if task == "MMLU" else row["choices"]["text"]
-    return dict(question=row["question"], choices=choices, answer=realdata.answer_index(row))
-
-
-def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
-    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox
-    (accuracy_stats). An answer passes only if its program ran past check() (require_end): exiting
-    with status 0 is not enough, since an answer can call os._exit(0) or sys.exit() before the tests
-    run."""
-    engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
-    for item in mine:
-        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
-        (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
-        passed += sandbox.run_sandboxed(sandbox.humaneval_program(item, tokenizer.decode(tokens)),
-                                        require_end=True)
-    return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
-
-
-def evaluate_real_chat(args, model, tokenizer, ddp):
-    """Accuracy on each real chat task that can run here, and ChatCORE over them; a task whose
-    data cannot be loaded is skipped with one line saying how to supply it."""
-    tasks = {}
-    for task, (source, chance) in realdata.CHAT_EVAL_TASKS.items():
-        if task == "HumanEval":
-            problem = sandbox.sandbox_problem() if args.humaneval else None
-            if not args.humaneval or problem:
-                print0("HumanEval skipped: " + (f"no sandbox on this machine ({problem})" if problem else
-                       "it runs model-written code; pass --humaneval to run it in a sandbox (bubblewrap)"))
-                continue
-        try:
-            rows = realdata.load_rows(source, "test", args.data_dir)
-        except realdata.DataError as e:
-            print0(f"{task} skipped: {e}")
-            continue
-        if args.max_per_task > 0:
-            rows = rows.select(range(min(args.max_per_task, len(rows))))
-        items = [chat_eval_item(task, row) for row in rows]
-        if task == "GSM8K":
-            stats = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
-        elif task == "HumanEval":
-            stats = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
-        else:
-            stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
-        tasks[task] = dict(stats, centered=realdata.centered_accuracy(stats["accuracy"], chance))
-        print0(f"  {task:14s} {format_accuracy(stats):40s} centered {tasks[task]['centered']:.4f}")
-    if not tasks:
-        return {}
-    chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
-    print0(f"  ChatCORE (mean centered accuracy over {len(tasks)} tasks) {chatcore:.4f}")
-    return dict(chat_tasks=tasks, ChatCORE=chatcore)
-
-
-# -----------------------------------------------------------------------------------------------
 # Checkpoints: <base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json
 #
 # Each file is written to a temporary name, flushed to the disk and renamed into place, and the
@@ -2365,6 +2217,152 @@ def stage_rl(args, ddp):
         write_report("rl", summary)
         report.plot_reward_curve(summary, base_dir() / "report" / "rl.png")
     return summary
+
+
+# -----------------------------------------------------------------------------------------------
+# Public benchmarks (--stage eval --data hf): CORE (DCLM) for base models; ARC, MMLU, GSM8K,
+# HumanEval and ChatCORE for chat models. The TinyWorld path never runs them.
+#
+# CORE is the score the DCLM paper gives a base model: in-context learning on 22 public tasks,
+# read from an "eval bundle" of jsonl files. Nothing is sampled; every item is decided by the
+# model's per-token loss on candidate texts, in one of three ways:
+# - multiple_choice: one question, several answers; the model picks the answer whose tokens
+#   have the lowest mean loss after the question.
+# - schema: several contexts, one shared continuation; the model picks the context after which
+#   the continuation has the lowest mean loss.
+# - language_modeling: one context and its continuation; right only if greedy prediction
+#   reproduces every token of the continuation.
+# A task's accuracy is centered on its random baseline, (acc - baseline) / (1 - baseline), so
+# chance scores 0 and perfection 1 on every task alike; CORE is the mean over the tasks.
+
+@torch.no_grad()
+def score_core_item(model, tokenizer, task, data, index, device):
+    """True when the model gets CORE item data[index] right (see the section comment)."""
+    item = data[index]
+    texts = realdata.core_texts(item, task["type"], task["delimiter"],
+                               realdata.core_fewshot(data, index, task["num_fewshot"]))
+    rows, spans = realdata.core_spans(tokenizer, texts, task["type"])
+    # all the candidates of one item in one forward; too long a row loses its oldest few-shot text
+    ids, logits, spans = forward_padded(model, rows, spans, tokenizer.special_tokens["<|bos|>"], device)
+    if task["type"] == "language_modeling":
+        (start, end), = spans
+        return torch.equal(logits[0, start - 1:end - 1].argmax(dim=-1), ids[0, start:end])
+    return mean_span_losses(ids, logits, spans).argmin().item() == item["gold"]
+
+
+def evaluate_core_task(model, tokenizer, task, data, ddp):
+    """(correct, total) on one CORE task, summed over ranks: each rank scores every
+    world_size-th item, with the whole task at hand for drawing few-shot examples."""
+    mine = shard(list(range(len(data))), ddp)
+    correct = sum(score_core_item(model, tokenizer, task, data, index, ddp.device) for index in mine)
+    return all_reduce_counts(correct, len(mine), ddp.device)
+
+
+def evaluate_core(model, tokenizer, bundle_dir, ddp, max_per_task=-1):
+    """CORE of a base model on the bundle in bundle_dir; prints one line per task."""
+    tasks = realdata.load_core_bundle(bundle_dir, max_per_task)
+    print0(f"CORE on {len(tasks)} tasks from {bundle_dir}:")
+    print0(f"  {'task':34s} {'type':17s} {'shots':>5s} {'items':>6s} {'accuracy':>9s} {'centered':>9s}")
+    table = {}
+    for task in tasks:
+        correct, total = evaluate_core_task(model, tokenizer, task, task["items"], ddp)
+        accuracy = correct / max(total, 1)
+        centered = realdata.centered_accuracy(accuracy, task["random_baseline"])
+        table[task["label"]] = dict(type=task["type"], shots=task["num_fewshot"], items=total,
+                                    accuracy=accuracy, centered=centered)
+        print0(f"  {task['label']:34s} {task['type']:17s} {task['num_fewshot']:5d} {total:6d} "
+               f"{accuracy:9.4f} {centered:9.4f}")
+    core = sum(row["centered"] for row in table.values()) / max(len(table), 1)
+    print0(f"  {'CORE (mean centered accuracy)':34s} {'':17s} {'':5s} {'':6s} {'':9s} {core:9.4f}")
+    return dict(CORE=core, core_tasks=table)
+
+
+def find_core_bundle(args, ddp):
+    """The CORE bundle folder: --core-bundle, else <base_dir>/eval_bundle, downloaded there with
+    --data hf. Returns None after saying, in one line, what is missing and how to supply it."""
+    if args.core_bundle:
+        if not (Path(args.core_bundle) / "core.yaml").exists():
+            raise UserError(f"--core-bundle {args.core_bundle} has no core.yaml: pass the folder "
+                            "that holds core.yaml, eval_meta_data.csv and eval_data/")
+        return Path(args.core_bundle)
+    directory = base_dir() / "eval_bundle"
+    if not (directory / "core.yaml").exists() and args.data == "hf":
+        if ddp.is_master:
+            try:
+                realdata.download_eval_bundle(directory)
+            except realdata.DataError as e:
+                print0(f"CORE skipped: {e}; download it by hand, unzip it and pass --core-bundle DIR")
+        if ddp.is_ddp:
+            dist.barrier()
+    elif not (directory / "core.yaml").exists():
+        print0(f"CORE skipped: no eval bundle in {directory}; pass --core-bundle DIR (a folder "
+               "with core.yaml, eval_meta_data.csv, eval_data/, unzipped from "
+               f"{realdata.EVAL_BUNDLE_URL}), or use --data hf to download it")
+    return directory if (directory / "core.yaml").exists() else None
+
+
+# The chat model's report card on real data (nanochat's choice of tasks): ARC-Easy,
+# ARC-Challenge and MMLU as multiple choice, read off the letter logits; GSM8K generated
+# greedily with the calculator tool; HumanEval, when asked for, generated and run in a sandbox.
+# ChatCORE is, like CORE, the mean centered accuracy, here over the tasks that ran.
+
+def chat_eval_item(task, row):
+    """One test row in the item format of the evaluators above: multiple choice with the index of
+    its answer, GSM8K with the number after '####', HumanEval with its prompt and tests."""
+    if task == "GSM8K":
+        return dict(question=row["question"], answer=extract_answer(row["answer"]))
+    if task == "HumanEval":
+        return dict(prompt=row["prompt"], test=row["test"], entry_point=row["entry_point"])
+    choices = row["choices"] if task == "MMLU" else row["choices"]["text"]
+    return dict(question=row["question"], choices=choices, answer=realdata.answer_index(row))
+
+
+def evaluate_humaneval(model, tokenizer, items, ddp, max_tokens=256):
+    """pass@1 of greedy answers to HumanEval, each checked by its tests in the sandbox
+    (accuracy_stats). An answer passes only if its program ran past check() (require_end): exiting
+    with status 0 is not enough, since an answer can call os._exit(0) or sys.exit() before the tests
+    run."""
+    engine, passed, mine = Engine(model, tokenizer), 0, shard(items, ddp)
+    for item in mine:
+        prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["prompt"])]))
+        (tokens,), _ = engine.generate_batch(prompt, 1, max_tokens, temperature=0.0)
+        passed += sandbox.run_sandboxed(sandbox.humaneval_program(item, tokenizer.decode(tokens)),
+                                        require_end=True)
+    return accuracy_stats(*all_reduce_counts(passed, len(mine), ddp.device))
+
+
+def evaluate_real_chat(args, model, tokenizer, ddp):
+    """Accuracy on each real chat task that can run here, and ChatCORE over them; a task whose
+    data cannot be loaded is skipped with one line saying how to supply it."""
+    tasks = {}
+    for task, (source, chance) in realdata.CHAT_EVAL_TASKS.items():
+        if task == "HumanEval":
+            problem = sandbox.sandbox_problem() if args.humaneval else None
+            if not args.humaneval or problem:
+                print0("HumanEval skipped: " + (f"no sandbox on this machine ({problem})" if problem else
+                       "it runs model-written code; pass --humaneval to run it in a sandbox (bubblewrap)"))
+                continue
+        try:
+            rows = realdata.load_rows(source, "test", args.data_dir)
+        except realdata.DataError as e:
+            print0(f"{task} skipped: {e}")
+            continue
+        if args.max_per_task > 0:
+            rows = rows.select(range(min(args.max_per_task, len(rows))))
+        items = [chat_eval_item(task, row) for row in rows]
+        if task == "GSM8K":
+            stats = evaluate_generative(model, tokenizer, items, ddp, "word_problem", args.max_new_tokens)
+        elif task == "HumanEval":
+            stats = evaluate_humaneval(model, tokenizer, items, ddp, args.max_new_tokens)
+        else:
+            stats = evaluate_multiple_choice(model, tokenizer, items, ddp)
+        tasks[task] = dict(stats, centered=realdata.centered_accuracy(stats["accuracy"], chance))
+        print0(f"  {task:14s} {format_accuracy(stats):40s} centered {tasks[task]['centered']:.4f}")
+    if not tasks:
+        return {}
+    chatcore = sum(row["centered"] for row in tasks.values()) / len(tasks)
+    print0(f"  ChatCORE (mean centered accuracy over {len(tasks)} tasks) {chatcore:.4f}")
+    return dict(chat_tasks=tasks, ChatCORE=chatcore)
 
 
 # -----------------------------------------------------------------------------------------------
