@@ -32,11 +32,14 @@ node with 8 GPUs. What such a run costs, before paying for it, and its base stag
         --total-batch-size 524288 --target-param-data-ratio 20
 
 Artifacts (tokenizer, checkpoints, reports) go to $NANOCHAT_BASE_DIR, default ./runs next to
-this file. The sections below are in dependency order: runtime, tokenizer glue, data, model,
-optimizers, loaders, engine, evaluation, checkpoints and reports, training, stages, CLI. The
-companion modules are bpe.py (the tokenizer), tinyworld.py (the synthetic data), realdata.py (the
-real datasets), sandbox.py (for HumanEval's model-written code), serve.py (HTTP for --stage serve)
-and report.py (report.md); none imports this file.
+this file. The sections below are in dependency order: runtime, tokenizer glue, data, model (and
+its fused loss), optimizers, loaders, engine, evaluation, checkpoints and reports, training, the
+training stages (tok, base, mid, sft, rl), the public benchmarks, the other stages, CLI. The
+companion modules each hold one job a learner does not come for, and none imports this file:
+bpe.py (the tokenizer), tinyworld.py (the synthetic data), realdata.py (the real datasets and your
+own files), sandbox.py (the calculator and HumanEval's model-written code), serve.py (HTTP for
+--stage serve), report.py (the statistics behind each accuracy, and report.md) and hardware.py
+(GPU peaks and a run's cost, CPU settings, crash-safe files).
 """
 import argparse
 import contextlib
@@ -179,6 +182,7 @@ def get_tokenizer():
     path = tokenizer_path()
     if not path.exists():
         raise UserError(f"no tokenizer at {path}: run `python nanochat_one.py --stage tok` first")
+    # a file that bpe.py cannot read (a ValueError) is remade by the tok stage: say so in one line
     try:
         return bpe.Tokenizer.load(path)
     except ValueError as e:
@@ -187,12 +191,15 @@ def get_tokenizer():
 
 def tokenizer_id(tokenizer):
     """A short fingerprint of the tokenizer, stored in checkpoints to catch mismatches."""
+    # everything that decides which ids a text gets: the split pattern, the merges in their order
+    # and the special tokens
     blob = json.dumps([tokenizer.pattern, tokenizer.merges, list(tokenizer.special_tokens)]).encode()
     return f"{zlib.crc32(blob):08x}-{tokenizer.vocab_size}"
 
 
 def token_byte_lengths(tokenizer, device="cpu"):
     """Bytes of text behind each token id; 0 for special tokens, which bits-per-byte ignores."""
+    # ids 0-255 are the single bytes, each merge adds the next id, and the special tokens come last
     lengths = [len(tokenizer.vocab[i]) for i in range(256 + len(tokenizer.merges))]
     lengths += [0] * len(tokenizer.special_tokens)
     return torch.tensor(lengths, dtype=torch.int64, device=device)
@@ -227,10 +234,12 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
     prompt_mask = 0 if assistant_only else 1
     ids, mask = [special["<|bos|>"]], [prompt_mask]
 
+    # every token is added with its mask flag, so ids and mask always have the same length
     def add(tokens, supervised):
         ids.extend(tokens)
         mask.extend([supervised] * len(tokens))
 
+    # after the fold, even turns are the user's and odd turns the assistant's
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
@@ -243,7 +252,10 @@ def render_conversation(tokenizer, conversation, max_tokens=None, assistant_only
             add([special["<|user_start|>"]] + tokenizer.encode_ordinary(content)
                 + [special["<|user_end|>"]], prompt_mask)
             continue
+        # <|assistant_start|> belongs to the prompt: at inference render_for_completion writes it,
+        # so the model never has to
         add([special["<|assistant_start|>"]], prompt_mask)
+        # a plain string is one text part, so both forms of an answer go through the same loop
         parts = [dict(type="text", text=content)] if isinstance(content, str) else content
         for part in parts:
             text = tokenizer.encode_ordinary(part["text"])
@@ -263,9 +275,11 @@ def render_for_completion(tokenizer, conversation):
     """The prompt for the model's next answer: the conversation without its last assistant
     message (if any), then <|assistant_start|>."""
     messages = list(conversation["messages"])
+    # a conversation from the data ends with its reference answer: drop it, the model writes its own
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     ids, _ = render_conversation(tokenizer, dict(messages=messages))
+    # the prompt ends with <|assistant_start|>, so the model's next token is the answer's first
     return ids + [tokenizer.special_tokens["<|assistant_start|>"]]
 
 
@@ -293,7 +307,6 @@ def document_stream(args, split, start=0, rank=0, world_size=1):
 # (SmolTalk, MMLU and GSM8K: realdata.py) or your own
 
 
-
 @functools.cache
 def own_conversations(data_dir):
     """Your own conversations for mid-training and SFT: the lines of the *.jsonl files at the top of
@@ -318,8 +331,9 @@ def chat_examples(args, split, start=0, stage="mid"):
              else realdata.chat_examples(args.data_dir, split, start, stage))
     own = own_conversations(args.data_dir) if split == "train" else []
     for position, conversation in named:
-        yield position, (own[position % len(own)] if own and zlib.crc32(b"own-%d" % position) % 2
-                         else conversation)
+        if own and zlib.crc32(b"own-%d" % position) % 2:  # every other one, by a hash every rank agrees on
+            conversation = own[position % len(own)]
+        yield position, conversation
 
 
 # -----------------------------------------------------------------------------------------------
@@ -579,8 +593,8 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# The loss, fused: GPT.forward's cross-entropy of the softcapped logits, the same numbers in a fraction
-# of the memory (a speed-up, not a new idea: tests/test_model.py equates it with the plain formula)
+# The loss, fused: GPT.forward's cross-entropy of the softcapped logits, the same numbers in a
+# fraction of the memory (a speed-up, not a new idea: tests/test_model.py equates it with the formula)
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap), 0
@@ -651,6 +665,8 @@ def newton_schulz_orthogonalize(G, steps=5):
     if transposed:  # work with the short side first: X @ X.T is then the small matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now <= 1
+    # one quintic step, X <- a X + b (X X^T) X + c (X X^T)^2 X: each singular value s becomes
+    # a s + b s^3 + c s^5, and the singular vectors stay
     for _ in range(steps):
         A = X @ X.mT
         B = b * A + c * A @ A
@@ -673,11 +689,14 @@ def orthogonalize_shared(updates, steps):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return orthogonalize(updates, steps)
     world, n = dist.get_world_size(), updates.size(0)
+    # ceil(n / world), by floor division of negatives
     share = -(-n // world)
+    # all_gather takes equal chunks: pad the stack to share * world matrices
     padded = torch.cat([updates, updates.new_zeros(share * world - n, *updates.shape[1:])])
     gathered = list(torch.empty_like(padded).chunk(world))
     dist.all_gather(gathered, orthogonalize(
         padded[dist.get_rank() * share:(dist.get_rank() + 1) * share], steps))
+    # the results in stack order on every rank, less the padding's
     return torch.cat(gathered)[:n]
 
 
@@ -698,6 +717,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            # a parameter without a gradient keeps its weights and its momentum this step
             params = [p for p in group["params"] if p.grad is not None]
             # matrices of one shape are orthogonalised together, as one batch: a few large matmuls
             # instead of many small ones (the same arithmetic, matrix by matrix)
@@ -713,6 +733,8 @@ class Muon(torch.optim.Optimizer):
                     updates.append(p.grad.lerp(buf, group["momentum"]))
                 # (n, rows, cols)
                 updates = orthogonalize_shared(torch.stack(updates), group["ns_steps"])
+                # the orthogonalisation threw away the gradient's magnitude: the step's size is set
+                # by lr and this shape factor alone
                 scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for p, update in zip(same, updates):
                     p.add_(update, alpha=-group["lr"] * scale)
@@ -722,14 +744,19 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.05, smear_lr=0.05, we
     """Muon for every matrix in the blocks; AdamW for wte (the embedding and the head), its
     learning rate scaled by (n_embd/768)^-0.5 (wider models take smaller steps), and for the
     smear weights. Returns [adamw, muon]; each group remembers its base lr in "initial_lr"."""
+    # only the blocks' matrices: wte is 2-D too, but it is the embedding and the head, which Muon
+    # is not for (see its docstring)
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
+    # one scalar per key head (1-D), so AdamW's as well
     smears = [block.attn.smear for block in model.transformer.h]
+    # 1 at width 768 (GPTConfig's default), where embedding_lr applies as given
     scale = (model.config.n_embd / 768) ** -0.5
     adamw = torch.optim.AdamW(
         [dict(params=[model.transformer.wte.weight], lr=embedding_lr * scale),
          dict(params=smears, lr=smear_lr)],
         betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay, fused=DEVICE_TYPE == "cuda")
     muon = Muon(matrices, lr=matrix_lr, momentum=0.95)
+    # the schedules (set_lr) multiply initial_lr, never the current lr, so a decay does not compound
     for opt in (adamw, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -739,10 +766,13 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.05, smear_lr=0.05, we
 def lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
     """Warm up linearly, hold, then decay linearly to final_lr_frac over the last warmdown_ratio."""
     warmup, warmdown = round(warmup_ratio * num_steps), round(warmdown_ratio * num_steps)
+    # step + 1: the first step already trains, at 1/warmup of the rate
     if step < warmup:
         return (step + 1) / warmup
+    # with no warm-down every step (< num_steps) returns here, so the division below never sees 0
     if step < num_steps - warmdown:
         return 1.0
+    # progress falls from 1 to 1/warmdown at the last step, which still trains a little
     progress = (num_steps - step) / warmdown
     return progress + (1 - progress) * final_lr_frac
 
@@ -765,6 +795,7 @@ def apply_schedules(optimizers, step, num_steps, args):
     for `step`; returns the multiplier."""
     lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     set_lr(optimizers, lrm)
+    # Muon's momentum is scheduled too; AdamW's betas stay as setup_optimizers set them
     for opt in optimizers:
         if isinstance(opt, Muon):
             for param_group in opt.param_groups:
@@ -786,22 +817,28 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
     one that still fits; when none fits, the shortest document is cropped to fill the row
     exactly. So every row starts with BOS (a document start), no padding is ever needed, few
     tokens are cropped away, and long documents are not starved by short ones."""
-    # a fresh start has drawn nothing
-    last, waiting = (-1, []) if state is None else (state["last"], state["buffer"])
-    # resume: read the stream again from the oldest waiting document (else the next new one), keep
-    # the waiting ones
+    if state is None:  # a fresh start has drawn nothing and keeps nothing waiting
+        last, waiting = -1, []
+    else:
+        last, waiting = state["last"], state["buffer"]
+    # a resumed packer reads the stream again from its oldest waiting document (a fresh one from
+    # the next new document), takes the waiting ones back as they pass, and stops at `last`, the
+    # newest document drawn before the checkpoint: the buffer is then as it was
     docs = docs_from(min(waiting, default=last + 1))
     found = {}
-    for position, doc in (docs if waiting else ()):
-        found[position] = doc
-        if position == last:
-            break
+    if waiting:
+        for position, doc in docs:
+            found[position] = doc
+            if position == last:
+                break
     buffer = [(position, found[position]) for position in waiting]  # (position, tokens)
     while True:
         rows = []
         for _ in range(B):
             row = []
+            # T + 1 tokens: the inputs are row[:-1] and the targets row[1:], T of each
             while len(row) < T + 1:
+                # top the buffer up first, so each pick is the best fit among buffer_size documents
                 while len(buffer) < buffer_size:
                     try:
                         last, doc = next(docs)
@@ -820,8 +857,10 @@ def pack_rows(docs_from, B, T, state=None, buffer_size=256):
                     i = max(fitting, key=lambda i: lengths[i])
                 else:  # the gap at the end is filled with a crop of the shortest document
                     i = min(range(len(buffer)), key=lambda i: lengths[i])
+                # what does not fit is dropped, not carried over: every row starts at a BOS
                 row.extend(buffer.pop(i)[1][:space])
             rows.append(row)
+        # positions only, not tokens: a checkpoint stores a small state, and a resume re-reads them
         yield rows, dict(last=last, buffer=[position for position, _ in buffer])
 
 
@@ -839,13 +878,16 @@ def drill_ids(tokenizer):
     number ("17", "twenty", "-six"). Digits and number words copied at random cost the model its
     reading of numbers: with them in the drills, the lessons' model read "twenty-six" as 24 and
     solved 35.5% of the harder word problems after SFT."""
+    # the special tokens follow the merges: the smallest of their ids counts the ordinary tokens
     vocab = min(tokenizer.special_tokens.values())
     words = " ".join(tinyworld.NUMBER_WORDS).replace("-", " ")
 
     def writes_number(text):
         text = text.strip(" -").lower()
+        # a substring test: below 3 letters a piece ("on") would match inside many number words
         return any(c.isdigit() for c in text) or (len(text) >= 3 and text in words)
 
+    # from 300, or in a vocabulary too small for that from halfway between the bytes and its end
     return [i for i in range(min(300, (256 + vocab) // 2), min(4000, vocab))
             if not writes_number(tokenizer.decode([i]))]
 
@@ -869,8 +911,11 @@ def with_drills(docs, share, tokenizer, as_document=list):
     resumed run sees the same), replaced by a copy drill of the same seed, as_document(drill)."""
     ids, bos = drill_ids(tokenizer) if share else [], tokenizer.special_tokens["<|bos|>"]
     for position, doc in docs:
+        # seeded by the position alone: the same choice and the same drill on every run and resume
         rng = random.Random(f"drill:{position}")
-        yield position, as_document(copy_drill(rng, ids, bos)) if rng.random() < share else doc
+        if rng.random() < share:
+            doc = as_document(copy_drill(rng, ids, bos))
+        yield position, doc
 
 
 def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
@@ -886,6 +931,7 @@ def base_batches(args, tokenizer, split, B, T, ddp, device, state=None):
         return with_drills(docs, args.copy_drills if split == "train" else 0.0, tokenizer)
 
     for rows, state in pack_rows(docs_from, B, T, state):
+        # (B, T + 1): inputs the first T tokens, targets the last T
         batch = torch.tensor(rows, dtype=torch.long)
         yield to_device(batch[:, :-1], device), to_device(batch[:, 1:], device), state
 
@@ -910,6 +956,8 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
         # (B, T+1)
         ids = torch.tensor([[token for token, _ in row] for row in rows], dtype=torch.long)
         trained = torch.tensor([[flag for _, flag in row] for row in rows], dtype=torch.bool)
+        # a target is trained on when the token it predicts was flagged (trained[:, 1:]); -1 is
+        # the loss's ignore_index
         yield (to_device(ids[:, :-1], device),
                to_device(ids[:, 1:].masked_fill(~trained[:, 1:], -1), device), state)
 
@@ -919,18 +967,24 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     targets are -1 (ignored) wherever the render mask is 0 and on the padding. The state to
     resume from is the position of the last conversation used."""
     bos = tokenizer.special_tokens["<|bos|>"]
+    # resume after the last conversation a checkpointed batch used
     last = -1 if state is None else state["last"]
     examples = ((p, c) for p, c in chat_examples(args, split, last + 1, "sft")
                 if p % ddp.world_size == ddp.rank)
     while True:
         rows = []
+        # the loop leaves `last` at this batch's last conversation: the state yielded with it
         for last, conversation in itertools.islice(examples, B):
             rows.append(render_conversation(tokenizer, conversation, max_tokens=T + 1))
+        # as wide as this batch's longest row (at most T + 1), so every batch has its own shape
         width = max(len(ids) for ids, _ in rows)
+        # padding on the right with bos does no harm: its targets are -1, and causal attention
+        # keeps a row's own tokens from seeing it
         ids = torch.full((B, width), bos, dtype=torch.long)
         targets = torch.full((B, width), -1, dtype=torch.long)
         for i, (row_ids, mask) in enumerate(rows):
             ids[i, :len(row_ids)] = torch.tensor(row_ids)
+            # aligned with ids here, shifted with them below: target t is token t + 1 if trained on
             targets[i, :len(row_ids)] = torch.tensor(row_ids).masked_fill(torch.tensor(mask) == 0, -1)
         yield to_device(ids[:, :-1], device), to_device(targets[:, 1:], device), dict(last=last)
 
@@ -949,12 +1003,14 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
+        # (B, 1): each row's k-th largest logit; the logits tied with it stay in
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # by the inverse CDF: one uniform draw per row (torch.multinomial draws one per vocabulary
     # entry, and on a CPU that was 40% of generation time); right=True never lands on a
     # zero-probability token
     cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)
+    # scaled by the cdf's own total (1 up to rounding) rather than by 1, so u never lies beyond it
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
@@ -1003,18 +1059,23 @@ class Engine:
         tool forced is scored too: how likely the model found it. Asking for scores changes no
         token: the same seed samples the same reply."""
         model, device = self.model, self.model.cos.device
+        # a generator of its own: a seed gives the same reply whatever else drew random numbers
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
         c = model.config
+        # one prompt (a list of ids) or several (a list of lists)
         prompts = [prompt] if isinstance(prompt[0], int) else prompt
         width = max(len(p) for p in prompts)
         valid = None
+        # padded on the left, every prompt ends at the same position: one step samples every row
         if any(len(p) < width for p in prompts):
             valid = torch.ones(len(prompts), width + max_tokens, dtype=torch.bool, device=device)
             for row, p in enumerate(prompts):
                 valid[row, :width - len(p)] = False
+        # room for the longest prompt and every token that may follow it
         cache = KVCache(len(prompts), c.n_kv_head, c.n_embd // c.n_head, width + max_tokens,
                         c.n_layer, device, COMPUTE_DTYPE, valid)
+        # (P, width); the padding repeats a prompt's first token; `valid` hides it from attention
         ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
         # each prompt is read once, (P, T) -> logits (P, vocab), then copied for its samples
         logits = model(ids, kv_cache=cache)[:, -1, :]
@@ -1025,9 +1086,11 @@ class Engine:
         for _ in range(max_tokens):
             # every row in the cache samples (a finished one too, so each row's draw stays the same)
             drawn = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
+            # a row with tool tokens queued feeds the next of them, and its draw goes unused
             sampled = [not reply.forced for reply in replies]
             fed = [reply.forced.pop(0) if reply.forced else drawn.get(row)
                    for row, reply in enumerate(replies)]
+            # a finished row reports -1, though it still feeds a token while it stays in the cache
             tokens = [-1 if reply.done else token for reply, token in zip(replies, fed)]
             if top_logprobs is None:
                 yield tokens, sampled
@@ -1043,6 +1106,7 @@ class Engine:
                 cache.keep_rows(torch.tensor(
                     [i for i, row in enumerate(live) if not replies[row].done], device=device))
                 live = [row for row in live if not replies[row].done]
+            # only the newest token of each live row, (len(live), 1); the cache holds the rest
             logits = model(torch.tensor([fed[row] for row in live], device=device)[:, None],
                            kv_cache=cache)[:, -1]
 
@@ -1081,6 +1145,7 @@ class Engine:
         """Return (token lists, sampled masks), one per row, each ending before its stop token (or
         with it, if keep_stop_token: RL trains the model to stop). With top_logprobs=k, also each
         row's scores, one per token kept (see generate): (token lists, sampled masks, scores)."""
+        # one row per sample of each prompt, in generate's order
         rows = num_samples * (1 if isinstance(prompt[0], int) else len(prompt))
         results, masks, finished = [[] for _ in range(rows)], [[] for _ in range(rows)], [False] * rows
         scores = [[] for _ in range(rows)]
@@ -1089,6 +1154,7 @@ class Engine:
             for row, (token, was_sampled) in enumerate(zip(tokens, sampled)):
                 if finished[row]:
                     continue
+                # a row ends at its first stop token; after it generate gives -1, skipped above
                 finished[row] = token in self.stop_tokens
                 if finished[row] and not keep_stop_token:
                     continue
@@ -1129,13 +1195,16 @@ def evaluate_bpb(model, batches, num_batches, token_bytes):
     token, over ln(2) times the bytes those tokens stand for. Unlike plain loss, this does not
     depend on the tokenizer's vocabulary, so models with different tokenizers compare.
     Special tokens (0 bytes) are left out. Sums are all-reduced across ranks."""
+    # running sums on the device (no wait for the CPU each batch), in 64 bits against rounding
     total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for _ in range(num_batches):
         x, y, _ = next(batches)
         loss = token_losses(model, x, y)  # (B*T,) nats
         y = y.reshape(-1)
+        # (B*T,); an ignored target (-1) is clamped to a valid index, then counts 0 bytes
         nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
+        # a target of 0 bytes (special or ignored) adds no nats either: only text is measured
         total_nats += (loss * (nbytes > 0)).sum().double()
         total_bytes += nbytes.sum()
     if dist.is_initialized():
@@ -1244,6 +1313,7 @@ def forward_padded(model, rows, spans, pad_id, device):
     moves with it. Returns ids (N, L), logits (N, L, vocab) and the spans."""
     crops = [max(0, len(row) - model.config.sequence_len) for row in rows]
     rows = [row[crop:] for row, crop in zip(rows, crops)]
+    # a span starts at 1 at the earliest: token 0 has no position before it to predict it
     spans = [(max(1, start - crop), end - crop) for (start, end), crop in zip(spans, crops)]
     # (N, L)
     ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long, device=device)
@@ -1254,8 +1324,9 @@ def forward_padded(model, rows, spans, pad_id, device):
 
 def mean_span_losses(ids, logits, spans):
     """The mean loss of each row's tokens [start, end), (N,): how unlikely the model finds them."""
-    # (N, L-1)
+    # (N, L-1); cross_entropy wants the classes in dim 1, hence (N, vocab, L-1)
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    # token t is predicted at position t - 1, so the span [start, end) is losses[start-1:end-1]
     return torch.stack([losses[i, start - 1:end - 1].mean() for i, (start, end) in enumerate(spans)])
 
 
@@ -1270,6 +1341,8 @@ def evaluate_multiple_choice(model, tokenizer, items, ddp):
             tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
+        # the best among the letters only: a model that would have written something else still
+        # picks one, and what is measured is which letter it prefers
         outcomes.append(logits[letters].argmax().item() == item["answer"])
     return share_of(gather_in_order(ddp, outcomes))
 
@@ -1286,11 +1359,14 @@ def evaluate_multiple_choice_cloze(model, tokenizer, items, ddp):
         shared, endings = item["cloze"]
         prompt = render_for_completion(tokenizer,
                                        dict(messages=[dict(role="user", content=item["question"])]))
+        # the shared words are prompt, not scored: the choices compare on the words that differ
         prompt += tokenizer.encode_ordinary(shared)
+        # a space before the ending when shared words come before it
         rows = [prompt + tokenizer.encode_ordinary(" " * bool(shared) + ending) for ending in endings]
         spans = [(len(prompt), len(row)) for row in rows]
         ids, logits, spans = forward_padded(model, rows, spans,
                                             tokenizer.special_tokens["<|bos|>"], ddp.device)
+        # the mean per token, not the sum: a longer ending is not penalised for its length
         outcomes.append(mean_span_losses(ids, logits, spans).argmin().item() == item["answer"])
     return share_of(gather_in_order(ddp, outcomes))
 
@@ -1304,6 +1380,7 @@ def greedy_replies(model, tokenizer, items, ddp, max_tokens=96):
         prompts = [render_for_completion(tokenizer,
                                          dict(messages=[dict(role="user", content=item["question"])]))
                    for item in chunk]
+        # greedy (temperature 0): no sampling noise in the grade; [0]: the tokens, not the masks
         replies = engine.generate_batch(prompts, 1, max_tokens, temperature=0.0)[0]
         pairs += zip(chunk, (tokenizer.decode(tokens) for tokens in replies))
     return gather_in_order(ddp, pairs)
@@ -1335,6 +1412,7 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     card."""
     model.eval()
     multiple_choice = tinyworld.tinyworld_eval_items("multiple_choice", n=n)
+    # the facts are answered once and graded in two groups: a fact's key starts with its kind
     facts = greedy_replies(model, tokenizer, tinyworld.tinyworld_eval_items("fact", n=n), ddp)
     world = [(item, reply) for item, reply in facts
              if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
@@ -1342,6 +1420,8 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
                   if item["key"].split(":")[0] in tinyworld.ARITHMETIC_KINDS]
     hard = greedy_replies(model, tokenizer,
                           tinyworld.tinyworld_eval_items("hard_word_problem", n=n), ddp, 128)
+    # the same multiple-choice items twice: by letter (the chat format) and by cloze (what the
+    # model knows, whether or not it can answer by letter)
     return dict(
         multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
@@ -1351,6 +1431,8 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
                                          tinyworld.tinyworld_eval_items("word_problem", n=n), ddp,
                                          "word_problem"),
         hard_word_problem=share_of([answer_is_correct(reply, item["answer"]) for item, reply in hard]),
+        # reading the context: a world fact's key is "<kind>:<subject>"; a harder problem has
+        # a person's name
         names_subject=share_of([mentions(reply, item["key"].split(":", 1)[1]) for item, reply in world]),
         keeps_name=share_of([mentions(reply, item["name"]) for item, reply in hard]),
     )
@@ -1370,7 +1452,8 @@ def chat_report_card(model, tokenizer, ddp, n, heading):
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints: <base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json
+# Checkpoints (<base_dir>/checkpoints/<stage>/<tag>/{model,optim}_<step>.pt and meta_<step>.json)
+# and reports
 #
 # Each file is written to a temporary name, flushed to the disk and renamed into place, and the
 # rename flushed too; the metadata goes last and marks the checkpoint complete. Older checkpoints
@@ -1390,6 +1473,7 @@ def checkpoint_step(path):
 
 
 def last_checkpoint_step(directory):
+    # the meta file is written last, so a step with its meta and its model file is complete
     steps = [checkpoint_step(p) for p in directory.glob("meta_*.json")]
     return max((s for s in steps if s is not None and (directory / f"model_{s:06d}.pt").exists()),
                default=None)
@@ -1400,6 +1484,7 @@ def save_checkpoint(directory, step, model, optimizers, meta):
     say) leaves the last complete checkpoint in place and says so."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        # the model, the optimizers, then the meta file, which marks the step complete
         hardware.atomic_write(directory / f"model_{step:06d}.pt", lambda p: torch.save(model.state_dict(), p))
         if optimizers is not None:
             hardware.atomic_write(directory / f"optim_{step:06d}.pt",
@@ -1407,6 +1492,7 @@ def save_checkpoint(directory, step, model, optimizers, meta):
         hardware.atomic_write(directory / f"meta_{step:06d}.json",
                               lambda p: p.write_text(json.dumps(meta, indent=2)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        # nothing was deleted yet: the last complete checkpoint is still there to resume from
         kept = last_checkpoint_step(directory) if directory.is_dir() else None
         raise UserError(f"could not write the step {step} checkpoint in {directory} "
                         f"({str(e).splitlines()[0]}); "
@@ -1433,6 +1519,8 @@ def torch_load(path, device):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
+        # a damaged file and a whole one that could not be loaded fail alike: ask the file itself,
+        # so that a good checkpoint is never called corrupt
         try:
             intact = hardware.checkpoint_file_is_intact(path)
         except OSError as read_error:  # it cannot be read at all: permissions, a failing disk
@@ -1440,6 +1528,7 @@ def torch_load(path, device):
         if not intact:
             raise UserError(f"cannot read checkpoint file {path} (truncated or corrupt: {type(e).__name__}); "
                             "delete that checkpoint directory and run the stage again") from None
+        # the error's type and first line: the rest of a torch error can run to many lines
         cause = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
         out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError))
         what_to_do = (f"free memory on {device} (another process may hold it)" if out_of_memory
@@ -1454,20 +1543,25 @@ def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
     step = last_checkpoint_step(directory) if directory.exists() else None
     if step is None:
         raise UserError(f"no {stage} checkpoint in {directory}" + (f": {hint}" if hint else ""))
+    # the shape comes from the meta file: the weights alone do not tell n_head from head_dim
     try:
         meta = json.loads((directory / f"meta_{step:06d}.json").read_text())
         config = GPTConfig(**meta["model_config"])
+        # a damaged or hand-edited config fails here, in one line, not somewhere inside GPT()
         if not all(type(v) is int and v > 0 for v in dataclasses.astuple(config)):
             raise ValueError(f"model_config {meta['model_config']} is not positive whole numbers")
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint metadata {directory}/meta_{step:06d}.json is unreadable "
                         f"({type(e).__name__}: {e}); "
                         "delete that checkpoint directory and run the stage again") from None
+    # built on the meta device (no memory, no random init), then given memory once, on `device`
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # fills the rotary buffers; the weights are replaced just below
     state = torch_load(directory / f"model_{step:06d}.pt", device)
+    # strict: every parameter there and none extra; assign: the loaded tensors become the weights,
+    # with no second copy
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -1478,14 +1572,14 @@ def load_checkpoint(stage, tag, device, with_optimizer=False, hint=""):
 
 
 def check_tokenizer(meta, tokenizer, where):
+    # under another tokenizer an id stands for other text: the model would read and write nonsense
     if meta.get("tokenizer") != tokenizer_id(tokenizer):
         raise UserError(f"{where} was trained with tokenizer {meta.get('tokenizer')}, but the "
                         f"current one is {tokenizer_id(tokenizer)}: retrain the stages "
                         "after --stage tok, or restore that tokenizer")
 
 
-# -----------------------------------------------------------------------------------------------
-# Reports: each stage writes <base_dir>/report/<stage>.json; `--stage report` makes report.md
+# each stage writes <base_dir>/report/<stage>.json; `--stage report` makes report.md of them all
 
 def write_report(stage, data):
     directory = base_dir() / "report"
@@ -1496,6 +1590,7 @@ def write_report(stage, data):
 def record_wall_time(stage, seconds):
     """Keep each stage's last wall time in report/wall.json, for the report's timing table."""
     path = base_dir() / "report" / "wall.json"
+    # read, update, write back: the other stages' times stay
     times = json.loads(path.read_text()) if path.exists() else {}
     times[stage] = round(seconds, 1)
     write_report("wall", times)
@@ -1657,6 +1752,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     batch has the same shape (SFT's padded rows do not), which decides whether compiling pays.
     Returns the report's summary."""
     model, B, T, config = start.model, args.device_batch_size, args.max_seq_len, start.model.config
+    # what the run is, before it starts: the model's size and FLOPs, the tokens and how they are batched
     if config.sequence_len < T:
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
@@ -1669,6 +1765,8 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
            f"{num_steps * args.total_batch_size:,} tokens ({grad_accum} micro-steps of {B}x{T} on "
            f"{ddp.world_size} process(es), {DEVICE_TYPE}, {str(COMPUTE_DTYPE)[6:]})")
 
+    # a resumed run continues with its optimizers' moments and its loaders' positions, so that it
+    # trains on exactly what an uninterrupted run would have
     optimizers = stage_optimizers(args, start)
     start_step = first_step(start, num_steps)
     data_state = resume_data_state(start.meta, ddp) if start_step else None
@@ -1676,6 +1774,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     use_compile, why = hardware.compile_setting(args.compile, DEVICE_TYPE, num_steps - start_step,
                                                 fixed_shapes)
     print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
+    # training runs the compiled model; evaluation and checkpoints use `model`, whose weights it shares
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     batch = next(train_batches)  # (inputs, targets, the loader's state after them)
@@ -1696,20 +1795,24 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     model.train()
     try:
         while True:
+            # evaluate at the start (so that a validation set too small fails before any training),
+            # every --eval-every steps and at the end
             if step == start_step or periodic(step, args.eval_every, num_steps):
-                model.eval()  # at the start too: a validation set too small fails before training
+                model.eval()
                 metrics = evaluate(model)
                 model.train()
                 history.append(dict(step=step, **metrics))
                 print0(f"step {step:5d}/{num_steps} | "
                        + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            # a checkpoint every --save-every steps and at the end (none of the step a run resumes at)
             if step > start_step and periodic(step, args.save_every, num_steps):
                 save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics,
                            data_state)
             if step == num_steps:
                 break
-            # one optimizer step: accumulate gradients over micro-steps;
-            # DDP all-reduces only on the last
+            # one optimizer step of --total-batch-size tokens: gradients summed over micro-steps, each
+            # loss divided by their number, so the sum is the mean loss of the whole batch; DDP
+            # all-reduces the gradients once, on the last micro-step, not on every one
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
                 x, y, batch_state = batch
@@ -1723,7 +1826,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 # kernels are queued, not finished); the loader's state saved with a checkpoint is
                 # that of the trained batch
                 batch, data_state = next(train_batches), batch_state
-            # the learning rates of this step, then the update itself
+            # this step's learning rates and Muon's momentum (the schedules), then the update itself
             lrm = apply_schedules(optimizers, step, num_steps, args)
             for opt in optimizers:
                 opt.step()
@@ -1731,12 +1834,14 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
             train_loss = loss.item() * grad_accum  # .item() waits for the device: the step is done
             dt = time.time() - t0
             step += 1
+            # the log: throughput and the ETA leave out the first step, which warms up (and compiles)
             if step > start_step + 1:
                 t_train += dt
                 tokens_timed += step_tokens
             elif use_compile:
                 first_step_seconds = dt
                 print0(f"first step {dt:.1f}s, most of it compiling (counted in this stage's wall time)")
+            # one batch's loss is noisy: the log shows a moving average
             smooth_loss = train_loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * train_loss
             train_curve.append((step, train_loss))
             tok_per_s = step_tokens / dt
@@ -1746,7 +1851,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 print0(f"step {step:5d}/{num_steps} | loss {smooth_loss:.4f} | lr x{lrm:.2f} | "
                        f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s"
                        + (f" | mfu {mfu(tok_per_s):.1f}%" if peak else "") + f" | eta {eta}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line that says where the last good checkpoint is
         raise interrupted(step, checkpoint_dir(stage, args.model_tag)) from None
     tok_per_s = tokens_timed / t_train if t_train else 0.0  # over the timed steps
     return dict(params=num_params, flops_per_token=flops_per_token, steps=num_steps,
@@ -1754,12 +1859,11 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 train_seconds=round(t_train, 1), device=DEVICE_TYPE, compiled=use_compile,
                 first_step_seconds=first_step_seconds and round(first_step_seconds, 1),
                 mfu=round(mfu(tok_per_s), 2) if peak else None,
-                metrics=metrics, history=history,
-                train_loss=train_curve)
+                metrics=metrics, history=history, train_loss=train_curve)
 
 
 # -----------------------------------------------------------------------------------------------
-# Stages tok and base: the data they need, and how long base trains
+# Stages tok and base: the tokenizer, then pretraining (the data they need, how long base trains)
 
 def meta_model(args, vocab_size):
     """The model the flags describe, built on the meta device: its shapes and parameters, no
@@ -1776,6 +1880,7 @@ def base_steps(args, num_params):
     else STAGE_DEFAULTS' 320, the laptop's."""
     if args.num_iterations > 0:
         return args.num_iterations
+    # tokens = ratio x parameters, in steps of --total-batch-size tokens
     if args.target_param_data_ratio is not None:
         return max(1, int(args.target_param_data_ratio * num_params // args.total_batch_size))
     return STAGE_DEFAULTS["base"]["steps"]
@@ -1792,21 +1897,24 @@ def prepare_base_data(args, ddp):
     if ddp.is_master:
         num_shards = args.num_shards
         if num_shards is None:
+            # the vocabulary sizes wte, so the parameter count and the tokens base will read
             vocab_size = get_tokenizer().vocab_size if tokenizer_path().exists() else args.vocab_size
             num_params = sum(p.numel() for p in meta_model(args, vocab_size).parameters())
             num_shards = hardware.shards_needed(base_steps(args, num_params) * args.total_batch_size)
         realdata.download_shards(base_data_dir(args), num_shards)
+    # no rank reads a shard before rank 0 has finished writing it
     if ddp.is_ddp:
         dist.barrier()
 
 
-# -----------------------------------------------------------------------------------------------
-# Stage tok: train the tokenizer
+# the tokenizer: --stage tok
 
 def stage_tok(args, ddp):
     prepare_base_data(args, ddp)
+    # one process trains and saves the tokenizer; the others wait at the barrier at the end
     if ddp.is_master:
         t0 = time.time()
+        # whole documents until --tok-chars characters are reached
         texts, n_chars = [], 0
         for _, text in document_stream(args, "train"):
             texts.append(text)
@@ -1822,9 +1930,11 @@ def stage_tok(args, ddp):
                    f"{tokenizer.vocab_size} tokens")
         tokenizer_path().parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tokenizer_path())
+        # bytes per token on text it was not trained on: how well the tokenizer compresses
         val_texts = [text for _, text in itertools.islice(document_stream(args, "val"), 200)]
         n_bytes = sum(len(bpe.text_to_bytes(t)) for t in val_texts)
         n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))
+        # one sentence cut into its tokens, to see the merges at work
         pieces = [tokenizer.decode([i]) for i in tokenizer.encode("The capital of France is Paris.")]
         print0(f"saved {tokenizer_path()}: vocab {tokenizer.vocab_size}, {train_seconds:.1f}s, "
                f"{n_bytes / n_tokens:.2f} bytes/token on {len(val_texts)} validation documents")
@@ -1836,8 +1946,7 @@ def stage_tok(args, ddp):
         dist.barrier()
 
 
-# -----------------------------------------------------------------------------------------------
-# Stage base: pretraining
+# pretraining: --stage base
 
 def stage_base(args, ddp):
     prepare_base_data(args, ddp)
@@ -1845,12 +1954,14 @@ def stage_base(args, ddp):
     start = start_model(args, ddp, "base", tokenizer)
     model = start.model
     num_steps = base_steps(args, sum(p.numel() for p in model.parameters()))
+    # the bytes behind each token id, for bits per byte
     token_bytes = token_byte_lengths(tokenizer, ddp.device)
 
     def make_batches(split, state=None):
         return base_batches(args, tokenizer, split, args.device_batch_size, args.max_seq_len, ddp,
                             ddp.device, state)
 
+    # induction_score()[2]: the second copy's loss over the first's, near 0 when the model copies
     def evaluate(model):
         return dict(val_bpb=evaluate_bpb(model, make_batches("val"), args.eval_batches, token_bytes),
                     induction=induction_score(model, tokenizer)[2])
@@ -1858,6 +1969,7 @@ def stage_base(args, ddp):
     summary = train(args, ddp, "base", start, tokenizer, make_batches, evaluate, num_steps)
     summary["val_bpb"] = round(summary["metrics"]["val_bpb"], 4)
     summary["samples"] = []
+    # every rank trained; rank 0 alone samples the prompts and writes the report
     if ddp.is_master:
         model.eval()
         for prompt in args.sample_prompts:
@@ -2113,6 +2225,8 @@ def policy_step(ddp_model, ddp, rows, num_tokens, micro_batch, pad_id):
 
 
 def stage_rl(args, ddp):
+    """Simplified GRPO from the SFT checkpoint (see the section's comment): each step samples a group
+    of answers per problem, rewards them, and pushes the model towards the better ones."""
     tokenizer = get_tokenizer()
     start = start_model(args, ddp, "rl", tokenizer, source="sft")
     model = start.model
@@ -2139,6 +2253,8 @@ def stage_rl(args, ddp):
     step, steps_without_signal = start_step, 0
     try:
         while True:
+            # pass@1 and pass@k on the held-out problems (as train() evaluates), with the same seed
+            # each time, so that two evaluations differ by the model alone
             if step == start_step or periodic(step, args.eval_every, num_steps):
                 model.eval()
                 stats, rewards = pass_at_k(model, tokenizer, held_out, ddp, args.pass_k,
@@ -2153,9 +2269,9 @@ def stage_rl(args, ddp):
             if step == num_steps:
                 break
             t0 = time.time()
-            # 1) rollout: G answers to each of this rank's problems from the current policy,
-            # and their rewards; a step's problems depend on the step alone, so a resumed run
-            # draws the same
+            # 1) rollout: G answers to each of this rank's problems from the current policy, and
+            # their rewards; a step's problems and samples depend on the step alone (and the rank),
+            # so a resumed run draws the same
             model.eval()
             rng = random.Random(f"rl-{args.seed}-{step}")
             problems = [draw_problem(rng) for _ in range(P)][ddp.rank::ddp.world_size]
@@ -2172,8 +2288,8 @@ def stage_rl(args, ddp):
                 rows += group_rows
             # micro-batches of similar lengths: less padding to compute
             rows.sort(key=lambda row: len(row.ids))
-            # 3) one policy-gradient step on the groups with signal,
-            # normalised by all their sampled tokens
+            # 3) one policy-gradient step on the groups with signal, normalised by all their sampled
+            # tokens on every rank: the counts (and the logged mean reward) are sums over ranks
             model.train()
             counts = torch.tensor([sum(t >= 0 for row in rows for t in row.targets),
                                    sum(rewards_all), len(rewards_all), zero_signal],
@@ -2181,6 +2297,7 @@ def stage_rl(args, ddp):
             if dist.is_initialized():
                 dist.all_reduce(counts)  # summed over ranks
             num_tokens, reward_sum, num_rewards, zero_groups = counts.tolist()
+            # when no rank had a group with signal there is no gradient: no step, nor a learning rate
             if policy_step(ddp_model, ddp, rows, num_tokens, args.device_batch_size, pad_id):
                 set_lr(optimizers, 1.0 - step / num_steps)  # a linear decay to zero
                 for opt in optimizers:
@@ -2196,10 +2313,11 @@ def stage_rl(args, ddp):
             print0(f"step {step:4d}/{num_steps} | reward {mean_reward:.3f} | zero-signal groups "
                    f"{zero_groups / P:.2f} | trained tokens {int(num_tokens)} | {dt:.1f}s | "
                    f"eta {eta} (+ evaluations)")
+            # a reward that never varies teaches nothing: say so once, with replies to look at
             steps_without_signal = steps_without_signal + 1 if zero_groups == P else 0
             if steps_without_signal == NO_SIGNAL_STEPS:
                 warn_no_signal(steps_without_signal, mean_reward, examples)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line that says where the last good checkpoint is
         raise interrupted(step, checkpoint_dir("rl", args.model_tag)) from None
     summary = dict(history=history, reward_curve=curve, steps=num_steps, num_samples=G,
                    pass_k=args.pass_k, prompts_per_step=P, held_out=len(held_out),
@@ -2366,7 +2484,7 @@ def evaluate_real_chat(args, model, tokenizer, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
-# Stages eval and chat: use any checkpoint
+# Stages eval, chat, serve, report and plan: use the checkpoints, or price a run before it starts
 
 def stage_eval(args, ddp):
     tokenizer = get_tokenizer()
@@ -2374,6 +2492,8 @@ def stage_eval(args, ddp):
     model, meta = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     results = {}
+    # a base model is measured on text (bits per byte, and CORE with a bundle); a chat model on
+    # the real chat tasks with --data hf
     if args.source == "base":
         token_bytes = token_byte_lengths(tokenizer, ddp.device)
         batches = base_batches(args, tokenizer, "val", args.device_batch_size, args.max_seq_len,
@@ -2404,6 +2524,7 @@ def stage_chat(args, ddp):
     model, _ = load_trained(args, ddp, args.source, tokenizer)
     model.eval()
     engine, messages = Engine(model, tokenizer), []
+    # what is printed when a part of each type begins; a tool output is closed by "]"
     opening = dict(text="", python="[calculator: ", python_output=" = ")
     if args.prompt is None:
         print(f"chatting with the {args.source} model {tag}; an empty line or Ctrl-D quits, "
@@ -2423,11 +2544,13 @@ def stage_chat(args, ddp):
                 messages = []
                 continue
         messages.append(dict(role="user", content=user))
+        # the whole conversation is rendered again each turn: the model keeps no state between turns
         prompt, parts = render_for_completion(tokenizer, dict(messages=messages)), []
         print("assistant> " if args.prompt is None else "", end="", flush=True)
         for text, part in serve.reply_pieces(engine, prompt, args.max_new_tokens, args.temperature,
                                              args.top_k, args.seed):
             shown = parts[-1]["type"] if parts else "text"
+            # a part of another type begins: close a tool output, then open the new part
             if text and part != shown:
                 print(("]" if shown == "python_output" else "") + opening[part], end="")
             print(text, end="", flush=True)
@@ -2445,6 +2568,8 @@ def stage_serve(args, ddp):
     tokenizer = get_tokenizer()
     tag = args.model_tag
     models = {}
+    # every stage with a checkpoint, and --source even without one: load_trained then says which
+    # stage to run first
     for stage in TRAINING_STAGES:
         directory = checkpoint_dir(stage, tag)
         if stage != args.source and (not directory.exists() or last_checkpoint_step(directory) is None):
@@ -2462,6 +2587,7 @@ def stage_serve(args, ddp):
     info = dict(model=tag, stage=args.source,
                 defaults=dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens))
     limits = serve.Limits(max_new_tokens=args.max_new_tokens, max_queue=args.max_queue)
+    # serve.py imports nothing from this file: it gets the two renderers as functions
     try:
         serve.serve(models, lambda messages: render_for_completion(tokenizer, dict(messages=messages)),
                     lambda messages: render_conversation(tokenizer, dict(messages=messages)),
@@ -2471,14 +2597,12 @@ def stage_serve(args, ddp):
         raise UserError(str(e)) from None
 
 
-# -----------------------------------------------------------------------------------------------
-# Stage report: gather every stage's report/<stage>.json into one report.md (report.py)
-
-
+# report.md: every stage's report/<stage>.json on one page (report.py)
 
 def stage_report(args, ddp):
     if not ddp.is_master:
         return
+    # every stage's report/<stage>.json (and wall.json), keyed by its file name
     reports = {path.stem: json.loads(path.read_text())
                for path in sorted((base_dir() / "report").glob("*.json"))}
     final, samples = next((stage for stage in ("rl", "sft") if stage in reports), None), []
@@ -2489,6 +2613,7 @@ def stage_report(args, ddp):
         for question in ("What is the capital of Japan?",
                          tinyworld.tinyworld_eval_items("hard_word_problem", n=1)[0]["question"]):
             prompt = render_for_completion(tokenizer, dict(messages=[dict(role="user", content=question)]))
+            # greedy, not sampled: the report shows the model's most likely token at each step
             (reply,), _ = engine.generate_batch(prompt, 1, 128, temperature=0.0)
             samples.append((question, tokenizer.decode(reply)))
     reward_curve = base_dir() / "report" / "rl.png"
@@ -2500,10 +2625,7 @@ def stage_report(args, ddp):
     print0(f"wrote {args.report_path}")
 
 
-# -----------------------------------------------------------------------------------------------
-# Stage plan: what a run will cost, before paying for it
-
-
+# what a run will cost, before paying for it (hardware.plan)
 
 def stage_plan(args, ddp):
     """For the model the flags describe, on --gpus GPUs at an assumed --mfu: every stage's tokens,
@@ -2548,6 +2670,7 @@ def build_parser():
                     "Flags are grouped by the stages that read them.",
         formatter_class=HelpFormatter)
     p.add_argument("--stage", required=True, choices=list(STAGES), help="which stage to run")
+    # where every stage's text, conversations and problems come from, and what replaces them
     g = p.add_argument_group("data")
     g.add_argument("--data", default="tinyworld", choices=["tinyworld", "hf"],
                    help="tinyworld: the embedded synthetic world (offline); hf: real datasets "
@@ -2575,6 +2698,8 @@ def build_parser():
                    "training documents (conversations) replaced by a copy drill, random token ids "
                    "written twice, which teaches reading the context (default: 0.2 for TinyWorld's "
                    "base, else 0)").must = (lambda v: 0 <= v < 1, "at least 0 and below 1")
+    # the BPE that --stage tok trains; the stages after it take the vocabulary from its file
+    # (plan, which loads nothing, reads --vocab-size)
     g = p.add_argument_group("tokenizer (tok)")
     g.add_argument("--vocab-size", type=int, default=4096,
                    help="vocabulary size (256 bytes + merges + special tokens)"
@@ -2583,6 +2708,8 @@ def build_parser():
                              f"{len(SPECIAL_TOKENS)} special tokens + at least one merge)")
     g.add_argument("--tok-chars", type=int, default=2_000_000,
                    help="characters of training text").must = (lambda v: v >= 1000, "at least 1000")
+    # the shape of a new base model (the depth dial, config_from_depth) and its checkpoint's name;
+    # the stages after base load the shape from their source checkpoint
     g = p.add_argument_group("model")
     g.add_argument("--depth", type=int, default=4,
                    help="number of transformer blocks; the width follows from it").must = AT_LEAST_1
@@ -2596,6 +2723,8 @@ def build_parser():
     g.add_argument("--max-seq-len", type=int, default=256,
                    help="context length in tokens").must = (lambda v: v >= 2, "at least 2")
     g.add_argument("--model-tag", default=None, help="checkpoint name (default: d<depth>)")
+    # batch, learning rates and schedule, and how often to evaluate, save and log; a flag left at
+    # None takes its stage's value (DEFAULTS, STAGE_DEFAULTS) in finalize_args
     g = p.add_argument_group("training (base, mid, sft, rl)")
     g.add_argument("--device-batch-size", type=int, default=16,
                    help="sequences per forward pass on each device").must = AT_LEAST_1
@@ -2637,6 +2766,7 @@ def build_parser():
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines").must = AT_LEAST_1
     g.add_argument("--sample-prompts", nargs="*", default=["The capital of France is", "Once upon a time"],
                    help="base: prompts to continue at the end of training")
+    # the group size, the problems per step, the held-out pass@k, and sampling (which chat uses too)
     g = p.add_argument_group("rl (simplified GRPO)")
     g.add_argument("--num-samples", type=int, default=8, help="answers sampled per training "
                    "problem: the group size G").must = (lambda v: v >= 2, "at least 2 (GRPO "
@@ -2652,6 +2782,7 @@ def build_parser():
                    ).must = (lambda v: v >= 0, "0 (greedy) or more")
     g.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer "
                    f"in tokens ({defaults_help('max_new_tokens')})").must = AT_LEAST_1
+    # which checkpoint, how much of each evaluation to run, the one-shot chat prompt, and top-k
     g = p.add_argument_group("eval and chat")
     g.add_argument("--source", default="sft", choices=TRAINING_STAGES,
                    help="which stage's checkpoint to load")
@@ -2669,6 +2800,7 @@ def build_parser():
     g.add_argument("-p", "--prompt", default=None, help="chat: answer this one message and exit")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: "
                    f"all tokens; {defaults_help('top_k')}; nanochat's rl: 50)").must = AT_LEAST_1
+    # where the server listens, how many requests may wait, and which Host names it answers
     g = p.add_argument_group("serve (the chat page and an OpenAI-style API over HTTP: see serve.py)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every "
                    "network interface; there is no login)")
@@ -2679,6 +2811,7 @@ def build_parser():
     g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host or Origin header names NAME, as behind a "
                         "proxy (repeatable; the --host address needs none)")
+    # the machine a planned run assumes; plan reads the model and training flags above as well
     g = p.add_argument_group("plan (what a run will cost: --stage plan with the model's and the "
                              "training flags)")
     g.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
@@ -2686,6 +2819,7 @@ def build_parser():
     g.add_argument("--mfu", type=float, default=40.0, help="model FLOPs utilisation to assume, in "
                    "percent (nanochat measures about 43 at depth 12 and 20 on H100s)"
                    ).must = (lambda v: 0 < v <= 100, "a percentage above 0, at most 100")
+    # where report.md goes, and the total time that speedrun.sh measured around all the stages
     g = p.add_argument_group("report")
     g.add_argument("--report-path", default="report.md", help="where to write the markdown report")
     g.add_argument("--wall-seconds", type=int, default=None,
@@ -2699,12 +2833,14 @@ def finalize_args(args, parser=None):
     defaults = DEFAULTS | STAGE_DEFAULTS.get(args.stage, {})
     if args.data != "tinyworld":  # copy drills are made for TinyWorld's text
         defaults["copy_drills"] = 0.0
+    # only flags left unset (None) take a default; "steps" is no flag: --num-iterations -1 means it
     for name, value in defaults.items():
         if name != "steps" and getattr(args, name) is None:
             setattr(args, name, value)
     args.model_tag = args.model_tag or f"d{args.depth}"
     for action in (parser or build_parser())._actions:  # each flag's rule, .must where it was added
         value = getattr(args, action.dest, None)
+        # isfinite first: nan fails every comparison and inf passes some (inf > 0), so refuse both
         if (hasattr(action, "must") and value is not None
                 and not (math.isfinite(value) and action.must[0](value))):
             raise UserError(f"--{action.dest.replace('_', '-')} must be {action.must[1]}, got {value}")
@@ -2738,10 +2874,12 @@ def run(argv, record_time=False):
     parser = build_parser()
     args = parser.parse_args(argv)
     finalize_args(args, parser)
+    # seeded before the stage builds anything: --seed decides a fresh model's initial weights
     torch.manual_seed(args.seed)
     ddp = init_distributed()
     t0 = time.time()
     summary = STAGES[args.stage](args, ddp)
+    # the stages that train or evaluate: one entry each (eval per source) in report.md's timings
     if record_time and ddp.is_master and args.stage not in ("chat", "serve", "report", "plan"):
         record_wall_time(args.stage if args.stage != "eval" else f"eval_{args.source}", time.time() - t0)
     return summary
@@ -2751,6 +2889,7 @@ def main(argv=None):
     hardware.keep_freed_memory(DEVICE_TYPE)
     try:
         run(sys.argv[1:] if argv is None else argv, record_time=True)
+    # a mistake the user can fix is one line on stderr and exit status 2, not a traceback
     except (UserError, realdata.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

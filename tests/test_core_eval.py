@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 import nanochat_one as nc
-import report
-from test_download import Response
 import realdata
-from conftest import TINY, byte_tokenizer, run_stage, tiny_gpt
+import report
 import sandbox
+from conftest import TINY, byte_tokenizer, run_stage, tiny_gpt
+from test_download import Response
 
 TOKENIZER = byte_tokenizer()  # bytes only: "abc" -> [97, 98, 99]
 

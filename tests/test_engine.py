@@ -23,7 +23,6 @@ class ScriptedModel(torch.nn.Module):
         self.fed.append(idx[0].tolist())
         B, T = idx.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
-        n_seen = sum(len(f) for f in self.fed)
         target = self.script[min(len(self.fed) - 1, len(self.script) - 1)]
         logits[:, -1, target] = 100.0
         kv_cache.pos += T

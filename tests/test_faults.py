@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import bpe
 import nanochat_one as nc
 import realdata
 from conftest import TINY, TINY_TOK, run_stage
