@@ -544,7 +544,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if len(text) > server.limits.max_message_chars:
             raise RequestError(f"the prompt has {len(text)} characters; this server takes at most "
                                f"{server.limits.max_message_chars}")
-        tokenizer = next(iter(server.models.values())).engine.tokenizer  # the stages share one (checked at load)
+        tokenizer = server.tokenizer
         return [tokenizer.special_tokens["<|bos|>"]] + tokenizer.encode_ordinary(text)
 
     def answer(self, chat, body):
@@ -653,7 +653,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             ids, mask = server.render_training(body["messages"])
         except ValueError as e:
             raise RequestError(str(e)) from None
-        tokenizer = next(iter(server.models.values())).engine.tokenizer
+        tokenizer = server.tokenizer
         self.send_json(200, dict(object="list", data=[
             dict(id=token, text=token_form(tokenizer, token)["token"], special=token in tokenizer.inverse_special,
                  trained=bool(trained)) for token, trained in zip(ids, mask)]))
@@ -698,6 +698,8 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, address, models, render, render_training, info, limits, log=print, allowed_hosts=()):
         super().__init__(address, ChatHandler)
         self.models, self.render, self.render_training = models, render, render_training
+        # every stage of one model tag reads one tokenizer (stage_serve loads them all with it)
+        self.tokenizer = next(iter(models.values())).engine.tokenizer
         self.info, self.limits, self.log = info, limits, log
         self.queue = TurnQueue(limits.max_queue)
         self.counts = dict(served=0, cancelled=0, rejected=0, generated_tokens=0)
