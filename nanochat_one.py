@@ -1084,7 +1084,7 @@ class Engine:
         replies = [Reply() for _ in range(len(prompts) * num_samples)]
         live = list(range(len(replies)))  # the rows still in the cache, in its order
         for _ in range(max_tokens):
-            # every row in the cache samples (a finished one too, so each row's draw stays the same)
+            # one draw per row in the cache; a finished row's goes unused until the batch sheds it (below)
             drawn = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
             # a row with tool tokens queued feeds the next of them, and its draw goes unused
             sampled = [not reply.forced for reply in replies]
