@@ -2,8 +2,9 @@
 The machine under the code: what a GPU can do and what a run will cost on it (--stage plan, MFU in
 the training log); two settings that make a small CPU faster (glibc's malloc, when torch.compile
 pays for itself); and files written so that a crash or a power cut never leaves half of one
-(checkpoints, reports). None of it changes a number the model computes. This module imports nothing
-from nanochat_one.py.
+(checkpoints, reports). Only compile_setting touches the numbers the model computes: a compiled
+model does the same arithmetic in another order, which rounds differently. This module imports
+nothing from nanochat_one.py.
 """
 import ctypes
 import math

@@ -594,7 +594,7 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------------------------
 # The loss, fused: GPT.forward's cross-entropy of the softcapped logits, the same numbers in a
-# fraction of the memory (a speed-up, not a new idea: tests/test_model.py equates it with the formula)
+# fraction of the memory (a speed-up, not a new idea: tests/test_model.py equates the two)
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-row loss -log softmax(z)[target] of the softcapped logits z = cap * tanh(logits / cap), 0
@@ -1084,7 +1084,7 @@ class Engine:
         replies = [Reply() for _ in range(len(prompts) * num_samples)]
         live = list(range(len(replies)))  # the rows still in the cache, in its order
         for _ in range(max_tokens):
-            # one draw per row in the cache; a finished row's goes unused until the batch sheds it (below)
+            # one draw per row in the cache; a finished row's is unused until the batch sheds it
             drawn = dict(zip(live, sample_next(logits, rng, temperature, top_k).tolist()))
             # a row with tool tokens queued feeds the next of them, and its draw goes unused
             sampled = [not reply.forced for reply in replies]
@@ -1600,13 +1600,14 @@ def record_wall_time(stage, seconds):
 # Training: the loop shared by base, mid and sft
 
 # What each stage does with the flags left unset: one table, which finalize_args applies and --help
-# quotes. steps: the stage's optimizer steps on TinyWorld (--num-iterations -1; --data hf trains one
-# epoch). SFT teaches new sums, not new words: its matrices move 4x faster than the other stages',
-# the tied embedding 4x slower. On the speedrun's tiny tier, SFT at the base rates learned the
-# harder word problems to 21% and forgot facts; at these, 60%, the facts kept (one seed each). Copy
-# drills in TinyWorld's base: induction score 0.96 -> 0.07. In mid, 0.15 keeps it (0.06, else 0.89)
-# and lifts names_subject after SFT 56% -> 68%, but the harder word problems fall 62% -> 52% (one
-# seed each): off.
+# quotes. steps: a stage's optimizer steps when --num-iterations is -1 (with --data hf, mid, sft and
+# rl train one epoch instead, and base --target-param-data-ratio's tokens when it is given). SFT
+# teaches new sums, not new words: its matrix rate is 4x the other stages', its tied embedding's
+# 1/4, both then times its --lr-scale of 0.125 (0.01 and 0.0016 in all). On the speedrun's tiny
+# tier, SFT at the base rates learned the harder word problems to 21% and forgot facts; at these,
+# 60%, the facts kept (one seed each). Copy drills in TinyWorld's base: induction score 0.96 ->
+# 0.07. In mid, 0.15 keeps it (0.06, else 0.89) and lifts names_subject after SFT 56% -> 68%, but
+# the harder word problems fall 62% -> 52% (one seed each): off.
 DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6,
                 max_new_tokens=256)
 STAGE_DEFAULTS = dict(
@@ -1752,7 +1753,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     batch has the same shape (SFT's padded rows do not), which decides whether compiling pays.
     Returns the report's summary."""
     model, B, T, config = start.model, args.device_batch_size, args.max_seq_len, start.model.config
-    # what the run is, before it starts: the model's size and FLOPs, the tokens and how they are batched
+    # what the run is, before it starts: the model's size and FLOPs, its tokens and their batches
     if config.sequence_len < T:
         raise UserError(f"--max-seq-len {T} is longer than the model's context ({config.sequence_len})")
     num_params = sum(p.numel() for p in model.parameters())
@@ -1774,7 +1775,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
     use_compile, why = hardware.compile_setting(args.compile, DEVICE_TYPE, num_steps - start_step,
                                                 fixed_shapes)
     print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
-    # training runs the compiled model; evaluation and checkpoints use `model`, whose weights it shares
+    # training runs the compiled model; evaluation and checkpoints use `model`, its same weights
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     train_batches = make_batches("train", data_state)
     batch = next(train_batches)  # (inputs, targets, the loader's state after them)
@@ -1804,15 +1805,15 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
                 history.append(dict(step=step, **metrics))
                 print0(f"step {step:5d}/{num_steps} | "
                        + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            # a checkpoint every --save-every steps and at the end (none of the step a run resumes at)
+            # a checkpoint every --save-every steps and at the end (none at the step it resumed at)
             if step > start_step and periodic(step, args.save_every, num_steps):
                 save_stage(args, ddp, stage, step, num_steps, model, optimizers, tokenizer, metrics,
                            data_state)
             if step == num_steps:
                 break
-            # one optimizer step of --total-batch-size tokens: gradients summed over micro-steps, each
-            # loss divided by their number, so the sum is the mean loss of the whole batch; DDP
-            # all-reduces the gradients once, on the last micro-step, not on every one
+            # one optimizer step of --total-batch-size tokens: gradients summed over micro-steps,
+            # each micro-batch's mean loss divided by their number (the mean of the whole batch when
+            # every micro-batch has as many targets); DDP all-reduces once, on the last micro-step
             t0, step_tokens = time.time(), 0
             for micro in range(grad_accum):
                 x, y, batch_state = batch
@@ -1834,7 +1835,7 @@ def train(args, ddp, stage, start, tokenizer, make_batches, evaluate, num_steps,
             train_loss = loss.item() * grad_accum  # .item() waits for the device: the step is done
             dt = time.time() - t0
             step += 1
-            # the log: throughput and the ETA leave out the first step, which warms up (and compiles)
+            # throughput and the ETA leave out the first step, which warms up (and compiles)
             if step > start_step + 1:
                 t_train += dt
                 tokens_timed += step_tokens
@@ -2203,9 +2204,10 @@ def rollout(engine, tokenizer, problems, args, seed, reward):
 
 def policy_step(ddp_model, ddp, rows, num_tokens, micro_batch, pad_id):
     """The gradient of grpo_loss over this rank's rows, micro_batch rows at a time, each divided by
-    num_tokens, the sampled tokens of all ranks. DDP ends every backward pass in an all-reduce, so
-    every rank runs as many as the busiest rank (a rank out of rows backpropagates a zero loss).
-    Returns the number of micro-steps: 0 when no rank had a row."""
+    num_tokens / world_size (num_tokens: the sampled tokens of all ranks), so that DDP's average
+    over the ranks divides by num_tokens. DDP ends every backward pass in an all-reduce, so every
+    rank runs as many as the busiest rank (a rank out of rows backpropagates a zero loss). Returns
+    the number of micro-steps: 0 when no rank had a row."""
     most_rows = torch.tensor(len(rows), device=ddp.device)
     if dist.is_initialized():
         dist.all_reduce(most_rows, op=dist.ReduceOp.MAX)
@@ -2297,7 +2299,7 @@ def stage_rl(args, ddp):
             if dist.is_initialized():
                 dist.all_reduce(counts)  # summed over ranks
             num_tokens, reward_sum, num_rewards, zero_groups = counts.tolist()
-            # when no rank had a group with signal there is no gradient: no step, nor a learning rate
+            # when no rank had a group with signal there is no gradient: no step, no new rate
             if policy_step(ddp_model, ddp, rows, num_tokens, args.device_batch_size, pad_id):
                 set_lr(optimizers, 1.0 - step / num_steps)  # a linear decay to zero
                 for opt in optimizers:
@@ -2338,8 +2340,8 @@ def stage_rl(args, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
-# Public benchmarks (--stage eval --data hf): CORE (DCLM) for base models; ARC, MMLU, GSM8K,
-# HumanEval and ChatCORE for chat models. The TinyWorld path never runs them.
+# Public benchmarks, run by --stage eval alone: CORE (DCLM) for a base model, given DCLM's eval
+# bundle; ARC, MMLU, GSM8K, HumanEval and ChatCORE for a chat model, with --data hf.
 #
 # CORE is the score the DCLM paper gives a base model: in-context learning on 22 public tasks,
 # read from an "eval bundle" of jsonl files. Nothing is sampled; every item is decided by the

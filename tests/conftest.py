@@ -1,3 +1,4 @@
+import os
 import random
 import sys
 from pathlib import Path
@@ -7,6 +8,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the suite runs its stages on the CPU whatever the machine has (the CUDA tests pick the GPU
+# themselves); NANOCHAT_DEVICE=cuda runs them on a GPU instead
+os.environ.setdefault("NANOCHAT_DEVICE", "cpu")
 import bpe  # noqa: E402
 import nanochat_one as nc  # noqa: E402
 import tinyworld  # noqa: E402

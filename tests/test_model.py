@@ -282,7 +282,11 @@ def test_bf16_autocast_path_runs_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kv_cache_on_gpu():
+def test_kv_cache_on_gpu(monkeypatch):
+    # the suite's stages run on the CPU (conftest); here the precision a GPU run uses
+    monkeypatch.setattr(nc, "DEVICE_TYPE", "cuda")
+    if torch.cuda.get_device_capability()[0] >= 8:
+        monkeypatch.setattr(nc, "COMPUTE_DTYPE", torch.bfloat16)
     model = tiny_model().cuda()
     idx = torch.randint(0, 97, (1, 16), device="cuda")
     c = model.config
