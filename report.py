@@ -176,19 +176,25 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
                   "pretraining text, but no chat stage trains on their questions."]
         lines += ["", "## Reading the context", "", "| after stage | induction: loss of a repeated random sequence, "
                   "first copy -> second (nats/token) | ratio | reply names the question's subject | word problem "
-                  "reply keeps the person's name |", "|---|---|---|---|---|"]
+                  "reply keeps the person's name | world knowledge, the answer begun for it |",
+                  "|---|---|---|---|---|---|"]
         for name, r in rows:
             induction = reports[sources[name]].get("induction")
             copy = (f"{induction['first']:.2f} -> {induction['second']:.2f} | {induction['ratio']:.2f}"
                     if induction else "- | -")
             lines.append(f"| {name} | {copy} | " + " | ".join(format_accuracy(r[task]) if task in r else "-"
-                                                             for task in ("names_subject", "keeps_name")) + " |")
+                                                             for task in ("names_subject", "keeps_name",
+                                                                          "completes_fact")) + " |")
         lines += ["", "Induction: 16 rows of <|bos|> and 50 random token ids, then the same 50 again; a model that "
                   "reads its context predicts the second copy (ratio near 0), one that does not finds it as hard "
                   "as the first (ratio near 1). Base trains on copy drills of the same kind (--copy-drills: other "
                   "random ids, none that write a number, each sequence written twice), so after base the ratio "
                   "measures the skill they teach; whether it lasts through the chat stages shows in the rows below, "
-                  "whether it reaches text in the two columns after it."]
+                  "whether it reaches text in the two columns after it. The last column asks the world knowledge "
+                  "questions again with each answer begun for the model up to the answer (\"What is the capital of "
+                  "Kenya?\" then \"The capital of Kenya is\"): what it knows, whether or not it can begin the "
+                  "answer itself; its gap to the world knowledge column above, on the same facts, is what the model "
+                  "knows but does not say unaided, and its fall from base what the chat stages cost the facts."]
     if changes:
         lines += ["", "## Changes on the same items (paired)", "", "| change | task | after - before (points) | "
                   "paired s.e. | z | right only before (lost) | right only after (gained) |", "|---" * 7 + "|"]

@@ -1019,7 +1019,7 @@ def tinyworld_hard_word_problem(rng):
         sentences.append(sentence)
         texts.append(text)
     distractor = rng.choice([f"{friend} has {{}} {other}.", f"{friend} is {{}} years old.",
-                             f"The shop is {{}} minutes away."]).format(say_number(rng, rng.randint(2, 60)))
+                             "The shop is {} minutes away."]).format(say_number(rng, rng.randint(2, 60)))
     sentences.insert(rng.randint(0, len(sentences)), distractor)
     question = (f"{name} has {say_number(rng, start)} {items}. " + " ".join(sentences) +
                 f" How many {items} does {name} have now?")
@@ -1131,6 +1131,13 @@ def tinyworld_eval_items(task, split="test", n=400, seed=0):
             if len(items) == n:
                 break
     return items
+
+
+def answer_sentence_start(item):
+    """A fact's answer sentence up to its answer, for the model to complete: what it knows, whether or
+    not it can begin the answer itself. "The capital of Kenya is Nairobi." -> "The capital of Kenya
+    is"; "A dog has four legs." -> "A dog has"."""
+    return item["reply"][:item["reply"].rindex(item["answer"])].rstrip()
 
 
 def fact_is_correct(reply, item):

@@ -15,6 +15,7 @@ def test_tiny_mid_and_sft_reduce_loss(base_dir):
     losses = [h["val_loss"] for h in sft["history"]]
     assert losses[-1] < losses[0]
     assert set(sft["chat_eval"]) == {"multiple_choice_letter", "multiple_choice_cloze", "world_knowledge", "arithmetic",
-                                     "word_problem", "hard_word_problem", "names_subject", "keeps_name"}
+                                     "word_problem", "hard_word_problem", "names_subject", "keeps_name",
+                                     "completes_fact"}
     assert 0 < sft["induction"]["first"] and sft["induction"]["ratio"] == pytest.approx(
         sft["induction"]["second"] / sft["induction"]["first"], abs=2e-3)

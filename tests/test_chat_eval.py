@@ -31,12 +31,13 @@ def test_cloze_multiple_choice_picks_the_choice_with_the_lowest_mean_loss(tok):
 def test_chat_report_card_gives_each_accuracy_with_its_items_and_error(tok):
     results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=3)
     assert list(results) == ["multiple_choice_letter", "multiple_choice_cloze", "world_knowledge", "arithmetic",
-                             "word_problem", "hard_word_problem", "names_subject", "keeps_name"]
+                             "word_problem", "hard_word_problem", "names_subject", "keeps_name", "completes_fact"]
     for stats in results.values():  # each item's outcome kept, in item order
         assert stats == nc.accuracy_stats(sum(stats["outcomes"]), len(stats["outcomes"]), stats["outcomes"])
     facts = tinyworld.tinyworld_eval_items("fact", n=3)
     assert results["world_knowledge"]["items"] + results["arithmetic"]["items"] == len(facts)
     assert results["names_subject"]["items"] == results["world_knowledge"]["items"]
+    assert results["completes_fact"]["items"] == results["world_knowledge"]["items"]
     assert results["keeps_name"]["items"] == results["hard_word_problem"]["items"] == 3
 
 
@@ -44,3 +45,42 @@ def test_mentions_finds_whole_words_case_aside():
     assert nc.mentions("A cat meows.", "cat") and nc.mentions("Kenya is in Africa.", "kenya")
     assert not nc.mentions("Cats meow.", "cat") and not nc.mentions("The capital is Paris.", "Kenya")
     assert nc.mentions("The opposite of up is down.", "up") and not nc.mentions("Upstairs.", "up")
+
+
+def test_every_fact_kind_has_its_answer_sentence_begun_before_its_answer():
+    """answer_sentence_start + the answer begins the reply, for every kind of world fact; completing it
+    with the answer is graded right, with another answer of its kind wrong."""
+    kinds = {}
+    for item in tinyworld.tinyworld_eval_items("fact", n=400):
+        kind = item["key"].split(":")[0]
+        if kind in tinyworld.ARITHMETIC_KINDS:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+        start = tinyworld.answer_sentence_start(item)
+        assert item["reply"].startswith(f"{start} {item['answer']}") and start == start.strip()
+        assert tinyworld.fact_is_correct(f"{start} {item['answer']}.", item)
+        other = next(a for a in tinyworld.FACT_ANSWERS[kind] if a.lower() not in item["reply"].lower())
+        assert not tinyworld.fact_is_correct(f"{start} {other}.", item)
+    assert set(kinds) == set(tinyworld.FACT_KINDS) - set(tinyworld.ARITHMETIC_KINDS)
+    assert tinyworld.answer_sentence_start(dict(reply="The capital of Kenya is Nairobi.", answer="Nairobi")) \
+        == "The capital of Kenya is"
+
+
+def test_completes_fact_continues_each_answer_begun_one_at_a_time(tok):
+    """The report card's completes_fact against an oracle: each question's prompt with its answer
+    begun (rendered by hand), continued greedily alone (no batch, no padding), then graded."""
+    model = tiny_chat_model(tok)
+    results = nc.evaluate_chat(model, tok, nc.Dist(), n=12)
+    world = [item for item in tinyworld.tinyworld_eval_items("fact", n=12)
+             if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
+    texts = []
+    for item in world:
+        prompt = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
+        prompt += tok.encode_ordinary(tinyworld.answer_sentence_start(item))
+        (tokens,), _ = nc.Engine(model, tok).generate_batch(prompt, 1, 8, temperature=0.0)
+        texts.append(tok.decode(tokens))
+    batched = nc.greedy_replies(model, tok, world, nc.Dist(), 8, nc.answer_begun_prompt)
+    assert [text for _, text in batched] == texts and len(set(texts)) > 1
+    by_hand = [tinyworld.fact_is_correct(tinyworld.answer_sentence_start(item) + text, item)
+               for item, text in zip(world, texts)]
+    assert len(world) > 3 and results["completes_fact"]["outcomes"] == by_hand
