@@ -11,7 +11,7 @@ from conftest import cli_args
 @pytest.mark.parametrize("argv,expected", [
     (["--stage", "base"], dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.2, model_tag="d4")),
     (["--stage", "base", "--data", "hf"], dict(copy_drills=0.0)),  # the drills are made for TinyWorld's text
-    (["--stage", "mid"], dict(lr_scale=1.0, embedding_lr=0.005, copy_drills=0.0, temperature=0.6, max_new_tokens=256,
+    (["--stage", "mid"], dict(lr_scale=1.0, embedding_lr=0.05, copy_drills=0.0, temperature=0.6, max_new_tokens=256,
                               top_k=None)),
     (["--stage", "sft"], dict(lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125, copy_drills=0.0)),
     (["--stage", "rl", "--depth", "6"], dict(lr_scale=0.05, temperature=1.0, max_new_tokens=128, model_tag="d6")),
@@ -27,9 +27,9 @@ def test_unset_flags_take_their_stage_defaults(argv, expected):
 
 def test_help_quotes_the_defaults_table():
     assert nc.defaults_help("lr_scale") == "default 1.0; sft 0.125, rl 0.05"
-    assert nc.defaults_help("steps") == "base 320, mid 100, sft 150, rl 60"
+    assert nc.defaults_help("steps") == "base 320, mid 100, sft 150, rl 70"
     assert nc.defaults_help("top_k") == "chat 50, serve 50"
-    assert nc.defaults_help("embedding_lr") == "default 0.05; mid 0.005, sft 0.0125"
+    assert nc.defaults_help("embedding_lr") == "default 0.05; sft 0.0125"
     assert "(default 1.0; sft 0.125, rl 0.05)" in " ".join(nc.build_parser().format_help().split())
 
 
