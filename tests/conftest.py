@@ -29,7 +29,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    # the default run checks every module in minutes; `--all` (bash tests/run.sh --all, and CI) adds the rest
+    # the default run checks every module in minutes; `--all` (bash tests/run.sh --all) adds the rest (CI: the
+    # lessons that train nothing)
     if not config.getoption("--all"):
         skip = pytest.mark.skip(reason="slow: executes a lesson; run with --all (bash tests/run.sh --all)")
         for item in items:

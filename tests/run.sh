@@ -2,7 +2,7 @@
 # Set up .venv with the development extras and run the test suite (CPU only; GPU tests skip).
 # Usage: bash tests/run.sh [--all] [pytest arguments]
 #   the default run tests every module and checks that the lessons' saved outputs come from the current
-#   code; --all also executes the ten lessons top to bottom (what CI runs)
+#   code; --all also executes the ten lessons top to bottom (CI: those that train nothing, 00-03 and 09)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
