@@ -66,21 +66,20 @@ def test_every_fact_kind_has_its_answer_sentence_begun_before_its_answer():
         == "The capital of Kenya is"
 
 
-def test_completes_fact_continues_each_answer_begun_one_at_a_time(tok):
-    """The report card's completes_fact against an oracle: each question's prompt with its answer
-    begun (rendered by hand), continued greedily alone (no batch, no padding), then graded."""
+def test_completes_fact_grades_each_question_with_its_answer_begun(tok):
+    """completes_fact against an oracle: each prompt is the question rendered by hand with the start of
+    its answer sentence after it, and each outcome is the grader on that start plus the greedy
+    continuation."""
     model = tiny_chat_model(tok)
     results = nc.evaluate_chat(model, tok, nc.Dist(), n=12)
     world = [item for item in tinyworld.tinyworld_eval_items("fact", n=12)
              if item["key"].split(":")[0] not in tinyworld.ARITHMETIC_KINDS]
-    texts = []
     for item in world:
-        prompt = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
-        prompt += tok.encode_ordinary(tinyworld.answer_sentence_start(item))
-        (tokens,), _ = nc.Engine(model, tok).generate_batch(prompt, 1, 8, temperature=0.0)
-        texts.append(tok.decode(tokens))
-    batched = nc.greedy_replies(model, tok, world, nc.Dist(), 8, nc.answer_begun_prompt)
-    assert [text for _, text in batched] == texts and len(set(texts)) > 1
-    by_hand = [tinyworld.fact_is_correct(tinyworld.answer_sentence_start(item) + text, item)
-               for item, text in zip(world, texts)]
-    assert len(world) > 3 and results["completes_fact"]["outcomes"] == by_hand
+        by_hand = nc.render_for_completion(tok, dict(messages=[dict(role="user", content=item["question"])]))
+        by_hand += tok.encode_ordinary(tinyworld.answer_sentence_start(item))
+        assert nc.answer_begun_prompt(tok, item) == by_hand
+        assert tok.decode(by_hand).endswith("<|assistant_start|>" + tinyworld.answer_sentence_start(item))
+    continued = nc.greedy_replies(model, tok, world, nc.Dist(), 8, nc.answer_begun_prompt)
+    assert [item for item, _ in continued] == world and len({text for _, text in continued}) > 1
+    grades = [tinyworld.fact_is_correct(tinyworld.answer_sentence_start(item) + text, item) for item, text in continued]
+    assert len(world) > 3 and results["completes_fact"]["outcomes"] == grades
