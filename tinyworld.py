@@ -390,6 +390,11 @@ FACT_ANSWERS = dict(capital=ALL_CAPITALS, continent=CONTINENTS, country=ALL_COUN
                     day_after=DAYS, day_before=DAYS, month_after=MONTHS)
 
 
+# A world fact's reply names its subject after the words its questions put before it ("the capital
+# of Kenya", "the country of Ghana", "the colour of snow"), so a look back that matches those words
+# copies it. A name that opens a reply is other tokens than the same name inside a question ("G"
+# "hana" against " Ghana"): when replies began with the subject ("Ghana is in Africa."), the
+# speedrun's model never named it in a reply to a held-out question.
 def _fact(rng, kind):
     def item(key, templates, subject, answer, reply, pool=FACT_ANSWERS.get(kind)):
         return {"key": key, "question": rng.choice(templates).format(subject), "answer": answer, "reply": reply}, pool
@@ -401,10 +406,12 @@ def _fact(rng, kind):
                                          "Name the capital of {}.", "What city is the capital of {}?"],
                         c, k, f"The capital of {c} is {k}.")
         if kind == "continent":
-            return item(f"continent:{c}", ["On which continent is {}?", "Which continent is {} in?",
-                                           "{} is on which continent?"], c, m, f"{c} is in {m}.")
-        return item(f"country:{k}", ["{} is the capital of which country?", "Which country has {} as its capital?",
-                                     "Of which country is {} the capital?"], k, c, f"{k} is the capital of {c}.")
+            return item(f"continent:{c}", ["On which continent is the country of {}?", "Which continent is the "
+                                           "country of {} in?", "The country of {} is on which continent?"],
+                        c, m, f"The country of {c} is in {m}.")
+        return item(f"country:{k}", ["The city of {} is the capital of which country?", "Which country has the city "
+                                     "of {} as its capital?", "Of which country is the city of {} the capital?"],
+                    k, c, f"The city of {k} is the capital of {c}.")
     if kind in ("sound", "legs", "young"):
         name, _, sound, legs, _, _, young = rng.choice(ANIMALS)
         if kind == "sound":
@@ -413,15 +420,16 @@ def _fact(rng, kind):
         if kind == "legs":
             return item(f"legs:{name}", ["How many legs does {} have?", "How many legs has {}?"], a_an(name),
                         legs_word(legs), legs_sentence(name, legs))
-        return item(f"young:{name}", ["What is a young {} called?", "What do we call a baby {}?"], name, young,
+        return item(f"young:{name}", ["What is a young {} called?", "What do we call a young {}?"], name, young,
                     f"A young {name} is called {a_an(young)}.")
     if kind == "colour":
         thing, colour = rng.choice(COLOURS_OF_THINGS)
-        return item(f"colour:{thing}", ["What colour is {}?", "What is the colour of {}?", "Which colour is {}?"],
-                    thing, colour, f"{cap(thing)} is {colour}.")
+        return item(f"colour:{thing}", ["What is the colour of {}?", "Do you know the colour of {}?",
+                                        "Tell me the colour of {}."],
+                    thing, colour, f"The colour of {thing} is {colour}.")
     if kind == "opposite":
         word = rng.choice(ALL_WORDS_WITH_OPPOSITES)
-        return item(f"opposite:{word}", ["What is the opposite of {}?", "What is the opposite of the word \"{}\"?",
+        return item(f"opposite:{word}", ["What is the opposite of {}?", "Which word is the opposite of {}?",
                                          "Tell me the opposite of {}."], word, OPPOSITE_OF[word],
                     f"The opposite of {word} is {OPPOSITE_OF[word]}.")
     if kind == "day_after":
@@ -489,10 +497,11 @@ def choice_sentences(reply, answer, choices):
 def para_country(rng):
     country, capital, continent = rng.choice(COUNTRIES)
     other = rng.choice([c for c, _, k in COUNTRIES if k == continent and c != country])
-    extra = [f"{capital} is a city in {country}.", f"Many people live in {capital}.",
+    extra = [f"{capital} is a city in {country}.", f"The city of {capital} is the capital of {country}.",
+             f"Many people live in {capital}.",
              f"{country} and {other} are both in {continent}.", f"If you visit {capital}, you are in {country}."]
-    return " ".join([f"{country} is a country in {continent}.", f"The capital of {country} is {capital}."]
-                    + rng.sample(extra, rng.randint(1, 3)))
+    first = rng.choice([f"{country} is a country in {continent}.", f"The country of {country} is in {continent}."])
+    return " ".join([first, f"The capital of {country} is {capital}."] + rng.sample(extra, rng.randint(1, 3)))
 
 
 def para_continent(rng):
@@ -511,7 +520,8 @@ def para_animal(rng):
 
 
 def para_colours(rng):
-    return " ".join(f"{cap(thing)} is {colour}." for thing, colour in rng.sample(COLOURS_OF_THINGS, rng.randint(3, 6)))
+    said = rng.choice(["{} is {}.", "The colour of {} is {}."])
+    return " ".join(cap(said.format(*pair)) for pair in rng.sample(COLOURS_OF_THINGS, rng.randint(3, 6)))
 
 
 def para_opposites(rng):

@@ -66,6 +66,26 @@ def test_every_fact_kind_has_its_answer_sentence_begun_before_its_answer():
         == "The capital of Kenya is"
 
 
+def test_world_replies_name_their_subject_after_the_words_their_questions_put_before_it():
+    """In every wording of every world fact, the word before the subject ("of" in "the country of
+    Ghana") is the same in the reply as in the question, case aside, and the subject never opens the
+    reply: a look back that matches the word copies the subject in the same tokens. (A reply that
+    opened with "Ghana" would need "G" "hana" where the question has " Ghana".)"""
+    rng, seen = tinyworld.random.Random(0), set()
+    for kind in set(tinyworld.FACT_KINDS) - set(tinyworld.ARITHMETIC_KINDS):
+        for _ in range(300):
+            fact = tinyworld._fact(rng, kind)[0]
+            last = fact["key"].split(":", 1)[1].split()[-1]  # "a banana" -> "banana"
+
+            def word_before(text):
+                words = text.lower().replace("?", " ").replace(".", " ").split()
+                return words[words.index(last.lower()) - 1] if words.index(last.lower()) else None
+
+            assert word_before(fact["reply"]) == word_before(fact["question"]) is not None, fact
+            seen.add((kind, fact["question"].replace(fact["key"].split(":", 1)[1], "{}")))
+    assert len({kind for kind, _ in seen}) == 11 and len(seen) >= 29  # every kind in all its 2-4 wordings
+
+
 def test_completes_fact_grades_each_question_with_its_answer_begun(tok):
     """completes_fact against an oracle: each prompt is the question rendered by hand with the start of
     its answer sentence after it, and each outcome is the grader on that start plus the greedy
