@@ -326,14 +326,27 @@ def own_conversations(data_dir):
 def chat_examples(args, split, start=0, stage="mid"):
     """Yield (position, conversation) forever: TinyWorld's chat mixture or the real chat data; in
     training, with --data-dir's own conversations (own_conversations) in place of every other one,
-    chosen by a hash of the position (so every rank sees both)."""
+    and a --replay share of TinyWorld pretraining documents, {"document": text}, each chosen by a
+    hash of the position (so every rank and every resume agree)."""
     named = (tinyworld.tinyworld_chat_examples(split, start, stage) if args.data == "tinyworld"
              else realdata.chat_examples(args.data_dir, split, start, stage))
     own = own_conversations(args.data_dir) if split == "train" else []
+    replay = args.replay if split == "train" else 0.0
     for position, conversation in named:
         if own and zlib.crc32(b"own-%d" % position) % 2:  # every other one, by a hash every rank agrees on
             conversation = own[position % len(own)]
+        if zlib.crc32(b"replay-%d" % position) < replay * 2**32:
+            conversation = dict(document=tinyworld.tinyworld_document(random.Random(f"replay:{position}")))
         yield position, conversation
+
+
+def render_example(tokenizer, example, max_tokens=None, assistant_only=True):
+    """A chat stage's training example as (ids, mask): a conversation as render_conversation renders
+    it, a replayed pretraining document (chat_examples) as base read it, every token trained."""
+    if "document" not in example:
+        return render_conversation(tokenizer, example, max_tokens, assistant_only)
+    ids = ([tokenizer.special_tokens["<|bos|>"]] + tokenizer.encode_ordinary(example["document"]))[:max_tokens]
+    return ids, [0] + [1] * (len(ids) - 1)  # bos is never predicted, as in a conversation
 
 
 # -----------------------------------------------------------------------------------------------
@@ -949,7 +962,7 @@ def mid_batches(args, tokenizer, split, B, T, ddp, device, state=None):
     def conversations_from(start):
         for position, conversation in chat_examples(args, split, start, "mid"):
             if position % ddp.world_size == ddp.rank:
-                ids, mask = render_conversation(tokenizer, conversation, assistant_only=False)
+                ids, mask = render_example(tokenizer, conversation, assistant_only=False)
                 yield position, list(zip(ids, mask))  # (token, trained on?) pairs, packed as one
 
     for rows, state in pack_rows(docs_from, B, T, state):
@@ -975,7 +988,7 @@ def sft_batches(args, tokenizer, split, B, T, ddp, device, state=None):
         rows = []
         # the loop leaves `last` at this batch's last conversation: the state yielded with it
         for last, conversation in itertools.islice(examples, B):
-            rows.append(render_conversation(tokenizer, conversation, max_tokens=T + 1))
+            rows.append(render_example(tokenizer, conversation, max_tokens=T + 1))
         # as wide as this batch's longest row (at most T + 1), so every batch has its own shape
         width = max(len(ids) for ids, _ in rows)
         # padding on the right with bos does no harm: its targets are -1, and causal attention
@@ -1625,18 +1638,20 @@ def record_wall_time(stage, seconds):
 # tier, SFT at the base rates learned the harder word problems to 21% and forgot facts; at these,
 # 60%, the facts kept (one seed each). Copy drills in TinyWorld's base: induction score 0.96 ->
 # 0.07. In mid, 0.15 keeps it (0.06, else 0.89) and lifts names_subject after SFT 56% -> 68%, but
-# the harder word problems fall 62% -> 52% (one seed each): off. Mid forgets facts base learned
-# (held-out world facts with their answers begun: 66% after base, 37% after mid); with mid's tied
-# embedding at a tenth of the base rate (--embedding-lr 0.005) it keeps them (59%; answered unaided
-# 26% -> 54%, the same base). But in a whole speedrun SFT then forgot them (answered 57% after mid,
-# 45% after SFT, paired z -3.1): not the default until SFT keeps them too (one seed each).
-DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, temperature=0.6,
+# the harder word problems fall 62% -> 52% (one seed each): off. The chat stages forget facts that
+# base learned from its text: held-out world facts with their answers begun, 73% after base, 54%
+# after mid. A tenth of mid's conversations replaced by pretraining documents (--replay 0.1) keeps
+# and adds to them (83%): world knowledge after mid 52% -> 83% (0.25: 86%, but easy word problems
+# 98.5% -> 96.5%). SFT then forgot facts (83% -> 76%, paired z -2.4). With --replay 0.1 it kept
+# them but learned the harder word problems to 26% (47% without); at 0.03, 32%, and 49% in 200
+# steps, the facts kept (lowest paired z of any task -1.5; one seed each, from the same mid).
+DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, replay=0.0, temperature=0.6,
                 max_new_tokens=256)
 STAGE_DEFAULTS = dict(
     base=dict(steps=320, copy_drills=0.2),  # the drills on TinyWorld only
-    mid=dict(steps=100),
+    mid=dict(steps=100, replay=0.1),
     # SFT nudges a model that chats
-    sft=dict(steps=150, lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125),
+    sft=dict(steps=200, lr_scale=0.125, matrix_lr=0.08, embedding_lr=0.0125, replay=0.03),
     rl=dict(steps=70, lr_scale=0.05, temperature=1.0, max_new_tokens=128),
     chat=dict(top_k=50),
     serve=dict(top_k=50),
@@ -2716,6 +2731,11 @@ def build_parser():
                         "MB each): the first N-1 for training, plus the pinned validation shard "
                         "(default: those the base run's tokens need, with a 10%% margin)"
                    ).must = (lambda v: v >= 2, "at least 2 (one train shard and the validation shard)")
+    g.add_argument("--replay", type=float, default=None, help="mid and sft: the share of training "
+                   "conversations replaced by a TinyWorld pretraining document, trained on every token, so "
+                   "that chat training does not overwrite the facts base learned from that text (default: "
+                   f"{defaults_help('replay')}; TinyWorld only)"
+                   ).must = (lambda v: 0 <= v < 1, "at least 0 and below 1")
     g.add_argument("--copy-drills", type=float, default=None, help="base and mid: the share of "
                    "training documents (conversations) replaced by a copy drill, random token ids "
                    "written twice, which teaches reading the context (default: 0.2 for TinyWorld's "
@@ -2853,8 +2873,8 @@ def finalize_args(args, parser=None):
     """Check the flags (raising UserError, before any work starts) and fill in the per-stage
     defaults."""
     defaults = DEFAULTS | STAGE_DEFAULTS.get(args.stage, {})
-    if args.data != "tinyworld":  # copy drills are made for TinyWorld's text
-        defaults["copy_drills"] = 0.0
+    if args.data != "tinyworld":  # copy drills are made for TinyWorld's text, replay is its text
+        defaults["copy_drills"] = defaults["replay"] = 0.0
     # only flags left unset (None) take a default; "steps" is no flag: --num-iterations -1 means it
     for name, value in defaults.items():
         if name != "steps" and getattr(args, name) is None:
@@ -2881,6 +2901,8 @@ def finalize_args(args, parser=None):
         raise UserError("--humaneval runs with --stage eval --data hf")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    if args.replay and args.data != "tinyworld":
+        raise UserError(f"--replay replays TinyWorld's pretraining text: with --data {args.data} leave it at 0")
     if (args.problems or args.reward) and args.stage != "rl":
         raise UserError("--problems and --reward are for --stage rl")
     if args.problems is not None and not Path(args.problems).is_file():

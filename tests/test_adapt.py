@@ -52,7 +52,7 @@ def test_own_conversations_replace_every_other_training_example(in_runs):
     folder = in_runs / "mine"
     folder.mkdir()
     write_jsonl(folder / "secret.jsonl", SECRET)
-    args = types.SimpleNamespace(data="tinyworld", data_dir=str(folder))
+    args = types.SimpleNamespace(data="tinyworld", data_dir=str(folder), replay=0.0)
     train = [c for _, c in zip(range(400), (c for _, c in nc.chat_examples(args, "train", stage="sft")))]
     own = [c for c in train if c in SECRET]
     assert 160 <= len(own) <= 240  # half of 400 by a hash: 200 +- 10 for one standard deviation

@@ -15,7 +15,7 @@ from conftest import hello_tokenizer
 
 
 def test_mid_loader_masks_only_tool_outputs(tok):
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
     x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
     s = tok.special_tokens
     n_ignored = 0
@@ -32,7 +32,7 @@ def test_mid_loader_masks_only_tool_outputs(tok):
 
 
 def test_sft_loader_supervises_only_assistant(tok):
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
     x, y, _ = next(nc.sft_batches(args, tok, "train", 4, 256, nc.Dist(), "cpu"))
     s = tok.special_tokens
     assert (x[:, 0] == s["<|bos|>"]).all()
@@ -111,7 +111,7 @@ def test_real_chat_mixtures_from_local_files(tmp_path):
     pytest.importorskip("datasets")
     write_chat_sources(tmp_path, "train", dict(smoltalk=60, mmlu=30, gsm8k=10, arc_easy=6, arc_challenge=4))
     write_chat_sources(tmp_path, "test", dict(smoltalk=8, mmlu=6, gsm8k=4))
-    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), copy_drills=0.0)
+    args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), copy_drills=0.0, replay=0.0)
     tok = hello_tokenizer()
     epoch = [c for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train", stage="mid")))]
     firsts = [c["messages"][0]["content"] for c in epoch]
@@ -144,7 +144,7 @@ def test_real_data_epochs(tmp_path, monkeypatch):
     tok = hello_tokenizer()
     monkeypatch.setattr(nc, "get_tokenizer", lambda: tok)
     args = types.SimpleNamespace(data="hf", data_dir=str(tmp_path), device_batch_size=2, max_seq_len=32, total_batch_size=128,
-                                copy_drills=0.0)
+                                copy_drills=0.0, replay=0.0)
     assert nc.epoch_steps(args, nc.Dist(), "sft", tok) == 80 // (2 * 2)  # 80 conversations, 2 rows x 2 micro-steps a step
     tokens = sum(len(nc.render_conversation(tok, c)[0]) for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train"))))
     assert nc.epoch_steps(args, nc.Dist(), "mid", tok) == math.ceil(tokens / 128)
@@ -170,3 +170,45 @@ def test_real_chat_data_offline_message(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(realdata.DataError, match="for offline use put train"):
         realdata.load_rows("gsm8k", "train", str(tmp_path))
+
+
+def test_replay_puts_pretraining_documents_among_training_conversations(tok):
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.3)
+    first = list(itertools.islice(nc.chat_examples(args, "train", stage="sft"), 1000))
+    replayed = [(p, c) for p, c in first if "document" in c]
+    # binomial: 300 expected, one standard deviation 14.5; 5 of them either side
+    assert 227 < len(replayed) < 373
+    for position, example in replayed[:20]:  # pretraining text of its own seed, the same on every run
+        assert example["document"] == tinyworld.tinyworld_document(tinyworld.random.Random(f"replay:{position}"))
+    # a resume from position p meets the same examples from p on
+    later = list(itertools.islice(nc.chat_examples(args, "train", first[500][0], stage="sft"), 10))
+    assert later == first[500:510]
+    assert not any("document" in c for _, c in itertools.islice(nc.chat_examples(args, "val", stage="sft"), 300))
+    off = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
+    assert [p for p, c in itertools.islice(nc.chat_examples(off, "train", stage="sft"), 1000)] == [p for p, _ in first]
+    # rendered as base reads it: bos, then the text, every token but bos trained; cropped like a conversation
+    ids, mask = nc.render_example(tok, replayed[0][1])
+    assert ids == [tok.special_tokens["<|bos|>"]] + tok.encode_ordinary(replayed[0][1]["document"])
+    assert mask == [0] + [1] * (len(ids) - 1)
+    assert nc.render_example(tok, replayed[0][1], max_tokens=7) == (ids[:7], mask[:7])
+    conversation = next(c for _, c in first if "messages" in c)
+    assert nc.render_example(tok, conversation, 64) == nc.render_conversation(tok, conversation, 64)
+
+
+def test_sft_rows_of_replayed_documents_train_on_the_text(tok):
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.5)
+    x, y, _ = next(nc.sft_batches(args, tok, "train", 16, 128, nc.Dist(), "cpu"))
+    user_start = tok.special_tokens["<|user_start|>"]
+    documents = [r for r in range(16) if user_start not in x[r].tolist()]
+    assert documents  # P(none of 16 at share 0.5) = 2^-16
+    for r in documents:  # every next token of the text is a target, none of the padding
+        length = int((y[r] >= 0).sum())
+        assert length > 1 and (y[r, :length - 1] == x[r, 1:length]).all() and (y[r, length:] == -1).all()
+
+
+def test_replay_is_tinyworld_text_only():
+    with pytest.raises(nc.UserError, match="--replay"):
+        nc.finalize_args(nc.build_parser().parse_args(["--stage", "mid", "--data", "hf", "--replay", "0.2"]))
+    args = nc.build_parser().parse_args(["--stage", "mid", "--data", "hf"])
+    nc.finalize_args(args)
+    assert args.replay == 0.0

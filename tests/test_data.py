@@ -98,7 +98,7 @@ def test_evaluate_bpb_by_hand():
 
 def test_base_batches_shift_and_shard(base_dir):
     tok = paris_tokenizer()
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
     full = nc.base_batches(args, tok, "train", 2, 16, nc.Dist(), "cpu")
     x, y, _ = next(full)
     assert x.shape == y.shape == (2, 16)
@@ -195,7 +195,7 @@ def test_drills_leave_out_the_tokens_that_write_numbers():
 
 def test_drills_train_on_every_token_in_mid_and_stay_out_of_validation(base_dir):
     tok = paris_tokenizer()
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.5)
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.5, replay=0.0)
     pool = torch.tensor(nc.drill_ids(tok))
 
     def in_pool(x):
