@@ -342,11 +342,12 @@ def chat_examples(args, split, start=0, stage="mid"):
 
 def render_example(tokenizer, example, max_tokens=None, assistant_only=True):
     """A chat stage's training example as (ids, mask): a conversation as render_conversation renders
-    it, a replayed pretraining document (chat_examples) as base read it, every token trained."""
+    it, a replayed pretraining document (chat_examples) as base reads it, every token trained (its
+    <|bos|> too, where packing puts it after another example, as in base and in mid's conversations)."""
     if "document" not in example:
         return render_conversation(tokenizer, example, max_tokens, assistant_only)
     ids = ([tokenizer.special_tokens["<|bos|>"]] + tokenizer.encode_ordinary(example["document"]))[:max_tokens]
-    return ids, [0] + [1] * (len(ids) - 1)  # bos is never predicted, as in a conversation
+    return ids, [1] * len(ids)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import types
 import zlib
 
 import pytest
+import torch
 
 import nanochat_one as nc
 import realdata
@@ -15,10 +16,14 @@ from conftest import hello_tokenizer
 
 
 def test_mid_loader_masks_only_tool_outputs(tok):
-    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
-    x, y, _ = next(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"))
+    # with replayed pretraining documents among the conversations: they are trained on every token
+    args = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.3)
+    # the packer starts each row with the longest waiting example: the documents come first
+    batches = list(itertools.islice(nc.mid_batches(args, tok, "train", 8, 256, nc.Dist(), "cpu"), 16))
+    x, y = torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches])
     s = tok.special_tokens
     n_ignored = 0
+    assert (x[:8] == s["<|user_start|>"]).sum() == 0 and (x == s["<|user_start|>"]).sum() > 0
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         for i, target in enumerate(row_y[:-1]):
             token = row_x[i + 1]  # the token that target i asks the model to predict
@@ -186,10 +191,10 @@ def test_replay_puts_pretraining_documents_among_training_conversations(tok):
     assert not any("document" in c for _, c in itertools.islice(nc.chat_examples(args, "val", stage="sft"), 300))
     off = types.SimpleNamespace(data="tinyworld", data_dir=None, copy_drills=0.0, replay=0.0)
     assert [p for p, c in itertools.islice(nc.chat_examples(off, "train", stage="sft"), 1000)] == [p for p, _ in first]
-    # rendered as base reads it: bos, then the text, every token but bos trained; cropped like a conversation
+    # rendered as base reads it: bos, then the text, every token trained; cropped like a conversation
     ids, mask = nc.render_example(tok, replayed[0][1])
     assert ids == [tok.special_tokens["<|bos|>"]] + tok.encode_ordinary(replayed[0][1]["document"])
-    assert mask == [0] + [1] * (len(ids) - 1)
+    assert mask == [1] * len(ids)
     assert nc.render_example(tok, replayed[0][1], max_tokens=7) == (ids[:7], mask[:7])
     conversation = next(c for _, c in first if "messages" in c)
     assert nc.render_example(tok, conversation, 64) == nc.render_conversation(tok, conversation, 64)
