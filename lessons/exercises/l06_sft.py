@@ -24,6 +24,7 @@ def sft_batch(tokenizer, B, T):
     """The first SFT batch of the TinyWorld training split (world size 1), as the lesson draws it,
     with the conversations it holds."""
     args = nc.build_parser().parse_args(["--stage", "sft"])
+    nc.finalize_args(args)  # the stage's defaults, as main() fills them in
     x, y, _ = next(nc.sft_batches(args, tokenizer, "train", B, T, nc.Dist(), "cpu"))
     conversations = [c for _, c in zip(range(B), (c for _, c in nc.chat_examples(args, "train", 0, "sft")))]
     return x, y, conversations
