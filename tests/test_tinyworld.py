@@ -212,17 +212,17 @@ def digest(items):
 # sha256 of the first items of every TinyWorld stream, recorded once. Any change to a table, a
 # template, a seed or the split moves a digest: if the change is meant, record the new digests.
 DIGESTS = {
-    ("documents", "train"): "05e82598d1c63ecdc7ef56645d2e735fe4c9f10be8c950118e2ebcb92b42334f",
-    ("documents", "val"): "0c5a132d9b7a9d858d3e33f60df7e42e1c8ca94c52b4ee87aaa0ccca67bd6b8e",
-    ("documents", "test"): "10a83d8693233eb27e5b0adea7447a6a5622af1ba859dedc6e429861cc661b50",
-    ("chat", "train"): "48020de9e29fd75c5ddfa7ddf526436638b7347c687a23f0a31e979c544315f9",
-    ("chat", "val"): "397a80c5d77a8b876564b9a3a9de89549a1029a3764bd38b9f82b7a904154e75",
-    ("chat", "test"): "bffbbb2aca2b3ddf0a6a3fa96072bb41f47465842369f8ab4f3d985e15846fcb",
-    ("chat-sft", "train"): "8b59ac9dcbb6e140ed23ab1d0757079208519ccae094b42f67f88c77d5017612",
-    ("chat-sft", "val"): "c8a5b14024a4a7702230f68a74f88bebab90b1b4d26dfe89c4402d8caa36ffa9",
-    ("chat-sft", "test"): "b3f7fe2fcaa3b8bdc0fd533f60c728ec3767b64fe1e0285cc90bcfd62a46f23c",
-    ("eval", "fact"): "83c1d18645659b4fd8765e54a18c01459fc91fba46eee20fecafb35308a62ae6",
-    ("eval", "multiple_choice"): "d6422150cc7cb714d4be84d71afd20b25d7c5b2aa19daa27031f019b85970f35",
+    ("documents", "train"): "cc66339384a91e98a50595176339746db5f372928863fbb12b0fc9ae5f315a65",
+    ("documents", "val"): "0db291ba967324f4804b8c70475242a2a5ede148340504b8771a4a2984c2a96f",
+    ("documents", "test"): "e5923a8a7567c331d22d0cc86e21e0bb229d654304e381f3e4addf0482e392e2",
+    ("chat", "train"): "a2832cd3c4d0f3de4c9b1e813c31e80b1bcd17d5f62e00dbea170574a7f5a443",
+    ("chat", "val"): "2e08c3df8ddf14f65df08ab1e96a4dce7fda6cd3e2152ebf2a222bf6bdbcdb9b",
+    ("chat", "test"): "ecb27f5c701f81a7515b671ef906371f267593d396157e49ba860b9fa52e58db",
+    ("chat-sft", "train"): "cbeef6a98b71c29ef4b74b8e60539392d756a7fef070a810ceca54d2a6d29cfc",
+    ("chat-sft", "val"): "755596fe9326593402af17f099247fdc2301dcb0a38284c009ad12f9436bc858",
+    ("chat-sft", "test"): "e9c081a1e233f065026928f2852e0b597177de2dcd356db19c742b0d4227d860",
+    ("eval", "fact"): "e179f3eeaf75bf34dee1fe7d80e09f346edeee745802d78a7d7b88c4f0872757",
+    ("eval", "multiple_choice"): "f46b4675a80b8e57ef3687439033295d19cff77cc1755774f7393aa101f21180",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
     ("eval", "hard_word_problem"): "eb7faade84c275adc3aaadbf00a207ecc790a66ea0dbe8b5cd3e11cf6cfc88bd",
 }
