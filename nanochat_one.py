@@ -1350,15 +1350,18 @@ def question_prompt(tokenizer, item):
     return render_for_completion(tokenizer, dict(messages=[dict(role="user", content=item["question"])]))
 
 
+def multiple_choice_prompt(tokenizer, item):
+    return render_for_completion(tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
+
+
 @torch.no_grad()
 def evaluate_multiple_choice(model, tokenizer, items, ddp):
-    """Accuracy (share_of, with each item's outcome) on MMLU-style items: after the question and
-    lettered choices, the letter with the highest logit as the first assistant token (no sampling).
-    Chance 1 / choices."""
+    """Accuracy (share_of, with each item's outcome) on MMLU-style items whose reply is the letter
+    alone (ARC, MMLU): after the question and lettered choices, the letter with the highest logit as
+    the first assistant token (no sampling). Chance 1 / choices."""
     outcomes = []
     for item in shard(items, ddp):
-        ids = render_for_completion(
-            tokenizer, tinyworld.multiple_choice_conversation(item["question"], item["choices"]))
+        ids = multiple_choice_prompt(tokenizer, item)
         logits = model(torch.tensor([ids], device=ddp.device))[0, -1]  # (vocab,)
         letters = [tokenizer.encode_ordinary(tinyworld.LETTERS[i])[0] for i in range(len(item["choices"]))]
         # the best among the letters only: a model that would have written something else still
@@ -1450,10 +1453,13 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     # the same world facts with their answers begun for the model ("The capital of Kenya is"): what
     # it knows, whether or not it can say it unaided; 8 tokens hold the longest answer
     completed = greedy_replies(model, tokenizer, [item for item, _ in world], ddp, 8, answer_begun_prompt)
-    # the same multiple-choice items twice: by letter (the chat format) and by cloze (what the
-    # model knows, whether or not it can answer by letter)
+    # the same multiple-choice items twice: by letter, answered as trained (a sentence that names the
+    # choice, then the letter the list wrote after it; 24 tokens hold the longest), and by cloze
+    # (what the model knows, whether or not it can answer by letter)
+    lettered = greedy_replies(model, tokenizer, multiple_choice, ddp, 24, multiple_choice_prompt)
     return dict(
-        multiple_choice_letter=evaluate_multiple_choice(model, tokenizer, multiple_choice, ddp),
+        multiple_choice_letter=share_of([tinyworld.reply_letter(reply) == tinyworld.LETTERS[item["answer"]]
+                                         for item, reply in lettered]),
         multiple_choice_cloze=evaluate_multiple_choice_cloze(model, tokenizer, multiple_choice, ddp),
         world_knowledge=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in world]),
         arithmetic=share_of([tinyworld.fact_is_correct(reply, item) for item, reply in arithmetic]),
@@ -1645,7 +1651,7 @@ def record_wall_time(stage, seconds):
 # and adds to them (83%): world knowledge after mid 52% -> 83% (0.25: 86%, but easy word problems
 # 98.5% -> 96.5%). SFT then forgot facts (83% -> 76%, paired z -2.4). With --replay 0.1 it kept
 # them but learned the harder word problems to 26% (47% without); at 0.03, 32%, and 49% in 200
-# steps, the facts kept (lowest paired z of any task -1.5; one seed each, from the same mid).
+# steps, the facts kept (lowest paired z of any task -1.6; one seed each, from the same mid).
 DEFAULTS = dict(lr_scale=1.0, matrix_lr=0.02, embedding_lr=0.05, copy_drills=0.0, replay=0.0, temperature=0.6,
                 max_new_tokens=256)
 STAGE_DEFAULTS = dict(

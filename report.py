@@ -170,7 +170,9 @@ def markdown(reports, real_eval_lines=(), final=None, samples=(), wall_seconds=N
         lines += ["", "Each accuracy +- one standard error, sqrt(p(1-p)/N), over N held-out items, then in brackets "
                   "its Wilson 95% interval, which stays within 0-100% and, unlike the standard error, is not zero "
                   "at 0% or 100% (there only the interval is shown). Multiple choice by "
-                  "letter: the highest-logit letter after the lettered list; by cloze: the choice that best completes "
+                  "letter: the letter the greedy reply ends with, as trained (\"The capital of Japan is Tokyo B.\": it "
+                  "names its choice, then copies the letter the list wrote after it; no letter is wrong); by cloze: "
+                  "the choice that best completes "
                   "the answer sentence (what the model knows, whatever its letter). World knowledge and arithmetic: "
                   "each held-out fact asked once, in one of its wordings; held-out facts are stated in the "
                   "pretraining text, but no chat stage trains on their questions."]

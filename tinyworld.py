@@ -464,8 +464,11 @@ def tinyworld_multiple_choice(rng):
     is the fact's answer sentence split for cloze scoring (choice_sentences)."""
     fact, pool = _fact(rng, rng.choice(FACT_KINDS))
     answer, question_words = fact["answer"], set(fact["question"].rstrip("?.").split())
-    # skip options that appear in the question or inside the answer ("black" for "black and white")
-    wrong = [p for p in pool if p not in answer and p not in question_words]
+    # skip options that appear in the question or inside the answer ("black" for "black and white"),
+    # and those that end in the answer's last word ("North America" for "South America"): a reply
+    # copies the letter written after that word (multiple_choice_conversation)
+    wrong = [p for p in pool if p not in answer and p not in question_words
+             and p.split()[-1] != answer.split()[-1]]
     choices = rng.sample(wrong, 3) + [answer]
     rng.shuffle(choices)
     return {"key": fact["key"], "question": fact["question"], "choices": choices, "answer": choices.index(answer),
@@ -791,11 +794,10 @@ def copy_interview(rng):
 
 
 def copy_quiz(rng):
-    """A quiz question with lettered choices and its letter: the letter is found by looking back for the
-    choice that answers the question (the form of multiple_choice_conversation, in plain text)."""
+    """A quiz in the form of multiple_choice_conversation, in plain text: the answer names the choice,
+    then copies the letter written right after it in the list."""
     item = train_item(tinyworld_multiple_choice, rng)
-    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item["choices"]))
-    return f"Quiz: {item['question']}\n{options}\nAnswer: {LETTERS[item['answer']]}"
+    return f"Quiz: {item['question']}\n{lettered_choices(item['choices'])}\nAnswer: {multiple_choice_reply(item)}"
 
 
 COPYING = [copy_memory_game, copy_secret_code, copy_interview, copy_quiz]
@@ -1046,14 +1048,43 @@ def tinyworld_hard_word_problem(rng):
 LETTERS = "ABCDEFGHIJ"
 
 
-def multiple_choice_conversation(question, choices, answer=None):
-    """MMLU-style item as a conversation whose answer is a single letter:
-    user "What is the capital of Japan?\\nA. Seoul\\nB. Tokyo\\n...\\nAnswer with the letter." -> assistant "B"."""
-    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-    messages = [dict(role="user", content=f"{question}\n{options}\nAnswer with the letter.")]
+def lettered_choices(choices):
+    """Each choice on its line with its letter after it: "- Seoul A\\n- Tokyo B". The letter right after
+    the choice's last word is what a small model can read: a reply that names the choice ("... is
+    Tokyo") copies the token that followed that word before, one look back of an induction head. With
+    the letter first ("B. Tokyo") or apart ("Tokyo=B") the look back lands on the wrong token, and the
+    tiny model stayed at chance in every such form measured; nanochat also puts the letter after."""
+    return "\n".join(f"- {choice} {LETTERS[i]}" for i, choice in enumerate(choices))
+
+
+def multiple_choice_conversation(question, choices, answer=None, reply=None):
+    """MMLU-style item as a conversation whose answer ends with the letter: user "What is the capital
+    of Japan?\\n- Seoul A\\n- Tokyo B\\n...\\nAnswer with the letter." -> assistant `reply`
+    (TinyWorld's: "The capital of Japan is Tokyo B.", multiple_choice_reply) or the letter alone ("B":
+    MMLU and ARC rows, which have no answer sentence)."""
+    messages = [dict(role="user", content=f"{question}\n{lettered_choices(choices)}\nAnswer with the letter.")]
     if answer is not None:
-        messages.append(dict(role="assistant", content=LETTERS[answer]))
+        messages.append(dict(role="assistant", content=reply or LETTERS[answer]))
     return dict(messages=messages)
+
+
+def multiple_choice_reply(item):
+    """A TinyWorld item's reply: its answer sentence with the letter right after the answer, where
+    the list has it: "The capital of Japan is Tokyo B."; when the sentence goes on past the answer,
+    the answer is said again: "A pig has four legs: four B."."""
+    shared, endings = item["cloze"]
+    ending, answer, letter = endings[item["answer"]], item["choices"][item["answer"]], LETTERS[item["answer"]]
+    end = ending.rfind(answer) + len(answer)
+    if ending[end:] == ".":
+        return f"{shared} {ending[:end]} {letter}."
+    return f"{shared} {ending[:-1]}: {answer} {letter}."
+
+
+def reply_letter(reply):
+    """The letter a multiple-choice reply ends with ("The capital of Japan is Tokyo B." -> "B"; "B" ->
+    "B"), or None: the letter must be the reply's last word."""
+    match = re.search(r"(?:^|\s)([A-J])\.?$", reply.strip())
+    return match.group(1) if match else None
 
 
 def calculator_parts(answer_text):
@@ -1083,7 +1114,8 @@ def word_problem_conversation(question, answer_text=None):
 
 def tinyworld_multiple_choice_chat(rng):
     item = tinyworld_multiple_choice(rng)
-    return dict(key=item["key"], **multiple_choice_conversation(item["question"], item["choices"], item["answer"]))
+    return dict(key=item["key"], **multiple_choice_conversation(item["question"], item["choices"], item["answer"],
+                                                                 multiple_choice_reply(item)))
 
 
 def tinyworld_word_problem_chat(rng):

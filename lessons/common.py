@@ -40,7 +40,7 @@ STAGE_FLAGS = dict(
     tok=["--vocab-size", "4096", "--tok-chars", "2000000"],
     base=["--num-iterations", "200", "--compile", "off"],
     mid=["--num-iterations", "100"],
-    sft=["--num-iterations", "150"],
+    sft=[],
     rl=["--num-iterations", "50"],
 )
 CHAIN = list(STAGE_FLAGS)
