@@ -1454,9 +1454,9 @@ def evaluate_chat(model, tokenizer, ddp, n=400):
     # it knows, whether or not it can say it unaided; 8 tokens hold the longest answer
     completed = greedy_replies(model, tokenizer, [item for item, _ in world], ddp, 8, answer_begun_prompt)
     # the same multiple-choice items twice: by letter, answered as trained (a sentence that names the
-    # choice, then the letter the list wrote after it; 24 tokens hold the longest), and by cloze
-    # (what the model knows, whether or not it can answer by letter)
-    lettered = greedy_replies(model, tokenizer, multiple_choice, ddp, 24, multiple_choice_prompt)
+    # choice, then the letter the list wrote after it; 32 tokens hold the longest, a sum worked out
+    # with the calculator), and by cloze (what the model knows, whether or not it can answer by letter)
+    lettered = greedy_replies(model, tokenizer, multiple_choice, ddp, 32, multiple_choice_prompt)
     return dict(
         multiple_choice_letter=share_of([tinyworld.reply_letter(reply) == tinyworld.LETTERS[item["answer"]]
                                          for item, reply in lettered]),

@@ -1068,12 +1068,16 @@ def multiple_choice_conversation(question, choices, answer=None, reply=None):
     return dict(messages=messages)
 
 
-def multiple_choice_reply(item):
+def multiple_choice_reply(item, calculator=False):
     """A TinyWorld item's reply: its answer sentence with the letter right after the answer, where
     the list has it: "The capital of Japan is Tokyo B."; when the sentence goes on past the answer,
-    the answer is said again: "A pig has four legs: four B."."""
+    the answer is said again: "A pig has four legs: four B.". With `calculator`, a sum is worked out
+    as the word problems work theirs: "14 plus 8 is <<14+8=22>>22 C." (calculator_parts)."""
     shared, endings = item["cloze"]
     ending, answer, letter = endings[item["answer"]], item["choices"][item["answer"]], LETTERS[item["answer"]]
+    kind, subject = item["key"].split(":", 1)
+    if calculator and kind in ARITHMETIC_KINDS:
+        return f"{shared} <<{subject}={answer}>>{answer} {letter}."
     end = ending.rfind(answer) + len(answer)
     if ending[end:] == ".":
         return f"{shared} {ending[:end]} {letter}."
@@ -1113,9 +1117,14 @@ def word_problem_conversation(question, answer_text=None):
 # Chat tasks: the mixture for mid-training and SFT, and held-out items for evaluation
 
 def tinyworld_multiple_choice_chat(rng):
+    """A multiple-choice item as mid and SFT train it: the reply names the choice and copies its letter;
+    a sum uses the calculator (mental arithmetic stays near chance at this size, and the choice to copy
+    must be the right one)."""
     item = tinyworld_multiple_choice(rng)
+    reply = multiple_choice_reply(item, calculator=True)
+    reply = calculator_parts(reply) if "<<" in reply else reply
     return dict(key=item["key"], **multiple_choice_conversation(item["question"], item["choices"], item["answer"],
-                                                                 multiple_choice_reply(item)))
+                                                                 reply))
 
 
 def tinyworld_word_problem_chat(rng):

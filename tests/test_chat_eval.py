@@ -103,3 +103,26 @@ def test_completes_fact_grades_each_question_with_its_answer_begun(tok):
     assert [item for item, _ in continued] == world and len({text for _, text in continued}) > 1
     grades = [tinyworld.fact_is_correct(tinyworld.answer_sentence_start(item) + text, item) for item, text in continued]
     assert len(world) > 3 and results["completes_fact"]["outcomes"] == grades
+
+
+def test_letter_multiple_choice_grades_the_letter_the_reply_ends_with(tok, monkeypatch):
+    """The card's letter column against worked replies: the prompt is the question and lettered list
+    rendered by hand, and an item is right exactly when its greedy reply ends with its letter."""
+    items = tinyworld.tinyworld_eval_items("multiple_choice", n=8)
+    def reply(i, item):
+        right, wrong = tinyworld.LETTERS[item["answer"]], tinyworld.LETTERS[(item["answer"] + 1) % 4]
+        return [tinyworld.multiple_choice_reply(item), tinyworld.multiple_choice_reply(item)[:-2] + wrong + ".",
+                item["choices"][item["answer"]], right][i % 4]
+    real = nc.greedy_replies
+    def greedy_replies(model, tokenizer, asked, ddp, max_tokens=96, prompt=nc.question_prompt):
+        if prompt is not nc.multiple_choice_prompt:
+            return real(model, tokenizer, asked, ddp, max_tokens, prompt)
+        assert asked == items
+        for item in asked:
+            question = f"{item['question']}\n{tinyworld.lettered_choices(item['choices'])}\nAnswer with the letter."
+            assert prompt(tokenizer, item) == nc.render_for_completion(
+                tokenizer, dict(messages=[dict(role="user", content=question)]))
+        return [(item, reply(i, item)) for i, item in enumerate(asked)]
+    monkeypatch.setattr(nc, "greedy_replies", greedy_replies)
+    results = nc.evaluate_chat(tiny_chat_model(tok), tok, nc.Dist(), n=8)
+    assert results["multiple_choice_letter"]["outcomes"] == [True, False, False, True] * 2

@@ -266,3 +266,54 @@ def test_distinct_held_out_items_per_task():
         distinct = {item["key"] if task in ("fact", "multiple_choice") else item["question"] for item in items}
         assert len(items) == len(distinct) and (len(items) == 400 if "word" in task else 380 <= len(items) <= 400)
         assert {tinyworld.tinyworld_split(item["key"]) for item in items} == {"test"}
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("The capital of Japan is Tokyo B.", "B"), ("A pig has four legs: four D.", "D"), ("C", "C"), (" B. ", "B"),
+    ("A young cat is called a kitten.", None),  # "A" opens it: the letter must be the last word
+    ("The capital of Japan is Tokyo.", None), ("Tokyo B is the answer.", None), ("", None)])
+def test_reply_letter_worked_examples(reply, letter):
+    assert tinyworld.reply_letter(reply) == letter
+
+
+def test_a_multiple_choice_reply_copies_the_letter_its_choice_has_in_the_list(tok):
+    """In the tokens the model sees: the reply's letter follows the same token that the right choice's
+    letter follows in the list, and no other choice ends with that word, so one look back finds it."""
+    rng = random.Random(4)
+    for _ in range(300):
+        item = tinyworld.tinyworld_multiple_choice(rng)
+        reply = tinyworld.multiple_choice_reply(item)
+        question, choices = item["question"], item["choices"]
+        conversation = tinyworld.multiple_choice_conversation(question, choices, item["answer"], reply)
+        assert conversation["messages"][1]["content"] == reply
+        assert tinyworld.reply_letter(reply) == tinyworld.LETTERS[item["answer"]]
+        assert nc.mentions(reply, choices[item["answer"]])  # the reply names its choice
+        # each option line is tokenized on its own (a line break splits chunks), so the list is its
+        # lines' tokens with the line break's between them
+        lines = [tok.encode_ordinary(line) for line in tinyworld.lettered_choices(choices).split("\n")]
+        assert tok.encode_ordinary(tinyworld.lettered_choices(choices)) == [
+            i for line in lines for i in line + tok.encode_ordinary("\n")][:-1]
+        letter, before = lines[item["answer"]][-1], lines[item["answer"]][-2]
+        assert tok.decode([letter]) == " " + tinyworld.LETTERS[item["answer"]]  # one token, as in the reply
+        said = tok.encode_ordinary(reply)
+        assert said[-3:] == [before, letter, tok.encode_ordinary(".")[0]]
+        last = [choice.split()[-1] for choice in choices]
+        assert last.count(last[item["answer"]]) == 1
+
+
+def test_multiple_choice_chat_works_a_sum_out_with_the_calculator():
+    rng, sums = random.Random(6), 0
+    for _ in range(300):
+        conversation = tinyworld.tinyworld_multiple_choice_chat(rng)
+        user, reply = (message["content"] for message in conversation["messages"])
+        kind, subject = conversation["key"].split(":", 1)
+        if kind not in tinyworld.ARITHMETIC_KINDS:
+            assert isinstance(reply, str) and tinyworld.reply_letter(reply)
+            continue
+        sums += 1
+        text, python, output, last = reply
+        assert (python["type"], output["type"]) == ("python", "python_output") and python["text"] == subject
+        assert nc.calculator(python["text"]) == (True, output["text"])
+        letter = tinyworld.reply_letter(last["text"])
+        assert last["text"] == f"{output['text']} {letter}." and f"- {output['text']} {letter}\n" in user
+    assert sums > 100
