@@ -212,17 +212,17 @@ def digest(items):
 # sha256 of the first items of every TinyWorld stream, recorded once. Any change to a table, a
 # template, a seed or the split moves a digest: if the change is meant, record the new digests.
 DIGESTS = {
-    ("documents", "train"): "cc66339384a91e98a50595176339746db5f372928863fbb12b0fc9ae5f315a65",
-    ("documents", "val"): "0db291ba967324f4804b8c70475242a2a5ede148340504b8771a4a2984c2a96f",
-    ("documents", "test"): "e5923a8a7567c331d22d0cc86e21e0bb229d654304e381f3e4addf0482e392e2",
-    ("chat", "train"): "a2832cd3c4d0f3de4c9b1e813c31e80b1bcd17d5f62e00dbea170574a7f5a443",
-    ("chat", "val"): "2e08c3df8ddf14f65df08ab1e96a4dce7fda6cd3e2152ebf2a222bf6bdbcdb9b",
-    ("chat", "test"): "ecb27f5c701f81a7515b671ef906371f267593d396157e49ba860b9fa52e58db",
-    ("chat-sft", "train"): "cbeef6a98b71c29ef4b74b8e60539392d756a7fef070a810ceca54d2a6d29cfc",
-    ("chat-sft", "val"): "755596fe9326593402af17f099247fdc2301dcb0a38284c009ad12f9436bc858",
-    ("chat-sft", "test"): "e9c081a1e233f065026928f2852e0b597177de2dcd356db19c742b0d4227d860",
+    ("documents", "train"): "3c6b6c65a145a74e1b6159ed5f0c1baf7afd5844c325042b8a2d8029e4134f01",
+    ("documents", "val"): "a965c0b8f2945d7b11bcc5b1322b0f633d235a662c83051490b8a082e90b3495",
+    ("documents", "test"): "0f3ea64890ba505ecbc6d5075d95b9f7d1052129bdcf29bdbe47da58527ea606",
+    ("chat", "train"): "0ba9071be9ddbb13a0c9bd39b7ba9f3f1c1b33e80ee83b52775124795c867ba2",
+    ("chat", "val"): "9702d572a4433a92bccbc7d5c1503d0bbe8be5af37fc0c05005b4658bd08a311",
+    ("chat", "test"): "e50418bcf7e39cd32e79c66528c4f18d35a9e6278528bb5e6ef18b3e298c7e27",
+    ("chat-sft", "train"): "9432401a80e93aec5cb5ab1e025e0fc532791f5496b1c9477b48e1193436e418",
+    ("chat-sft", "val"): "f69d4bda6067fea526324b1e92b4ecde4b168602e2be8547e830b8bef3fac536",
+    ("chat-sft", "test"): "21e52798e8ece33795c0e36f6272fe3031f9b94997ecaeaccd96a2fc23642f0e",
     ("eval", "fact"): "e179f3eeaf75bf34dee1fe7d80e09f346edeee745802d78a7d7b88c4f0872757",
-    ("eval", "multiple_choice"): "f46b4675a80b8e57ef3687439033295d19cff77cc1755774f7393aa101f21180",
+    ("eval", "multiple_choice"): "25b84cf46d2c464255f95b65a31823585ae03d9affcae4776a7391c451042d16",
     ("eval", "word_problem"): "e1b9378c83d95457f33c7835f2bc24f4cadbe02582a581cbdc6f9a84363ff5ad",
     ("eval", "hard_word_problem"): "eb7faade84c275adc3aaadbf00a207ecc790a66ea0dbe8b5cd3e11cf6cfc88bd",
 }
