@@ -126,7 +126,7 @@ def test_real_chat_mixtures_from_local_files(tmp_path):
     for rank in range(3):  # sharded by position: every rank gets every source
         assert {source_of(c) for c in epoch[rank::3]} == {"smoltalk", "mmlu", "gsm8k"}
     mmlu = next(c for c in epoch if source_of(c) == "mmlu")
-    assert mmlu["messages"][1]["content"] == "B" and "\nA. " in mmlu["messages"][0]["content"]
+    assert mmlu["messages"][1]["content"] == "B" and "\n- 7 B\n" in mmlu["messages"][0]["content"]
     gsm8k = next(c for c in epoch if source_of(c) == "gsm8k")
     assert gsm8k["messages"][1]["content"][1]["type"] == "python"
     second = [c for _, c in zip(range(100), (c for _, c in nc.chat_examples(args, "train", start=100, stage="mid")))]
