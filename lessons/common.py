@@ -35,7 +35,7 @@ FLAGS = ["--depth", "4", "--max-seq-len", "256", "--device-batch-size", "16", "-
          "--eval-batches", "4", "--eval-every", "0", "--save-every", "0", "--log-every", "10"]
 TAG = "d4"
 # Each stage as its lesson runs it (the chain ensure() rebuilds): the speedrun's settings, with
-# fewer base steps (200 of 320) and RL steps (50 of 70) so that each lesson stays within minutes.
+# fewer base steps (200 of 320) and RL steps (50 of 100) so that each lesson stays within minutes.
 STAGE_FLAGS = dict(
     tok=["--vocab-size", "4096", "--tok-chars", "2000000"],
     base=["--num-iterations", "200", "--compile", "off"],

@@ -27,7 +27,7 @@ def test_unset_flags_take_their_stage_defaults(argv, expected):
 
 def test_help_quotes_the_defaults_table():
     assert nc.defaults_help("lr_scale") == "default 1.0; sft 0.125, rl 0.05"
-    assert nc.defaults_help("steps") == "base 320, mid 100, sft 200, rl 70"
+    assert nc.defaults_help("steps") == "base 320, mid 100, sft 200, rl 100"
     assert nc.defaults_help("replay") == "default 0.0; mid 0.1, sft 0.03"
     assert nc.defaults_help("top_k") == "chat 50, serve 50"
     assert nc.defaults_help("embedding_lr") == "default 0.05; sft 0.0125"
